@@ -1,0 +1,54 @@
+"""fp8fx: quantize PyTorch models to FP8 with graph passes.
+
+Walkthrough (INC's workflow, INC's files)::
+
+    import fp8fx
+    cfg = fp8fx.FP8Config(mode="MEASURE", dump_stats_path="./stats/measure",
+                          blocklist={"names": ["lm_head"]})
+    model = fp8fx.prepare(model, cfg)          # graph captured on the first call
+    for batch in calibration:
+        model(**batch)                         # observer nodes record max |x|
+    fp8fx.finalize_calibration(model)          # ./stats/measure_hooks_maxabs.json/.npz
+    qmodel = fp8fx.convert(model)              # FP8 Linears; same model object
+
+    # in another process: QUANTIZE config (or QUANT_CONFIG=quant.json), files read back
+    qmodel = fp8fx.convert(model, fp8fx.FP8Config.from_json_file("quant.json"))
+    print(fp8fx.explain(model, cfg, example_inputs=ids))   # what is quantized, and why
+
+The returned model keeps its Python interface (``generate``, ``config``, output types) and
+runs any batch size and sequence length. See docs/ for the design and the file formats.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Public names -> the module that defines them. Imported on first use (PEP 562), so that
+# ``import fp8fx`` stays cheap and each submodule can be used on its own.
+_EXPORTS = {
+    "FP8Config": "config", "Mode": "config", "Fp8Format": "config", "ScaleMethod": "config",
+    "Target": "config",
+    "prepare": "api", "finalize_calibration": "api", "convert": "api", "explain": "api",
+    "report": "api", "Explanation": "api",
+    "Fp8Linear": "modules",
+    "Fp8fxError": "errors", "ConfigError": "errors", "MeasurementError": "errors",
+    "CaptureError": "errors", "QuantizationError": "errors",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fp8fx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

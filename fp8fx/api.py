@@ -1,0 +1,348 @@
+"""Orchestration of the public entry points: prepare, finalize_calibration, convert, explain, report.
+
+Data flow (each step is a module of its own)::
+
+    FP8Config -> capture (dynamo graph) -> match -> annotate -> observe (MEASURE)
+                                                            \\-> rewrite  (QUANTIZE)
+
+``prepare`` replaces ``model.forward`` by a dynamo-compiled forward whose graphs carry observer
+nodes; calibration is plain calls of the model. ``finalize_calibration`` writes the INC
+measurement files. ``convert`` turns measurements into scales and swaps every decided Linear
+for an FP8 module, then gives the model back its own eager forward: the result is the user's
+model object (``.config``, ``.generate``, keyword arguments and output types intact) that runs
+at any batch size and sequence length without recompiling.
+
+``convert`` of a plain model (a second process, INC style) reads the measurement files at once
+and captures the graph from ``example_inputs`` or, when none are given, from the first real
+call: that call is traced (not run), converted, then run in FP8.
+
+All state lives on the model in one attribute, ``model._fp8fx`` (a :class:`Fp8fxState`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .capture import CapturedGraph, CompiledForward, capture
+from .config import FP8Config, Mode
+from .errors import ConfigError, Fp8fxError, MeasurementError
+from .formats.inc import Measurements, NodeMeasurement, measurement_file_paths, read_measurements, write_measurements
+from .observers import NodeObserver
+from .passes.annotate import Decision, annotate, decide
+from .passes.match import Match, OpKind, find_matches
+from .passes.observe import insert_observers
+from .passes.rewrite import quantize_linears
+
+__all__ = ["prepare", "finalize_calibration", "convert", "explain", "report", "Explanation", "Fp8fxState"]
+
+_ATTR = "_fp8fx"
+
+
+@dataclass
+class Fp8fxState:
+    config: FP8Config
+    phase: str                                   # "measure" | "pending" | "converted"
+    fullgraph: bool = True
+    compiled: CompiledForward | None = None
+    observers: dict[str, NodeObserver] = field(default_factory=dict)
+    matches: dict[str, Match] = field(default_factory=dict)        # name -> first match seen
+    decisions: dict[str, Decision] = field(default_factory=dict)   # name -> decision
+    measurements: Measurements | None = None
+    files: list[Path] = field(default_factory=list)
+    converted: list[str] = field(default_factory=list)
+
+    def record(self, decisions: list[Decision]) -> None:
+        for d in decisions:
+            self.matches.setdefault(d.match.name, d.match)
+            self.decisions.setdefault(d.match.name, d)
+
+
+def _state(model: nn.Module) -> Fp8fxState | None:
+    return model.__dict__.get(_ATTR)
+
+
+def _resolve_config(cfg: FP8Config | dict | str | os.PathLike | None, what: str) -> FP8Config:
+    if cfg is None:
+        if not os.environ.get("QUANT_CONFIG"):
+            raise ConfigError(f"fp8fx.{what}: no config given and QUANT_CONFIG is not set; pass an "
+                              "FP8Config or set QUANT_CONFIG to a JSON config file")
+        return FP8Config.from_env()
+    if isinstance(cfg, FP8Config):
+        return cfg
+    if isinstance(cfg, dict):
+        return FP8Config.from_dict(cfg)
+    if isinstance(cfg, (str, os.PathLike)):
+        return FP8Config.from_json_file(cfg)
+    raise ConfigError(f"fp8fx.{what}: config must be an FP8Config, a dict or a JSON path, got {type(cfg).__name__}")
+
+
+def _call_args(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
+    if example_inputs is None:
+        args: tuple = ()
+    elif isinstance(example_inputs, tuple):
+        args = example_inputs
+    elif isinstance(example_inputs, list):
+        args = tuple(example_inputs)
+    else:
+        args = (example_inputs,)
+    return args, dict(example_kwargs or {})
+
+
+def _measurement_exists(cfg: FP8Config) -> bool:
+    return any(p.exists() for p in measurement_file_paths(cfg.dump_stats_path, cfg.observer.value))
+
+
+# --------------------------------------------------------------------------------- prepare
+def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example_inputs: Any = None,
+            example_kwargs: dict | None = None, *, fullgraph: bool = True) -> nn.Module:
+    """Instrument ``model`` for calibration (MEASURE) and return it.
+
+    ``cfg`` defaults to the JSON file named by ``QUANT_CONFIG``. A QUANTIZE config converts
+    instead (as INC does); AUTO measures unless measurement files already exist. Without
+    example inputs the graph is captured on the first real call.
+    """
+    cfg = _resolve_config(cfg, "prepare")
+    if cfg.mode is Mode.QUANTIZE or (cfg.mode is Mode.AUTO and _measurement_exists(cfg)):
+        return convert(model, cfg, example_inputs, example_kwargs, fullgraph=fullgraph)
+    if cfg.mode not in (Mode.MEASURE, Mode.AUTO):
+        raise ConfigError(f"fp8fx.prepare: mode {cfg.mode.value!r} is not supported; use MEASURE, "
+                          "QUANTIZE or AUTO")
+    if _state(model) is not None:
+        raise Fp8fxError(f"{type(model).__name__} was already prepared/converted by fp8fx "
+                         f"(phase {_state(model).phase!r}); start from a fresh model")
+    if cfg.mode is Mode.AUTO:
+        cfg = cfg.replace(mode="MEASURE")
+    state = Fp8fxState(config=cfg, phase="measure", fullgraph=fullgraph)
+
+    def backend(cg: CapturedGraph):
+        decisions = annotate(cg.gm, find_matches(cg), cfg, model)
+        state.record(decisions)
+        insert_observers(cg.gm, decisions, state.observers, measure_inputs=cfg.measure_inputs,
+                         measure_outputs=cfg.measure_outputs)
+        return cg.gm
+
+    state.compiled = CompiledForward(model, backend, fullgraph=fullgraph)
+    state.compiled.install()
+    model.__dict__[_ATTR] = state
+    args, kwargs = _call_args(example_inputs, example_kwargs)
+    if args or kwargs:  # capture now; what this call observed is not calibration data
+        with torch.no_grad():
+            model(*args, **kwargs)
+        for obs in state.observers.values():
+            for o in obs.all():
+                o.amax.zero_()
+                o.calls = o.nonfinite_calls = 0
+    return model
+
+
+# ---------------------------------------------------------------------- finalize_calibration
+def _weight_stats(model: nn.Module, match: Match, per_channel: bool) -> np.ndarray:
+    w = model.get_parameter(match.weight).detach()
+    if match.weight_transposed:
+        w = w.t()
+    if per_channel:
+        return w.abs().amax(dim=1).float().reshape(-1, 1).cpu().numpy()
+    return w.abs().amax().float().reshape(1, 1).cpu().numpy()
+
+
+def _collect(model: nn.Module, state: Fp8fxState) -> Measurements:
+    cfg = state.config
+    never = [n for n, o in state.observers.items() if o.calls == 0 and cfg.measure_inputs]
+    bad = {n: o.nonfinite_calls for n, o in state.observers.items() if o.nonfinite_calls}
+    if bad:
+        listing = ", ".join(f"{n} ({c} calls)" for n, c in list(bad.items())[:10])
+        raise MeasurementError(
+            f"non-finite values (inf/NaN) were seen during calibration at {len(bad)} node(s): "
+            f"{listing}. Check the calibration data and the model's dtype (fp16 overflow?), or "
+            "blocklist these nodes.")
+    if not state.observers or (never and len(never) == len(state.observers)):
+        raise MeasurementError(
+            f"{type(model).__name__}: no calibration data was observed; call the prepared model on "
+            "calibration inputs before fp8fx.finalize_calibration / fp8fx.convert")
+    per_channel = cfg.observer.value == "maxabs_per_channel"
+    nodes: dict[str, NodeMeasurement] = {}
+    for name, obs in state.observers.items():
+        if obs.calls == 0:
+            continue
+        inputs = [o.amax.reshape(1, 1).cpu().numpy().astype(np.float64) for o in obs.inputs] if cfg.measure_inputs else []
+        outputs = ([o.amax.reshape(1, 1).cpu().numpy().astype(np.float64) for o in obs.outputs]
+                   if cfg.measure_outputs else None)
+        params: dict[str, np.ndarray] = {}
+        m = state.matches[name]
+        if m.kind is OpKind.LINEAR and m.weight is not None and cfg.measure_params:
+            params["weight"] = _weight_stats(model, m, per_channel).astype(np.float64)
+        nodes[name] = NodeMeasurement(inputs=inputs, outputs=outputs, params=params)
+    return Measurements(nodes=nodes, observer=cfg.observer.value)
+
+
+def finalize_calibration(model: nn.Module) -> list[Path]:
+    """Write the measurement files (INC layout, atomically) and return their paths."""
+    state = _state(model)
+    if state is None or state.phase != "measure":
+        raise Fp8fxError(f"fp8fx.finalize_calibration: {type(model).__name__} is not in MEASURE "
+                         "mode; call fp8fx.prepare(model, FP8Config(mode='MEASURE')) and run "
+                         "calibration first")
+    state.measurements = _collect(model, state)
+    state.files = write_measurements(state.measurements, state.config.dump_stats_path)
+    return state.files
+
+
+# ----------------------------------------------------------------------------------- convert
+def _check_names(model: nn.Module, decisions: list[Decision], meas: Measurements | None,
+                 cfg: FP8Config) -> None:
+    """Every quantized node is measured, and the file names no module this model lacks."""
+    if meas is None:
+        return
+    src = f" ({meas.source})" if meas.source else ""
+    missing = sorted({d.match.name for d in decisions if d.quantize and d.match.name not in meas.nodes
+                      and cfg.scale_method_for(d.match.name, d.match.module_type).needs_measurement})
+    if missing:
+        raise MeasurementError(
+            f"the measurements{src} lack {len(missing)} node(s) that this config quantizes: "
+            f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. Re-run calibration "
+            "with the same model and allowlist/blocklist, or blocklist these nodes.")
+    known = set(dict(model.named_modules())) | set(dict(model.named_parameters()))
+    unknown = []
+    for name in meas.nodes:
+        path = name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1].rsplit("_", 1)[-1].isdigit() else name
+        if name not in known and path not in known:
+            unknown.append(name)
+    if unknown:
+        raise MeasurementError(
+            f"the measurements{src} name {len(unknown)} node(s) that {type(model).__name__} does not "
+            f"have: {', '.join(sorted(unknown)[:10])}{' ...' if len(unknown) > 10 else ''}. They were "
+            "measured on a different model (or module names changed); re-run calibration on this one.")
+
+
+def _apply(model: nn.Module, state: Fp8fxState, graphs: list[CapturedGraph] | None) -> None:
+    cfg = state.config
+    if graphs is not None:
+        for cg in graphs:
+            state.record(annotate(cg.gm, find_matches(cg), cfg, model))
+    decisions = list(state.decisions.values())
+    _check_names(model, decisions, state.measurements, cfg)
+    state.converted = quantize_linears(model, decisions, cfg, state.measurements)
+    state.phase = "converted"
+
+
+def _load_measurements(cfg: FP8Config) -> Measurements | None:
+    if not cfg.resolved_scale_method.needs_measurement and not _measurement_exists(cfg):
+        return None
+    return read_measurements(cfg.dump_stats_path, observer=cfg.observer.value)
+
+
+def convert(model: nn.Module, cfg: FP8Config | dict | str | None = None, example_inputs: Any = None,
+            example_kwargs: dict | None = None, *, fullgraph: bool = True) -> nn.Module:
+    """Quantize ``model`` and return it (the same object, now with FP8 Linears)."""
+    state = _state(model)
+    if state is not None and state.phase == "converted":
+        raise Fp8fxError(f"{type(model).__name__} is already converted by fp8fx")
+    if state is not None and state.phase == "measure":
+        cfg = state.config.replace(mode="QUANTIZE") if cfg is None else _resolve_config(cfg, "convert")
+        meas = state.measurements if state.measurements is not None else _collect(model, state)
+        state.compiled.uninstall()
+        decisions = {n: d for n, d in state.decisions.items()}
+        state.config, state.measurements, state.observers = cfg, meas, {}
+        state.decisions = {}
+        state.record([decide(d.match, cfg, model) for d in decisions.values()])
+        _apply(model, state, None)
+        return model
+
+    cfg = _resolve_config(cfg, "convert")
+    if cfg.mode is Mode.MEASURE:
+        raise ConfigError("fp8fx.convert: the config's mode is MEASURE; use fp8fx.prepare to "
+                          "calibrate, or set mode to QUANTIZE")
+    state = Fp8fxState(config=cfg.replace(mode="QUANTIZE"), phase="pending", fullgraph=fullgraph)
+    state.measurements = _load_measurements(state.config)
+    model.__dict__[_ATTR] = state
+    args, kwargs = _call_args(example_inputs, example_kwargs)
+    if args or kwargs:
+        _apply(model, state, capture(model, args, kwargs, fullgraph=fullgraph))
+        return model
+
+    had_forward = "forward" in model.__dict__
+    original = model.forward
+
+    def first_call(*a: Any, **kw: Any) -> Any:
+        graphs = capture(model, a, kw, fullgraph=fullgraph, forward=original)
+        if had_forward:
+            model.forward = original
+        else:
+            del model.forward
+        _apply(model, state, graphs)
+        return model.forward(*a, **kw)
+
+    model.forward = first_call
+    return model
+
+
+# ----------------------------------------------------------------------------- explain / report
+@dataclass
+class Explanation:
+    """Every candidate node and what fp8fx does with it."""
+
+    rows: list[Decision]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        q = Counter(d.match.kind.value for d in self.rows if d.quantize)
+        s = Counter(d.match.kind.value for d in self.rows if not d.quantize)
+        return {"quantized": dict(q), "skipped": dict(s)}
+
+    def to_dict(self) -> list[dict]:
+        return [{**d.to_meta(), "module_type": d.match.module_type, "node": d.match.node} for d in self.rows]
+
+    def __str__(self) -> str:
+        head = ("name", "kind", "module type", "decision", "reason")
+        body = [(d.match.name, d.match.kind.value, d.match.module_type,
+                 "quantize" if d.quantize else ("measure" if d.measure else "skip"),
+                 "" if d.quantize else d.reason) for d in self.rows]
+        widths = [max(len(r[i]) for r in [head, *body]) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in [head, *body]]
+        c = self.counts()
+        lines.append(f"quantized: {c['quantized']}  skipped: {c['skipped']}")
+        return "\n".join(lines)
+
+
+def explain(model: nn.Module, cfg: FP8Config | dict | str | None = None, example_inputs: Any = None,
+            example_kwargs: dict | None = None, *, fullgraph: bool = True) -> Explanation:
+    """List every candidate node: quantized or not, and why. Runs nothing, changes nothing."""
+    state = _state(model)
+    if state is not None and state.decisions and cfg is None:
+        return Explanation(list(state.decisions.values()))
+    cfg = _resolve_config(cfg, "explain")
+    args, kwargs = _call_args(example_inputs, example_kwargs)
+    if not (args or kwargs):
+        raise Fp8fxError("fp8fx.explain needs example_inputs or example_kwargs to capture the graph "
+                         "of a model that was not prepared/converted yet")
+    forward = state.compiled._original if state is not None and state.compiled is not None else None
+    rows: dict[str, Decision] = {}
+    for cg in capture(model, args, kwargs, fullgraph=fullgraph, forward=forward):
+        for d in annotate(cg.gm, find_matches(cg), cfg, model):
+            rows.setdefault(d.match.name, d)
+    return Explanation(list(rows.values()))
+
+
+def report(model: nn.Module) -> dict:
+    """What fp8fx did to ``model``: quantized and skipped nodes by kind, with reasons."""
+    state = _state(model)
+    if state is None:
+        raise Fp8fxError(f"{type(model).__name__} was not prepared or converted by fp8fx")
+    exp = Explanation(list(state.decisions.values()))
+    c = exp.counts()
+    return {
+        "phase": state.phase,
+        "nodes_quantized": c["quantized"],
+        "nodes_skipped": c["skipped"],
+        "skipped": [{"name": d.match.name, "kind": d.match.kind.value, "reason": d.reason}
+                    for d in exp.rows if not d.quantize],
+        "converted": list(state.converted),
+        "measurement_files": [str(p) for p in state.files],
+    }

