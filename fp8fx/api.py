@@ -33,11 +33,11 @@ from torch import nn
 
 from .capture import CapturedGraph, CompiledForward, capture
 from .config import FP8Config, Mode
-from .errors import ConfigError, Fp8fxError, MeasurementError
+from .errors import ConfigError, Fp8fxError, MeasurementError, QuantizationError
 from .formats.inc import Measurements, NodeMeasurement, measurement_file_paths, read_measurements, write_measurements
 from .observers import NodeObserver
 from .passes.annotate import Decision, annotate, decide
-from .passes.match import Match, OpKind, find_matches
+from .passes.match import Match, OpKind, find_matches, owner_path
 from .passes.observe import insert_observers
 from .passes.rewrite import quantize_linears
 
@@ -100,6 +100,13 @@ def _measurement_exists(cfg: FP8Config) -> bool:
     return any(p.exists() for p in measurement_file_paths(cfg.dump_stats_path, cfg.observer.value))
 
 
+def _check_supported(cfg: FP8Config) -> None:
+    if cfg.dynamic_quantization:
+        raise QuantizationError(
+            "dynamic_quantization=True (per-token activation scales computed at run time) is not "
+            "supported by this version of fp8fx; use static scales (dynamic_quantization=False)")
+
+
 # --------------------------------------------------------------------------------- prepare
 def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example_inputs: Any = None,
             example_kwargs: dict | None = None, *, fullgraph: bool = True) -> nn.Module:
@@ -110,6 +117,7 @@ def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
     example inputs the graph is captured on the first real call.
     """
     cfg = _resolve_config(cfg, "prepare")
+    _check_supported(cfg)
     if cfg.mode is Mode.QUANTIZE or (cfg.mode is Mode.AUTO and _measurement_exists(cfg)):
         return convert(model, cfg, example_inputs, example_kwargs, fullgraph=fullgraph)
     if cfg.mode not in (Mode.MEASURE, Mode.AUTO):
@@ -202,6 +210,13 @@ def _check_names(model: nn.Module, decisions: list[Decision], meas: Measurements
     if meas is None:
         return
     src = f" ({meas.source})" if meas.source else ""
+    known = set(dict(model.named_modules())) | set(dict(model.named_parameters()))
+    unknown = [name for name in meas.nodes if owner_path(name) not in known]
+    if unknown:
+        raise MeasurementError(
+            f"the measurements{src} name {len(unknown)} node(s) that {type(model).__name__} does not "
+            f"have: {', '.join(sorted(unknown)[:10])}{' ...' if len(unknown) > 10 else ''}. They were "
+            "measured on a different model (or module names changed); re-run calibration on this one.")
     missing = sorted({d.match.name for d in decisions if d.quantize and d.match.name not in meas.nodes
                       and cfg.scale_method_for(d.match.name, d.match.module_type).needs_measurement})
     if missing:
@@ -209,17 +224,6 @@ def _check_names(model: nn.Module, decisions: list[Decision], meas: Measurements
             f"the measurements{src} lack {len(missing)} node(s) that this config quantizes: "
             f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. Re-run calibration "
             "with the same model and allowlist/blocklist, or blocklist these nodes.")
-    known = set(dict(model.named_modules())) | set(dict(model.named_parameters()))
-    unknown = []
-    for name in meas.nodes:
-        path = name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1].rsplit("_", 1)[-1].isdigit() else name
-        if name not in known and path not in known:
-            unknown.append(name)
-    if unknown:
-        raise MeasurementError(
-            f"the measurements{src} name {len(unknown)} node(s) that {type(model).__name__} does not "
-            f"have: {', '.join(sorted(unknown)[:10])}{' ...' if len(unknown) > 10 else ''}. They were "
-            "measured on a different model (or module names changed); re-run calibration on this one.")
 
 
 def _apply(model: nn.Module, state: Fp8fxState, graphs: list[CapturedGraph] | None) -> None:
@@ -257,6 +261,7 @@ def convert(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
         return model
 
     cfg = _resolve_config(cfg, "convert")
+    _check_supported(cfg)
     if cfg.mode is Mode.MEASURE:
         raise ConfigError("fp8fx.convert: the config's mode is MEASURE; use fp8fx.prepare to "
                           "calibrate, or set mode to QUANTIZE")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import re
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -40,7 +41,9 @@ from .errors import CaptureError
 __all__ = ["CapturedGraph", "CompiledForward", "capture", "module_path_of", "normalize_module_path"]
 
 
-_SELF_PREFIX = re.compile(r"^L\['self'\]")
+# the root module as dynamo names it: L['self'] (a compiled bound forward) or
+# L['fn'].__self__ (the bound forward seen through fp8fx's trampoline)
+_SELF_PREFIX = re.compile(r"^L\['(?:self|fn)'\](?:\.__self__)?")
 _INDEX = re.compile(r"\[(\d+)\]")
 _QUOTED = re.compile(r"\._modules\['([^']+)'\]|\['([^']+)'\]")
 
@@ -97,6 +100,23 @@ class CapturedGraph:
         return None
 
 
+def _fresh_entry(fn: Callable) -> Callable:
+    """A trampoline to ``fn`` with a code object of its own.
+
+    Dynamo keeps its compiled graphs on the code object of the frame it compiles. Every model
+    of one class shares ``forward``'s code object, so without this, prepare/convert of a few
+    models of the same class in one process would exhaust dynamo's recompile limit (and
+    compete for one cache). A private code object per capture gives each its own cache,
+    released with the trampoline.
+    """
+
+    def trampoline(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    code = trampoline.__code__.replace()
+    return types.FunctionType(code, trampoline.__globals__, "fp8fx_forward", None, trampoline.__closure__)
+
+
 class _Captured(Exception):
     """Private sentinel: raised by the compiled callable so that capture runs nothing."""
 
@@ -149,7 +169,7 @@ def capture(
         return stop
 
     forward = forward if forward is not None else model.forward
-    compiled = torch.compile(forward, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+    compiled = torch.compile(_fresh_entry(forward), backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     try:
         with torch.no_grad():
             compiled(*args, **kwargs)
@@ -204,7 +224,8 @@ class CompiledForward:
 
             return counted
 
-        self._compiled = torch.compile(self._original, backend=dynamo_backend, dynamic=dynamic, fullgraph=fullgraph)
+        self._compiled = torch.compile(_fresh_entry(self._original), backend=dynamo_backend,
+                                       dynamic=dynamic, fullgraph=fullgraph)
 
         @functools.wraps(self._original)
         def forward(*args: Any, **kwargs: Any) -> Any:

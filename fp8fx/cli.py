@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "lm_head blocklisted, target cpu); in QUANTIZE mode calibration is skipped "
                    "and the model is converted from its dump_stats_path")
     q.add_argument("--out", metavar="DIR", help="keep the measurement files in DIR "
-                   "(prefix DIR/measure); default: a temporary folder that is removed")
+                   "(prefix DIR/measure; a QUANTIZE --config reads them from there); "
+                   "default: a temporary folder that is removed")
     q.add_argument("--report-json", metavar="PATH", help="also write the results as JSON")
     q.add_argument("--calib-tokens", metavar="N", type=_positive_int,
                    default=DEFAULT_CALIB_TOKENS,
@@ -84,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--window", metavar="N", type=_positive_int, default=DEFAULT_WINDOW,
                    help=f"tokens per window, no BOS (default: {DEFAULT_WINDOW})")
     q.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="dtype of the hp baseline and of the non-FP8 ops (default: bf16 for "
-                   "the default model, else the dtype saved in the model's config)")
+                   help="dtype of the hp baseline and of the non-FP8 ops (the config's "
+                   "hp_dtype); default: the --config's hp_dtype, else bf16 for the default "
+                   "model and the dtype saved in its config.json for --model")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.add_argument("--seed", type=int, default=0, help="torch random seed (default: 0)")
     return parser
@@ -146,45 +148,86 @@ def _config_fields(cls: Any) -> set[str]:
         return set()
 
 
+_DTYPE_NAMES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
+                "half": "fp16", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
 def _saved_dtype(model_dir: Path) -> str:
     """bf16/fp16/fp32 from the folder's config.json; bf16 when it names something else."""
-    try:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return "bf16"
+    config = _read_json(model_dir / "config.json")
     name = str(config.get("dtype") or config.get("torch_dtype") or "")
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(name, "bf16")
+    return _DTYPE_NAMES.get(name, "bf16")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or {} (a broken file is reported by whoever parses it)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def _resolve_dtype(args: argparse.Namespace) -> str:
+    """--dtype, else the --config's hp_dtype, else bf16 (default model) or the saved dtype."""
+    if args.dtype:
+        return args.dtype
+    if args.config:
+        named = _read_json(Path(args.config).expanduser()).get("hp_dtype")
+        if isinstance(named, str) and named.lower() in _DTYPE_NAMES:
+            return _DTYPE_NAMES[named.lower()]
+    return _saved_dtype(Path(args.model).expanduser()) if args.model else "bf16"
 
 
 def _build_config(args: argparse.Namespace, measure_prefix: str, dtype: str) -> Any:
+    """The FP8Config of the job; its hp_dtype is always the dtype the model was loaded in."""
     import fp8fx
 
     cls = getattr(fp8fx, "FP8Config", None)
     if cls is None:
         raise Fp8fxError("this fp8fx build has no FP8Config; reinstall fp8fx")
+    has_hp_dtype = "hp_dtype" in _config_fields(cls)
     if args.config:
         path = _existing_file(args.config, "--config")
         cfg = cls.from_json_file(path)
-        if args.out or (_mode_name(cfg) != "QUANTIZE" and not _json_names_dump_path(path)):
+        names_dump = "dump_stats_path" in _read_json(path)
+        if args.out or (_mode_name(cfg) != "QUANTIZE" and not names_dump):
             cfg = cfg.replace(dump_stats_path=measure_prefix)
-        return cfg
+        return cfg.replace(hp_dtype=dtype) if has_hp_dtype else cfg
     kwargs: dict[str, Any] = {
         "mode": "MEASURE",
         "dump_stats_path": measure_prefix,
         "blocklist": {"names": ["lm_head"]},
         "target": "cpu",
     }
-    if "hp_dtype" in _config_fields(cls):
+    if has_hp_dtype:
         kwargs["hp_dtype"] = dtype
     return cls(**kwargs)
 
 
-def _json_names_dump_path(path: Path) -> bool:
+def _text_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(calibration, evaluation) files; gensim's Lee corpus fills in what is not given."""
+    from fp8fx import data
+
+    if args.calib and args.eval_file:
+        return _existing_file(args.calib, "--calib"), _existing_file(args.eval_file, "--eval")
+    default_calib, default_eval = data.default_text_paths()
+    return (
+        _existing_file(args.calib, "--calib") if args.calib else default_calib,
+        _existing_file(args.eval_file, "--eval") if args.eval_file else default_eval,
+    )
+
+
+def _out_dir(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
+    """--out (created), or a temporary folder removed when ``stack`` closes."""
+    if not args.out:
+        return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fp8fx-")))
+    out_dir = Path(args.out).expanduser()
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(raw, dict) and "dump_stats_path" in raw
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Fp8fxError(f"cannot create --out {out_dir}: {exc.strerror or exc}") from exc
+    return out_dir
 
 
 def _count_skipping(bytes_info: dict[str, Any], excluded: Sequence[str]) -> int:
@@ -236,41 +279,29 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
             hf_logging.disable_progress_bar()
 
     clock = _Clock()
-    with clock.phase("load"):
-        if args.model and not Path(args.model).expanduser().is_dir():
-            raise Fp8fxError(
-                f"--model {args.model}: no such folder; give a Hugging Face model folder"
-            )
-        if args.calib and args.eval_file:
-            calib_path = _existing_file(args.calib, "--calib")
-            eval_path = _existing_file(args.eval_file, "--eval")
-        else:
-            default_calib, default_eval = data.default_text_paths()
-            calib_path = _existing_file(args.calib, "--calib") if args.calib else default_calib
-            eval_path = (
-                _existing_file(args.eval_file, "--eval") if args.eval_file else default_eval
-            )
-        model_dir = Path(args.model).expanduser() if args.model else data.default_model_dir()
-        dtype = args.dtype or ("bf16" if not args.model else _saved_dtype(model_dir))
-        model, tokenizer = data.load_model(model_dir, dtype)
-        eval_windows = data.token_windows(
-            tokenizer, data.read_text(eval_path), args.window, args.eval_tokens
-        )
-
     with contextlib.ExitStack() as stack:
-        if args.out:
-            out_dir = Path(args.out).expanduser()
-            try:
-                out_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise Fp8fxError(f"cannot create --out {out_dir}: {exc.strerror}") from exc
-        else:
-            out_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fp8fx-")))
-        cfg = _build_config(args, str(out_dir / "measure"), dtype)
-        mode = _mode_name(cfg)
-        temporary = not args.out and str(cfg.dump_stats_path) == str(out_dir / "measure")
+        with clock.phase("load"):
+            # cheap checks first: a typo must not wait for a model to load
+            if args.model and not Path(args.model).expanduser().is_dir():
+                raise Fp8fxError(
+                    f"--model {args.model}: no such folder; give a Hugging Face model folder"
+                )
+            if args.config:
+                _existing_file(args.config, "--config")
+            calib_path, eval_path = _text_paths(args)
+            out_dir = _out_dir(args, stack)
+            dtype = _resolve_dtype(args)
+            cfg = _build_config(args, str(out_dir / "measure"), dtype)
+            mode = _mode_name(cfg)
+            temporary = not args.out and str(cfg.dump_stats_path) == str(out_dir / "measure")
 
-        with clock.phase(f"eval_{dtype}"):
+            model_dir = Path(args.model).expanduser() if args.model else data.default_model_dir()
+            model, tokenizer = data.load_model(model_dir, dtype)
+            eval_windows = data.token_windows(
+                tokenizer, data.read_text(eval_path), args.window, args.eval_tokens
+            )
+
+        with clock.phase("eval_hp"):
             ppl_hp = evaluate.perplexity(model, eval_windows, progress=progress, desc=dtype)
         bytes_hp = evaluate.linear_weight_bytes(model)
         excluded = list(bytes_hp["tied_modules"])
@@ -324,8 +355,11 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- output
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 def _kinds(counts: dict[str, int]) -> str:
@@ -344,7 +378,7 @@ def format_table(result: dict[str, Any]) -> str:
         ("", hp, "FP8", "change"),
         ("perplexity", f"{result['ppl_hp']:.3f}", f"{result['ppl_fp8']:.3f}",
          f"{result['ppl_delta_pct']:+.2f}%"),
-        (weight_label, _mib(result["weight_bytes_hp"]), _mib(result["weight_bytes_fp8"]),
+        (weight_label, _size(result["weight_bytes_hp"]), _size(result["weight_bytes_fp8"]),
          f"x{ratio:.3f}"),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

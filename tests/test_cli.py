@@ -131,9 +131,12 @@ def fake_api(monkeypatch) -> list[tuple]:
     """Replace the quantization API with fakes that record what the command calls."""
     calls: list[tuple] = []
 
+    hooks = []
+
     def prepare(model, cfg):
         calls.append(("prepare", cfg))
-        model.register_forward_pre_hook(lambda m, a: calls.append(("forward", a[0].shape[1])))
+        hooks.append(model.register_forward_pre_hook(
+            lambda m, a: calls.append(("forward", a[0].shape[1]))))
         return model
 
     def finalize_calibration(model):
@@ -141,6 +144,8 @@ def fake_api(monkeypatch) -> list[tuple]:
 
     def convert(model, cfg=None):
         calls.append(("convert", cfg))
+        while hooks:
+            hooks.pop().remove()
         return model
 
     def report(model):
@@ -168,8 +173,9 @@ def test_measure_flow_and_report_json(tiny_job, tmp_path, fake_api, capsys) -> N
     assert result["model"] == str(tiny_job["model"])
     assert result["ppl_fp8"] == pytest.approx(result["ppl_hp"])  # the fake converts nothing
     assert math.isfinite(result["ppl_hp"]) and result["ppl_delta_pct"] == pytest.approx(0.0)
-    assert result["weight_bytes_hp"] == result["weight_bytes_fp8"] == 2 * 7 * 4 * (
-        32 * 32 + 2 * 16 * 32 + 32 * 32 + 3 * 32 * 64) // 4  # fp32 Linears, tied lm_head left out
+    # 2 layers of fp32 q, k, v, o, gate, up, down; the tied lm_head is left out
+    per_layer = 32 * 32 + 2 * (16 * 32) + 32 * 32 + 3 * (32 * 64)
+    assert result["weight_bytes_hp"] == result["weight_bytes_fp8"] == 2 * 4 * per_layer
     assert result["weight_bytes_excluded"] == ["lm_head"]
     assert result["nodes_quantized"] == {"linear": 14}
     assert result["nodes_skipped"] == {"linear": 1}
@@ -191,12 +197,23 @@ def test_quantize_config_skips_calibration(tiny_job, tmp_path, fake_api) -> None
     config = tmp_path / "quant.json"
     config.write_text(json.dumps({"mode": "QUANTIZE", "dump_stats_path": "stats/measure"}))
     assert cli.main(_args(tiny_job, "--config", str(config))) == 0
-    assert [c[0] for c in fake_api][:2] == ["convert", "forward"] or [
-        c[0] for c in fake_api][0] == "convert"
-    assert "prepare" not in [c[0] for c in fake_api]
-    assert "finalize" not in [c[0] for c in fake_api]
-    convert_cfg = next(c[1] for c in fake_api if c[0] == "convert")
+    assert [c[0] for c in fake_api] == ["convert"]
+    convert_cfg = fake_api[0][1]
     assert (convert_cfg.mode, convert_cfg.dump_stats_path) == ("QUANTIZE", "stats/measure")
+    assert convert_cfg.hp_dtype == "fp32"  # the dtype saved in the model folder
+
+
+def test_dtype_follows_config_then_flag(tiny_job, tmp_path, fake_api) -> None:
+    config = tmp_path / "measure.json"
+    config.write_text(json.dumps({"mode": "MEASURE", "hp_dtype": "bfloat16"}))
+    report = tmp_path / "r.json"
+    assert cli.main(_args(tiny_job, "--config", str(config), "--report-json", str(report))) == 0
+    assert json.loads(report.read_text())["hp_dtype"] == "bf16"
+    assert fake_api[0][1].hp_dtype == "bf16"
+    assert not Path(fake_api[0][1].dump_stats_path).parent.exists()  # no path named: temporary
+    fake_api.clear()
+    assert cli.main(_args(tiny_job, "--config", str(config), "--dtype", "fp32")) == 0
+    assert fake_api[0][1].hp_dtype == "fp32"
 
 
 # --------------------------------------------------------------------------- end to end

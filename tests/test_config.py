@@ -162,18 +162,6 @@ def test_measure_exclude(exclude, inputs, outputs, params):
     assert (cfg.measure_inputs, cfg.measure_outputs, cfg.measure_params) == (inputs, outputs, params)
 
 
-def test_scale_method_properties():
-    no_measure = {m for m in ScaleMethod if not m.needs_measurement}
-    assert no_measure == {ScaleMethod.UNIT_SCALE, ScaleMethod.HW_ALIGNED_SINGLE_SCALE,
-                          ScaleMethod.MAXABS_PCS_POW2, ScaleMethod.ACT_MAXABS_PCS_POW2_WEIGHT_MAXABS_PTS_POW2_HW}
-    pcs = {m for m in ScaleMethod if m.weight_per_channel}
-    assert pcs == {m for m in ScaleMethod if "_weights_pcs_" in m.value} | {ScaleMethod.MAXABS_PCS_POW2}
-    assert {m for m in ScaleMethod if m.dynamic_only} == {
-        ScaleMethod.MAXABS_PCS_POW2, ScaleMethod.ACT_MAXABS_PCS_POW2_WEIGHT_MAXABS_PTS_POW2_HW}
-    assert ScaleMethod.MAXABS_HW.uses_hw_scales and not ScaleMethod.MAXABS_POW2.uses_hw_scales
-    assert ScaleMethod.coerce("ACT_MAXABS_HW_WEIGHTS_PCS_OPT_POW2", "k").value == "act_maxabs_hw_weights_pcs_opt_pow2"
-
-
 def test_dynamic_quantization_rules():
     cfg = FP8Config(dynamic_quantization=True, mode="QUANTIZE", scale_method="maxabs_pcs_pow2")
     assert cfg.scale_method_for("a", "Linear") is ScaleMethod.MAXABS_PCS_POW2
@@ -315,80 +303,6 @@ def test_round_trip_through_json(cfg):
         again = FP8Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert again.scale_method_for("model.layers.3.mlp", "Linear") is cfg.scale_method_for("model.layers.3.mlp", "Linear")
-
-
-# --------------------------------------------------------------------- scale_method dict form
-
-
-def _inc_entry(w: str, a: str, wb: float | None = None) -> dict:
-    g, v, r = w.split()
-    ag, av, ar = a.split()
-    weight = {"granularity": g, "scale_value_type": v, "rounding_method": r}
-    if wb is not None:
-        weight["backoff"] = wb
-    return {"weight": weight, "activation": {"granularity": ag, "scale_value_type": av, "rounding_method": ar}}
-
-
-def test_scale_method_dict_precedence():
-    cfg = FP8Config.from_dict({"scale_method": {
-        "default": "maxabs_hw",
-        "nodes": {"model.layers.1.mlp.down_proj": "unit_scale"},
-        "layers": {"1": "maxabs_pow2", "2": "maxabs_arbitrary"},
-        "layer_types": {"Matmul": "maxabs_hw_opt_weight", "torch.nn.Softmax": "hw_aligned_single_scale"},
-    }})
-    f = cfg.scale_method_for
-    assert f("model.layers.1.mlp.down_proj", "Linear") is ScaleMethod.UNIT_SCALE      # node beats layer
-    assert f("model.layers.1.mlp.up_proj", "Linear") is ScaleMethod.MAXABS_POW2       # layer index
-    assert f("model.layers.1.self_attn.matmul_qk", "Matmul") is ScaleMethod.MAXABS_POW2  # layer beats type
-    assert f("model/layers/2/mlp", "Linear") is ScaleMethod.MAXABS_ARBITRARY          # slash pattern
-    assert f("model.layers.12.mlp", "Linear") is ScaleMethod.MAXABS_HW                # 12 is not 1 or 2
-    assert f("model.layers.7.self_attn.matmul_qk", "Matmul") is ScaleMethod.MAXABS_HW_OPT_WEIGHT
-    assert f("model.layers.7.softmax", "torch.nn.modules.activation.Softmax") is ScaleMethod.HW_ALIGNED_SINGLE_SCALE
-    assert f("lm_head", "Linear") is ScaleMethod.MAXABS_HW and cfg.resolved_scale_method is ScaleMethod.MAXABS_HW
-
-
-def test_scale_method_inc_dict_entries_and_inheritance():
-    sm = {"default": _inc_entry("PCS MAXABS POW2", "PTS MAXABS HW_ALIGNED", wb=0.4),
-          "nodes": {"a": {"activation": {"rounding_method": "POW2", "backoff": 0.1}}},
-          "layer_types": {"Matmul": {"weight": {"granularity": "PTS", "rounding_method": "IDENTITY"},
-                                     "activation": {"rounding_method": "IDENTITY"}}}}
-    cfg = FP8Config.from_dict({"scale_method": sm, "scale_params": {"input_backoff": 0.2}})
-    assert cfg.resolved_scale_method is ScaleMethod.ACT_MAXABS_HW_WEIGHTS_PCS_MAXABS_POW2
-    assert cfg.scale_method_for("a", "Linear") is ScaleMethod.ACT_MAXABS_POW2_WEIGHTS_PCS_MAXABS_POW2
-    assert cfg.backoffs_for("a", "Linear") == (0.1, 0.4)        # weight backoff inherited from default
-    assert cfg.scale_method_for("b", "Matmul") is ScaleMethod.MAXABS_ARBITRARY
-    assert cfg.backoffs_for("b", "Matmul") == (0.2, 0.4)        # no entry backoff: scale_params
-    assert FP8Config(scale_method="maxabs_pow2").backoffs_for("b", "Linear") == (0.25, 0.5)
-    assert FP8Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-
-
-def test_scale_method_dict_errors():
-    with pytest.raises(ConfigError, match="needs a 'default' entry"):
-        FP8Config(scale_method={"nodes": {"a": "maxabs_hw"}})
-    with pytest.raises(ConfigError, match="Did you mean 'nodes'"):
-        FP8Config(scale_method={"default": "maxabs_hw", "node": {}})
-    with pytest.raises(ConfigError, match="no known scale method.*maxabs_hw: weight PTS MAXABS HW_ALIGNED"):
-        FP8Config(scale_method={"default": {"weight": {"rounding_method": "POW2"}}})
-    with pytest.raises(ConfigError, match=r"'scale_method.default.weight.granularity'.*PTS, PCS"):
-        FP8Config(scale_method={"default": {"weight": {"granularity": "PER_TENSOR"}}})
-    with pytest.raises(ConfigError, match="layer index"):
-        FP8Config(scale_method={"default": "maxabs_hw", "layers": {"first": "unit_scale"}})
-    with pytest.raises(ConfigError, match=r"scale_method\.nodes\.a"):
-        FP8Config(scale_method={"default": "maxabs_hw", "nodes": {"a": "maxabs_hww"}})
-    with pytest.warns(UserWarning, match="params is ignored"):
-        FP8Config(scale_method={"default": {"weight": {"params": {"weight_scales": [1.0]}}}})
-
-
-def test_scale_methods_match_inc_table():
-    mod = pytest.importorskip(
-        "neural_compressor.torch.algorithms.fp8_quant._core.scale_methods.scale_method_config")
-    ours = {m.name: m for m in ScaleMethod}
-    assert set(ours) == {m.name for m in mod.ScaleMethodString}
-    for inc_method, cfgs in mod.scale_method_config_mapping.items():
-        for spec, key in ((ours[inc_method.name].weight_spec, mod.CfgStr.WEIGHT),
-                          (ours[inc_method.name].activation_spec, mod.CfgStr.ACTIVATION)):
-            c = cfgs[key]
-            assert spec == (c.granularity.name, c.scale_value_type.name, c.rounding_method.name), inc_method
 
 
 # -------------------------------------------------------------------------- files, environment

@@ -24,6 +24,7 @@ def test_normalize_module_path():
     assert normalize_module_path("L['self'].model.layers[3].mlp") == "model.layers.3.mlp"
     assert normalize_module_path("L['self']._modules['blocks']._modules['1']") == "blocks.1"
     assert normalize_module_path("L['self']") == ""
+    assert normalize_module_path("L['fn'].__self__.model.norm") == "model.norm"
 
 
 def test_two_linear_and_functional_softmax():

@@ -27,6 +27,7 @@ Every match gets a stable *name*, the key used in measurement files:
 from __future__ import annotations
 
 import operator
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from enum import Enum
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from ..capture import CapturedGraph, module_path_of
 
-__all__ = ["OpKind", "Match", "INC_TYPE_NAMES", "find_matches"]
+__all__ = ["OpKind", "Match", "INC_TYPE_NAMES", "find_matches", "owner_path"]
 
 
 class OpKind(str, Enum):
@@ -168,6 +169,15 @@ def _classify(node: fx.Node, cg: CapturedGraph) -> tuple[OpKind, dict] | None:
         if _ndim(node.args[0]) == 4 and len(node.args) >= 4:
             return OpKind.KV_CACHE, {"inputs": (node.args[3],)}
     return None
+
+
+_FUNCTIONAL_NAME = re.compile(r"^(?:(?P<path>.*)\.)?(?:matmul|softmax|sdpa|kv_cache)_\d+$")
+
+
+def owner_path(name: str) -> str:
+    """The module path a match name belongs to: itself for a Linear, the prefix for the others."""
+    m = _FUNCTIONAL_NAME.match(name)
+    return (m.group("path") or "") if m else name
 
 
 def find_matches(cg: CapturedGraph) -> list[Match]:
