@@ -21,6 +21,7 @@ All state lives on the model in one attribute, ``model._fp8fx`` (a :class:`Fp8fx
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -205,10 +206,14 @@ def finalize_calibration(model: nn.Module) -> list[Path]:
 
 # ----------------------------------------------------------------------------------- convert
 def _check_names(model: nn.Module, decisions: list[Decision], meas: Measurements | None,
-                 cfg: FP8Config) -> None:
-    """Every quantized node is measured, and the file names no module this model lacks."""
+                 cfg: FP8Config) -> set[str]:
+    """Every quantized node is measured, and the file names no module this model lacks.
+
+    Returns the unmeasured names to leave in high precision when the config says
+    ``ignore_modules_wo_measures``; otherwise an unmeasured node raises.
+    """
     if meas is None:
-        return
+        return set()
     src = f" ({meas.source})" if meas.source else ""
     known = set(dict(model.named_modules())) | set(dict(model.named_parameters()))
     unknown = [name for name in meas.nodes if owner_path(name) not in known]
@@ -219,11 +224,15 @@ def _check_names(model: nn.Module, decisions: list[Decision], meas: Measurements
             "measured on a different model (or module names changed); re-run calibration on this one.")
     missing = sorted({d.match.name for d in decisions if d.quantize and d.match.name not in meas.nodes
                       and cfg.scale_method_for(d.match.name, d.match.module_type).needs_measurement})
+    if missing and cfg.ignore_modules_wo_measures:
+        return set(missing)
     if missing:
         raise MeasurementError(
             f"the measurements{src} lack {len(missing)} node(s) that this config quantizes: "
             f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. Re-run calibration "
-            "with the same model and allowlist/blocklist, or blocklist these nodes.")
+            "with the same model and allowlist/blocklist, blocklist these nodes, or set "
+            "ignore_modules_wo_measures to leave them in high precision.")
+    return set()
 
 
 def _apply(model: nn.Module, state: Fp8fxState, graphs: list[CapturedGraph] | None) -> None:
@@ -231,8 +240,12 @@ def _apply(model: nn.Module, state: Fp8fxState, graphs: list[CapturedGraph] | No
     if graphs is not None:
         for cg in graphs:
             state.record(annotate(cg.gm, find_matches(cg), cfg, model))
+    unmeasured = _check_names(model, list(state.decisions.values()), state.measurements, cfg)
+    for name in unmeasured:
+        state.decisions[name] = dataclasses.replace(
+            state.decisions[name], quantize=False,
+            reason="no measurement for it (ignore_modules_wo_measures): stays in high precision")
     decisions = list(state.decisions.values())
-    _check_names(model, decisions, state.measurements, cfg)
     state.converted = quantize_linears(model, decisions, cfg, state.measurements)
     state.phase = "converted"
 

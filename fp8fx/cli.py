@@ -114,9 +114,8 @@ class _Clock:
         self._start = time.perf_counter()
 
     @contextlib.contextmanager
-    def phase(self, name: str, quiet: bool = False) -> Iterator[None]:
-        if not quiet:
-            print(f"{PROG}: {name} ...", file=sys.stderr, flush=True)
+    def phase(self, name: str) -> Iterator[None]:
+        print(f"{PROG}: {name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
             yield

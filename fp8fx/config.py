@@ -19,7 +19,8 @@ Keys (INC names), defaults and accepted values::
     measure_exclude      "OUTPUT"    NONE | OUTPUT | INPUT | PARAMS | ALL
     scale_format         "scalar"    scalar | const
     use_qdq, fake_quant  false
-    scale_params         {"input_backoff": 0.25, "weight_backoff": 0.5}, each in (0, 1]
+    scale_params         (target default, DEFAULT_BACKOFFS) {"input_backoff": .., "weight_backoff": ..},
+                         each in (0, 1]; gaudi: INC's 0.25 / 0.5, cpu/cuda: 0.5 / 1.0
     device_for_scales    GAUDI2 | GAUDI3: INC's key, sets ``target``
     target               "cpu"       cpu | cuda | gaudi2 | gaudi3 (written for cpu/cuda)
     dynamic_quantization false       activation scales computed at run time (per token)
@@ -70,7 +71,7 @@ from .scale_methods import (
 __all__ = [
     "Mode", "Fp8Format", "HpDtype", "ObserverKind", "Target", "ScaleFormat", "MeasureExclude",
     "ScaleSpec", "ScaleMethod", "ScaleRule", "ScaleMethodOverrides", "OpFilter", "FP8Config",
-    "DEFAULT_SCALE_METHOD",
+    "DEFAULT_SCALE_METHOD", "DEFAULT_BACKOFFS",
 ]
 
 
@@ -146,6 +147,17 @@ DEFAULT_SCALE_METHOD: dict[Target, ScaleMethod] = {
     Target.CUDA: ScaleMethod.MAXABS_ARBITRARY,
     Target.GAUDI2: ScaleMethod.MAXABS_HW,
     Target.GAUDI3: ScaleMethod.MAXABS_HW,
+}
+
+#: (input_backoff, weight_backoff) used when scale_params does not set them. Gaudi follows INC.
+#: cpu/cuda were chosen by measurement (SmolLM2-135M, lee.cor perplexity vs bf16, static
+#: per-tensor W8A8 maxabs_arbitrary; docs/accuracy.md): weights need no headroom (they are
+#: known exactly), activations keep 2x headroom for values beyond the calibration maximum.
+DEFAULT_BACKOFFS: dict[Target, tuple[float, float]] = {
+    Target.CPU: (0.5, 1.0),
+    Target.CUDA: (0.5, 1.0),
+    Target.GAUDI2: (0.25, 0.5),
+    Target.GAUDI3: (0.25, 0.5),
 }
 
 
@@ -255,8 +267,8 @@ class FP8Config:
     use_qdq: bool = False
     fake_quant: bool = False
     target: Target = Target.CPU
-    input_backoff: float = 0.25
-    weight_backoff: float = 0.5
+    input_backoff: float | None = None   # None: DEFAULT_BACKOFFS[target]
+    weight_backoff: float | None = None
     dynamic_quantization: bool = False
     ignore_modules_wo_measures: bool = False
     recalc_scales: bool = False
@@ -283,8 +295,9 @@ class FP8Config:
         put("scale_method", coerce_scale_method(self.scale_method))
         for key in _BOOL_FIELDS:
             put(key, _bool(getattr(self, key), key))
-        put("input_backoff", _backoff(self.input_backoff, "input_backoff"))
-        put("weight_backoff", _backoff(self.weight_backoff, "weight_backoff"))
+        for key in ("input_backoff", "weight_backoff"):
+            if getattr(self, key) is not None:
+                put(key, _backoff(getattr(self, key), key))
         interval = _int(self.calibration_sample_interval, "calibration_sample_interval", 0)
         put("calibration_sample_interval", interval)
         for key, minimum in (("world_size", 1), ("local_rank", 0)):
@@ -342,12 +355,19 @@ class FP8Config:
             return self.scale_method.method_for(name, type_name)
         return self.resolved_scale_method
 
+    @property
+    def backoffs(self) -> tuple[float, float]:
+        """``(input_backoff, weight_backoff)`` from scale_params, else the target's default."""
+        default_in, default_w = DEFAULT_BACKOFFS[self.target]
+        return _first(self.input_backoff, default_in), _first(self.weight_backoff, default_w)
+
     def backoffs_for(self, name: str, type_name: str) -> tuple[float, float]:
-        """``(input_backoff, weight_backoff)`` of one op: its dict entry's own, else scale_params."""
+        """``(input_backoff, weight_backoff)`` of one op: its dict entry's own, else :attr:`backoffs`."""
+        base_in, base_w = self.backoffs
         if isinstance(self.scale_method, ScaleMethodOverrides):
             rule = self.scale_method.rule_for(name, type_name)
-            return _first(rule.input_backoff, self.input_backoff), _first(rule.weight_backoff, self.weight_backoff)
-        return self.input_backoff, self.weight_backoff
+            return _first(rule.input_backoff, base_in), _first(rule.weight_backoff, base_w)
+        return base_in, base_w
 
     def selects(self, name: str, type_names: Iterable[str]) -> bool:
         """INC's rule: in the allowlist (or the allowlist is empty) and not in the blocklist."""
@@ -429,7 +449,9 @@ class FP8Config:
             out["scale_method"] = self.scale_method.to_inc()
         elif self.scale_method is not None:  # None (target default) is written as no key
             out["scale_method"] = self.scale_method.value
-        out["scale_params"] = {"input_backoff": self.input_backoff, "weight_backoff": self.weight_backoff}
+        params = {k: getattr(self, k) for k in ("input_backoff", "weight_backoff") if getattr(self, k) is not None}
+        if params:  # unset backoffs (target defaults) are written as no key
+            out["scale_params"] = params
         out.update(measure_exclude=self.measure_exclude.value, scale_format=self.scale_format.value,
                    use_qdq=self.use_qdq, fake_quant=self.fake_quant)
         if self.target in _INC_DEVICE:

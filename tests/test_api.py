@@ -95,7 +95,7 @@ def test_convert_in_process_swaps_linears_and_scales(tmp_path, llama_pair):
     assert len(fp8) == 14 and "lm_head" not in fp8
     q = fp8["model.layers.1.mlp.down_proj"]
     assert q.weight.dtype == torch.float8_e4m3fn and q.weight.element_size() == 1
-    expected = truth["model.layers.1.mlp.down_proj"] / (448 * cfg.input_backoff)
+    expected = truth["model.layers.1.mlp.down_proj"] / (448 * cfg.backoffs[0])
     assert q.input_scale.item() == pytest.approx(expected, rel=1e-2)
     sd = model.state_dict()
     assert sd["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
@@ -205,6 +205,20 @@ def test_measurements_missing_a_node(tmp_path):
     qcfg = fp8fx.FP8Config(mode="QUANTIZE", dump_stats_path=str(tmp_path / "m"))
     with pytest.raises(MeasurementError, match="lack 1 node.*fc2"):
         fp8fx.convert(TwoLinear(), qcfg, torch.randn(2, 32))
+
+
+def test_ignore_modules_without_measures(tmp_path):
+    model = TwoLinear()
+    cfg = fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m"), blocklist={"names": ["fc2"]})
+    fp8fx.prepare(model, cfg)
+    with torch.no_grad():
+        model(torch.randn(4, 32))
+    fp8fx.finalize_calibration(model)
+    qcfg = fp8fx.FP8Config(mode="QUANTIZE", dump_stats_path=str(tmp_path / "m"), ignore_modules_wo_measures=True)
+    fresh = fp8fx.convert(TwoLinear(), qcfg, torch.randn(2, 32))
+    assert isinstance(fresh.fc1, Fp8Linear) and not isinstance(fresh.fc2, Fp8Linear)
+    skipped = {s["name"]: s["reason"] for s in fp8fx.report(fresh)["skipped"]}
+    assert "ignore_modules_wo_measures" in skipped["fc2"]
 
 
 def test_measurements_naming_unknown_nodes(tmp_path, llama_pair):

@@ -15,7 +15,7 @@ from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 from fp8fx.config import (
-    DEFAULT_SCALE_METHOD, FP8Config, Fp8Format, HpDtype, MeasureExclude, Mode, ObserverKind,
+    DEFAULT_BACKOFFS, DEFAULT_SCALE_METHOD, FP8Config, Fp8Format, HpDtype, MeasureExclude, Mode, ObserverKind,
     OpFilter, ScaleFormat, ScaleMethod, ScaleMethodOverrides, ScaleRule, Target,
 )
 from fp8fx.errors import ConfigError
@@ -29,7 +29,10 @@ def test_defaults_match_inc():
     assert cfg.observer is ObserverKind.MAXABS and cfg.measure_exclude is MeasureExclude.OUTPUT
     assert cfg.dump_stats_path == "./hqt_output/measure"
     assert cfg.scale_format is ScaleFormat.SCALAR and cfg.scale_format == "scalar"
-    assert (cfg.input_backoff, cfg.weight_backoff) == (0.25, 0.5)
+    assert (cfg.input_backoff, cfg.weight_backoff) == (None, None)  # target default
+    assert cfg.backoffs == DEFAULT_BACKOFFS[Target.CPU] == (0.5, 1.0)
+    assert FP8Config(target="gaudi2").backoffs == (0.25, 0.5)  # INC's on Gaudi
+    assert FP8Config(target="gaudi3", input_backoff=0.125).backoffs == (0.125, 0.5)
     assert cfg.allowlist.is_empty() and cfg.blocklist.is_empty()
     assert cfg.scale_method is None and cfg.resolved_scale_method is DEFAULT_SCALE_METHOD[Target.CPU]
     assert (cfg.measure_inputs, cfg.measure_outputs, cfg.measure_params) == (True, False, True)
@@ -255,7 +258,8 @@ def test_to_dict_is_inc_shaped_json():
     d = json.loads(json.dumps(cfg.to_dict()))
     assert d["mode"] == "QUANTIZE" and d["scale_method"] == "maxabs_hw" and d["fp8_config"] == "E4M3"
     assert d["blocklist"] == {"names": ["lm_head"], "types": []} and d["hp_dtype"] == "bf16"
-    assert d["scale_params"] == {"input_backoff": 0.25, "weight_backoff": 0.5}
+    assert "scale_params" not in d  # unset: the target's default
+    assert cfg.replace(input_backoff=0.25).to_dict()["scale_params"] == {"input_backoff": 0.25}
     assert "scale_method" not in FP8Config().to_dict()  # None: the target's default
 
 

@@ -122,7 +122,7 @@ def test_scale_method_inc_dict_entries_and_inheritance():
     assert cfg.backoffs_for("a", "Linear") == (0.1, 0.4)        # weight backoff inherited from default
     assert cfg.scale_method_for("b", "Matmul") is ScaleMethod.MAXABS_ARBITRARY
     assert cfg.backoffs_for("b", "Matmul") == (0.2, 0.4)        # no entry backoff: scale_params
-    assert FP8Config(scale_method="maxabs_pow2").backoffs_for("b", "Linear") == (0.25, 0.5)
+    assert FP8Config(scale_method="maxabs_pow2", target="gaudi3").backoffs_for("b", "Linear") == (0.25, 0.5)
     assert FP8Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 

@@ -64,11 +64,12 @@ def linear_quant(module: nn.Linear, name: str, type_name: str, cfg: FP8Config,
     needs = cfg.scale_method_for(name, type_name).needs_measurement
     amax = _input_amax(name, meas) if needs else torch.ones((), dtype=torch.float32)
     where = f"node {name!r}"
+    input_backoff, weight_backoff = cfg.backoffs_for(name, type_name)
     x_scale = numerics.activation_scale(amax, method, fp8_dtype=fp8_dtype, target=target,
-                                        backoff=cfg.input_backoff, where=where)
+                                        backoff=input_backoff, where=where)
     w = module.weight.detach()
     w_scale = numerics.weight_scale(w, method, fp8_dtype=fp8_dtype, target=target,
-                                    backoff=cfg.weight_backoff, where=where)
+                                    backoff=weight_backoff, where=where)
     w_q = numerics.quantize_weight(w, w_scale, fp8_dtype, cfg.fp8_max)
     return LinearQuant(weight=w_q, weight_scale=w_scale.to(torch.float32),
                        input_scale=x_scale.to(torch.float32).reshape(()))
