@@ -14,7 +14,7 @@ from fp8fx import numerics
 from fp8fx.errors import CaptureError, ConfigError, Fp8fxError, MeasurementError
 from fp8fx.formats.inc import read_measurements
 from fp8fx.modules import Fp8Linear
-from tiny_models import TwoLinear, tiny_llama
+from tiny_models import GraphBreak, TwoLinear, tiny_llama
 
 BLOCK_LM_HEAD = {"names": ["lm_head"]}
 
@@ -256,17 +256,8 @@ def test_config_typo():
 
 
 def test_uncapturable_model_names_the_break(tmp_path):
-    class Breaks(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
-
-        def forward(self, x):
-            y = self.fc(x)
-            return y * 2 if y.sum().item() > 0 else y
-
-    model = fp8fx.prepare(Breaks(), fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m")))
-    with pytest.raises(CaptureError, match="Breaks.forward"):
+    model = fp8fx.prepare(GraphBreak(), fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m")))
+    with pytest.raises(CaptureError, match="GraphBreak.forward"):
         model(torch.randn(2, 4))
 
 

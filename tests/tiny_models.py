@@ -44,3 +44,15 @@ class EagerAttention(nn.Module):
         p = p.softmax(dim=-1)
         o = torch.matmul(p, v).transpose(1, 2).reshape(b, s, d)
         return self.out(o)
+
+
+class GraphBreak(nn.Module):
+    """Data-dependent Python control flow: dynamo cannot keep this forward in one graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return y * 2 if y.sum().item() > 0 else y
