@@ -97,8 +97,22 @@ def _call_args(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple,
     return args, dict(example_kwargs or {})
 
 
+def _worker(cfg: FP8Config) -> tuple[int | None, int | None]:
+    """(rank, world_size) of the per-rank file names: the config's, else LOCAL_RANK/WORLD_SIZE
+    from the environment when more than one process runs (as INC does), else none."""
+    if cfg.world_size is not None:
+        return (cfg.local_rank if cfg.local_rank is not None else 0), cfg.world_size
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    except ValueError as exc:
+        raise ConfigError(f"WORLD_SIZE / LOCAL_RANK must be integers: {exc}") from exc
+    return (rank, world) if world > 1 else (None, None)
+
+
 def _measurement_exists(cfg: FP8Config) -> bool:
-    return any(p.exists() for p in measurement_file_paths(cfg.dump_stats_path, cfg.observer.value))
+    rank, world = _worker(cfg)
+    return any(p.exists() for p in measurement_file_paths(cfg.dump_stats_path, cfg.observer.value, rank, world))
 
 
 def _check_supported(cfg: FP8Config) -> None:
@@ -200,7 +214,8 @@ def finalize_calibration(model: nn.Module) -> list[Path]:
                          "mode; call fp8fx.prepare(model, FP8Config(mode='MEASURE')) and run "
                          "calibration first")
     state.measurements = _collect(model, state)
-    state.files = write_measurements(state.measurements, state.config.dump_stats_path)
+    rank, world = _worker(state.config)
+    state.files = write_measurements(state.measurements, state.config.dump_stats_path, rank=rank, world_size=world)
     return state.files
 
 
@@ -253,7 +268,8 @@ def _apply(model: nn.Module, state: Fp8fxState, graphs: list[CapturedGraph] | No
 def _load_measurements(cfg: FP8Config) -> Measurements | None:
     if not cfg.resolved_scale_method.needs_measurement and not _measurement_exists(cfg):
         return None
-    return read_measurements(cfg.dump_stats_path, observer=cfg.observer.value)
+    rank, world = _worker(cfg)
+    return read_measurements(cfg.dump_stats_path, observer=cfg.observer.value, rank=rank, world_size=world)
 
 
 def convert(model: nn.Module, cfg: FP8Config | dict | str | None = None, example_inputs: Any = None,

@@ -334,3 +334,19 @@ def test_dynamic_quantization_is_refused_not_ignored(tmp_path):
                           scale_method="act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw")
     with pytest.raises(fp8fx.QuantizationError, match="dynamic_quantization"):
         fp8fx.convert(TwoLinear(), cfg)
+
+
+def test_per_rank_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    model = TwoLinear()
+    fp8fx.prepare(model, fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m")))
+    with torch.no_grad():
+        model(torch.randn(4, 32))
+    names = sorted(p.name for p in fp8fx.finalize_calibration(model))
+    assert names == ["m_hooks_maxabs_1_2.json", "m_hooks_maxabs_1_2.npz", "m_hooks_maxabs_1_2_mod_list.json"]
+    qcfg = fp8fx.FP8Config(mode="QUANTIZE", dump_stats_path=str(tmp_path / "m"))
+    assert isinstance(fp8fx.convert(TwoLinear(), qcfg, torch.randn(2, 32)).fc1, Fp8Linear)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # rank 0 has no file: the error says which exist
+    with pytest.raises(MeasurementError, match="m_hooks_maxabs_0_2"):
+        fp8fx.convert(TwoLinear(), qcfg, torch.randn(2, 32))
