@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,14 +52,15 @@ _ATTR = "_fp8fx"
 class Fp8fxState:
     config: FP8Config
     phase: str                                   # "measure" | "pending" | "converted"
-    fullgraph: bool = True
     compiled: CompiledForward | None = None
+    original_forward: Any = None                 # the forward to trace while "pending"
     observers: dict[str, NodeObserver] = field(default_factory=dict)
     matches: dict[str, Match] = field(default_factory=dict)        # name -> first match seen
     decisions: dict[str, Decision] = field(default_factory=dict)   # name -> decision
     measurements: Measurements | None = None
     files: list[Path] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
+    calls_at_finalize: int | None = None         # observer calls when the files were written
 
     def record(self, decisions: list[Decision]) -> None:
         for d in decisions:
@@ -115,16 +117,37 @@ def _measurement_exists(cfg: FP8Config) -> bool:
     return any(p.exists() for p in measurement_file_paths(cfg.dump_stats_path, cfg.observer.value, rank, world))
 
 
+_NO_EFFECT = {"use_qdq": False, "fake_quant": False, "recalc_scales": False, "calibration_sample_interval": 0}
+
+
 def _check_supported(cfg: FP8Config) -> None:
+    """Refuse what this version cannot do instead of silently doing something else."""
     if cfg.dynamic_quantization:
         raise QuantizationError(
             "dynamic_quantization=True (per-token activation scales computed at run time) is not "
             "supported by this version of fp8fx; use static scales (dynamic_quantization=False)")
+    if cfg.observer.value not in ("maxabs", "maxabs_per_channel"):
+        raise ConfigError(f"observer {cfg.observer.value!r} is not supported by fp8fx; use 'maxabs' "
+                          "or 'maxabs_per_channel'")
+    if cfg.mode is not Mode.QUANTIZE and not (cfg.measure_inputs or cfg.measure_outputs or cfg.measure_params):
+        raise ConfigError("measure_exclude='ALL' measures nothing; use 'OUTPUT' (the default) or 'NONE'")
+    changed = [k for k, default in _NO_EFFECT.items() if getattr(cfg, k) != default]
+    if changed:
+        warnings.warn(f"FP8Config keys {changed} have no effect in this version of fp8fx (FP8 weights "
+                      "are always stored as FP8 and scales computed at convert)", UserWarning, stacklevel=3)
+
+
+def _capture_model(model: nn.Module, args: tuple, kwargs: dict) -> list[CapturedGraph]:
+    state = _state(model)
+    forward = state.original_forward if state is not None and state.original_forward is not None else None
+    if state is not None and state.compiled is not None:
+        forward = state.compiled._original
+    return capture(model, args, kwargs, forward=forward)
 
 
 # --------------------------------------------------------------------------------- prepare
 def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example_inputs: Any = None,
-            example_kwargs: dict | None = None, *, fullgraph: bool = True) -> nn.Module:
+            example_kwargs: dict | None = None) -> nn.Module:
     """Instrument ``model`` for calibration (MEASURE) and return it.
 
     ``cfg`` defaults to the JSON file named by ``QUANT_CONFIG``. A QUANTIZE config converts
@@ -134,7 +157,7 @@ def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
     cfg = _resolve_config(cfg, "prepare")
     _check_supported(cfg)
     if cfg.mode is Mode.QUANTIZE or (cfg.mode is Mode.AUTO and _measurement_exists(cfg)):
-        return convert(model, cfg, example_inputs, example_kwargs, fullgraph=fullgraph)
+        return convert(model, cfg, example_inputs, example_kwargs)
     if cfg.mode not in (Mode.MEASURE, Mode.AUTO):
         raise ConfigError(f"fp8fx.prepare: mode {cfg.mode.value!r} is not supported; use MEASURE, "
                           "QUANTIZE or AUTO")
@@ -143,7 +166,7 @@ def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
                          f"(phase {_state(model).phase!r}); start from a fresh model")
     if cfg.mode is Mode.AUTO:
         cfg = cfg.replace(mode="MEASURE")
-    state = Fp8fxState(config=cfg, phase="measure", fullgraph=fullgraph)
+    state = Fp8fxState(config=cfg, phase="measure")
 
     def backend(cg: CapturedGraph):
         decisions = annotate(cg.gm, find_matches(cg), cfg, model)
@@ -152,13 +175,18 @@ def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
                          measure_outputs=cfg.measure_outputs)
         return cg.gm
 
-    state.compiled = CompiledForward(model, backend, fullgraph=fullgraph)
+    state.compiled = CompiledForward(model, backend)
     state.compiled.install()
     model.__dict__[_ATTR] = state
     args, kwargs = _call_args(example_inputs, example_kwargs)
     if args or kwargs:  # capture now; what this call observed is not calibration data
-        with torch.no_grad():
-            model(*args, **kwargs)
+        try:
+            with torch.no_grad():
+                model(*args, **kwargs)
+        except BaseException:  # leave the model as it was given, so a retry can work
+            state.compiled.uninstall()
+            del model.__dict__[_ATTR]
+            raise
         for obs in state.observers.values():
             for o in obs.all():
                 o.amax.zero_()
@@ -186,7 +214,8 @@ def _collect(model: nn.Module, state: Fp8fxState) -> Measurements:
             f"non-finite values (inf/NaN) were seen during calibration at {len(bad)} node(s): "
             f"{listing}. Check the calibration data and the model's dtype (fp16 overflow?), or "
             "blocklist these nodes.")
-    if not state.observers or (never and len(never) == len(state.observers)):
+    if not state.observers or (never and len(never) == len(state.observers)) or not any(
+            o.calls for o in state.observers.values()):
         raise MeasurementError(
             f"{type(model).__name__}: no calibration data was observed; call the prepared model on "
             "calibration inputs before fp8fx.finalize_calibration / fp8fx.convert")
@@ -206,6 +235,10 @@ def _collect(model: nn.Module, state: Fp8fxState) -> Measurements:
     return Measurements(nodes=nodes, observer=cfg.observer.value)
 
 
+def _observer_calls(state: Fp8fxState) -> int:
+    return sum(o.calls for o in state.observers.values())
+
+
 def finalize_calibration(model: nn.Module) -> list[Path]:
     """Write the measurement files (INC layout, atomically) and return their paths."""
     state = _state(model)
@@ -214,6 +247,7 @@ def finalize_calibration(model: nn.Module) -> list[Path]:
                          "mode; call fp8fx.prepare(model, FP8Config(mode='MEASURE')) and run "
                          "calibration first")
     state.measurements = _collect(model, state)
+    state.calls_at_finalize = _observer_calls(state)
     rank, world = _worker(state.config)
     state.files = write_measurements(state.measurements, state.config.dump_stats_path, rank=rank, world_size=world)
     return state.files
@@ -250,19 +284,27 @@ def _check_names(model: nn.Module, decisions: list[Decision], meas: Measurements
     return set()
 
 
-def _apply(model: nn.Module, state: Fp8fxState, graphs: list[CapturedGraph] | None) -> None:
-    cfg = state.config
-    if graphs is not None:
-        for cg in graphs:
-            state.record(annotate(cg.gm, find_matches(cg), cfg, model))
-    unmeasured = _check_names(model, list(state.decisions.values()), state.measurements, cfg)
+def _apply(model: nn.Module, state: Fp8fxState, decisions: dict[str, Decision],
+           meas: Measurements | None, cfg: FP8Config) -> None:
+    """Check everything, then swap the modules; the state changes only when all succeeded."""
+    unmeasured = _check_names(model, list(decisions.values()), meas, cfg)
+    decisions = dict(decisions)
     for name in unmeasured:
-        state.decisions[name] = dataclasses.replace(
-            state.decisions[name], quantize=False,
+        decisions[name] = dataclasses.replace(
+            decisions[name], quantize=False,
             reason="no measurement for it (ignore_modules_wo_measures): stays in high precision")
-    decisions = list(state.decisions.values())
-    state.converted = quantize_linears(model, decisions, cfg, state.measurements)
-    state.phase = "converted"
+    converted = quantize_linears(model, list(decisions.values()), cfg, meas)  # all-or-nothing
+    state.config, state.measurements, state.decisions = cfg, meas, decisions
+    state.matches = {n: d.match for n, d in decisions.items()}
+    state.converted, state.phase = converted, "converted"
+
+
+def _decide_graphs(model: nn.Module, graphs: list[CapturedGraph], cfg: FP8Config) -> dict[str, Decision]:
+    out: dict[str, Decision] = {}
+    for cg in graphs:
+        for d in annotate(cg.gm, find_matches(cg), cfg, model):
+            out.setdefault(d.match.name, d)
+    return out
 
 
 def _load_measurements(cfg: FP8Config) -> Measurements | None:
@@ -272,48 +314,72 @@ def _load_measurements(cfg: FP8Config) -> Measurements | None:
     return read_measurements(cfg.dump_stats_path, observer=cfg.observer.value, rank=rank, world_size=world)
 
 
-def convert(model: nn.Module, cfg: FP8Config | dict | str | None = None, example_inputs: Any = None,
-            example_kwargs: dict | None = None, *, fullgraph: bool = True) -> nn.Module:
-    """Quantize ``model`` and return it (the same object, now with FP8 Linears)."""
-    state = _state(model)
-    if state is not None and state.phase == "converted":
-        raise Fp8fxError(f"{type(model).__name__} is already converted by fp8fx")
-    if state is not None and state.phase == "measure":
-        cfg = state.config.replace(mode="QUANTIZE") if cfg is None else _resolve_config(cfg, "convert")
-        meas = state.measurements if state.measurements is not None else _collect(model, state)
-        state.compiled.uninstall()
-        decisions = {n: d for n, d in state.decisions.items()}
-        state.config, state.measurements, state.observers = cfg, meas, {}
-        state.decisions = {}
-        state.record([decide(d.match, cfg, model) for d in decisions.values()])
-        _apply(model, state, None)
-        return model
-
-    cfg = _resolve_config(cfg, "convert")
+def _quantize_config(cfg: FP8Config | dict | str | None, fallback: FP8Config | None) -> FP8Config:
+    cfg = fallback.replace(mode="QUANTIZE") if cfg is None and fallback is not None else _resolve_config(cfg, "convert")
     _check_supported(cfg)
     if cfg.mode is Mode.MEASURE:
         raise ConfigError("fp8fx.convert: the config's mode is MEASURE; use fp8fx.prepare to "
                           "calibrate, or set mode to QUANTIZE")
-    state = Fp8fxState(config=cfg.replace(mode="QUANTIZE"), phase="pending", fullgraph=fullgraph)
-    state.measurements = _load_measurements(state.config)
-    model.__dict__[_ATTR] = state
+    return cfg.replace(mode="QUANTIZE") if cfg.mode is not Mode.QUANTIZE else cfg
+
+
+def _convert_prepared(model: nn.Module, state: Fp8fxState, cfg: FP8Config | dict | str | None) -> nn.Module:
+    qcfg = _quantize_config(cfg, state.config)
+    if state.calls_at_finalize is not None and _observer_calls(state) != state.calls_at_finalize:
+        raise MeasurementError(
+            f"{type(model).__name__} was called again after fp8fx.finalize_calibration, so the "
+            "measurement files no longer describe the calibration; call finalize_calibration again "
+            "before convert")
+    meas = state.measurements if state.measurements is not None else _collect(model, state)
+    decisions = {n: decide(d.match, qcfg, model) for n, d in state.decisions.items()}
+    _apply(model, state, decisions, meas, qcfg)  # raises before changing anything
+    state.compiled.uninstall()
+    state.compiled, state.observers = None, {}
+    return model
+
+
+def convert(model: nn.Module, cfg: FP8Config | dict | str | None = None, example_inputs: Any = None,
+            example_kwargs: dict | None = None) -> nn.Module:
+    """Quantize ``model`` and return it (the same object, now with FP8 Linears).
+
+    A prepared model is converted from its own observers (its QUANTIZE config defaults to the
+    MEASURE config with mode QUANTIZE). A plain model needs a QUANTIZE config (or QUANT_CONFIG)
+    whose ``dump_stats_path`` names the measurement files; its graph is captured from
+    ``example_inputs``/``example_kwargs`` or, without them, on the first call (traced, converted,
+    then run in FP8). Nothing is changed when convert raises.
+    """
+    state = _state(model)
+    if state is not None and state.phase in ("converted", "pending"):
+        when = "" if state.phase == "converted" else " (on its first call, which has not happened yet)"
+        raise Fp8fxError(f"{type(model).__name__} is already converted by fp8fx{when}")
+    if state is not None and state.phase == "measure":
+        return _convert_prepared(model, state, cfg)
+
+    qcfg = _quantize_config(cfg, None)
+    meas = _load_measurements(qcfg)  # a missing or corrupt file fails here, at once
     args, kwargs = _call_args(example_inputs, example_kwargs)
+    state = Fp8fxState(config=qcfg, phase="pending", measurements=meas)
     if args or kwargs:
-        _apply(model, state, capture(model, args, kwargs, fullgraph=fullgraph))
+        graphs = capture(model, args, kwargs)
+        _apply(model, state, _decide_graphs(model, graphs, qcfg), meas, qcfg)
+        model.__dict__[_ATTR] = state
         return model
 
     had_forward = "forward" in model.__dict__
     original = model.forward
 
     def first_call(*a: Any, **kw: Any) -> Any:
-        graphs = capture(model, a, kw, fullgraph=fullgraph, forward=original)
+        graphs = capture(model, a, kw, forward=original)
+        _apply(model, state, _decide_graphs(model, graphs, qcfg), meas, qcfg)  # on failure: stays pending
         if had_forward:
             model.forward = original
         else:
             del model.forward
-        _apply(model, state, graphs)
+        state.original_forward = None
         return model.forward(*a, **kw)
 
+    state.original_forward = original
+    model.__dict__[_ATTR] = state
     model.forward = first_call
     return model
 
@@ -346,7 +412,7 @@ class Explanation:
 
 
 def explain(model: nn.Module, cfg: FP8Config | dict | str | None = None, example_inputs: Any = None,
-            example_kwargs: dict | None = None, *, fullgraph: bool = True) -> Explanation:
+            example_kwargs: dict | None = None) -> Explanation:
     """List every candidate node: quantized or not, and why. Runs nothing, changes nothing."""
     state = _state(model)
     if state is not None and state.decisions and cfg is None:
@@ -356,12 +422,10 @@ def explain(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
     if not (args or kwargs):
         raise Fp8fxError("fp8fx.explain needs example_inputs or example_kwargs to capture the graph "
                          "of a model that was not prepared/converted yet")
-    forward = state.compiled._original if state is not None and state.compiled is not None else None
-    rows: dict[str, Decision] = {}
-    for cg in capture(model, args, kwargs, fullgraph=fullgraph, forward=forward):
-        for d in annotate(cg.gm, find_matches(cg), cfg, model):
-            rows.setdefault(d.match.name, d)
-    return Explanation(list(rows.values()))
+    if state is not None and state.phase == "converted":
+        raise Fp8fxError(f"{type(model).__name__} is already converted: call fp8fx.explain(model) "
+                         "without a config to see what was done, or explain a fresh model")
+    return Explanation(list(_decide_graphs(model, _capture_model(model, args, kwargs), cfg).values()))
 
 
 def report(model: nn.Module) -> dict:

@@ -138,8 +138,9 @@ def _capture_error(model: torch.nn.Module, exc: BaseException, args: tuple, kwar
         f"could not capture {type(model).__name__}.forward{_describe_call(args, kwargs)} into one "
         f"FX graph: {type(exc).__name__}: {first}\n"
         "fp8fx needs the whole forward in one graph so that every Linear/matmul/softmax/SDPA is "
-        "seen. Fix the graph break named above (see torch._dynamo.explain(model)(...) for the full "
-        "list), or pass fullgraph=False to fp8fx.prepare/convert to quantize what is captured."
+        "seen and named the same way in every call. Fix the graph break named above (see "
+        "torch._dynamo.explain(model)(...) for the full list), or quantize a submodule that "
+        "captures as one graph."
     )
 
 
@@ -149,12 +150,11 @@ def capture(
     kwargs: dict | None = None,
     *,
     dynamic: bool = True,
-    fullgraph: bool = True,
     forward: Callable | None = None,
 ) -> list[CapturedGraph]:
-    """Trace ``model(*args, **kwargs)`` with dynamo and return its graph(s) without running them.
+    """Trace ``model(*args, **kwargs)`` with dynamo and return its graph without running it.
 
-    With ``fullgraph=True`` (the default) a graph break raises :class:`CaptureError` naming it.
+    The forward must capture as one graph: a graph break raises :class:`CaptureError` naming it.
     ``forward`` overrides the function traced (default ``model.forward``).
     """
     kwargs = kwargs or {}
@@ -169,7 +169,7 @@ def capture(
         return stop
 
     forward = forward if forward is not None else model.forward
-    compiled = torch.compile(_fresh_entry(forward), backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+    compiled = torch.compile(_fresh_entry(forward), backend=backend, dynamic=dynamic, fullgraph=True)
     try:
         with torch.no_grad():
             compiled(*args, **kwargs)
@@ -204,7 +204,6 @@ class CompiledForward:
         backend: Callable[[CapturedGraph], Callable],
         *,
         dynamic: bool = True,
-        fullgraph: bool = True,
     ) -> None:
         self.model = model
         self.graphs: list[CapturedGraph] = []
@@ -225,7 +224,7 @@ class CompiledForward:
             return counted
 
         self._compiled = torch.compile(_fresh_entry(self._original), backend=dynamo_backend,
-                                       dynamic=dynamic, fullgraph=fullgraph)
+                                       dynamic=dynamic, fullgraph=True)
 
         @functools.wraps(self._original)
         def forward(*args: Any, **kwargs: Any) -> Any:

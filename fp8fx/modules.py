@@ -35,6 +35,19 @@ class Fp8Linear(nn.Linear):
         self.register_buffer("weight_scale", weight_scale.detach().to(torch.float32))
         self.register_buffer("input_scale", input_scale.detach().to(torch.float32).reshape(()))
 
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
+        """``.to(device)`` moves the FP8 weight and the scales; ``.to(dtype)``/``.half()`` leave
+        their dtypes alone (a cast would silently undo the quantization). The bias follows."""
+        keep = {id(self.weight), id(self.weight_scale), id(self.input_scale)}
+
+        def guarded(t):  # noqa: ANN001, ANN202
+            out = fn(t)
+            if id(t) in keep and isinstance(out, torch.Tensor) and out.dtype != t.dtype:
+                out = t.to(out.device)
+            return out
+
+        return super()._apply(guarded, recurse)
+
     @property
     def per_channel(self) -> bool:
         return self.weight_scale.dim() > 0

@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .errors import QuantizationError
+
 __all__ = ["linear", "quantize_activation"]
 
 
@@ -28,9 +30,21 @@ def quantize_activation(x: Tensor, scale: Tensor, fp8_dtype: torch.dtype, fp8_ma
     return (x.float() / scale).clamp_(-fp8_max, fp8_max).to(fp8_dtype)
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _check_weight(weight: Tensor) -> None:
+    if weight.dtype not in FP8_DTYPES:
+        raise QuantizationError(
+            f"fp8fx::linear got a {weight.dtype} weight; it needs float8_e4m3fn or float8_e5m2. "
+            "The FP8 weight was replaced after convert (e.g. model.tie_weights() re-tied it to an "
+            "embedding, or it was cast); convert again from the high-precision model")
+
+
 @torch.library.custom_op("fp8fx::linear", mutates_args=())
 def linear(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Tensor,
            bias: Optional[Tensor], fp8_max: float) -> Tensor:
+    _check_weight(weight)
     qx = quantize_activation(x, input_scale, weight.dtype, fp8_max)
     y = torch.matmul(qx.float(), weight.float().t())
     y = y * (input_scale * weight_scale)
@@ -42,4 +56,5 @@ def linear(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Tensor,
 @linear.register_fake
 def _linear_fake(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Tensor,
                  bias: Optional[Tensor], fp8_max: float) -> Tensor:
+    _check_weight(weight)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))

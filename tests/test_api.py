@@ -350,3 +350,123 @@ def test_per_rank_files(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")  # rank 0 has no file: the error says which exist
     with pytest.raises(MeasurementError, match="m_hooks_maxabs_0_2"):
         fp8fx.convert(TwoLinear(), qcfg, torch.randn(2, 32))
+
+
+# ------------------------------------------------------------------ state and shared weights
+def _calibrated_two_linear(tmp_path, **kw):
+    model = TwoLinear()
+    fp8fx.prepare(model, fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m"), **kw))
+    with torch.no_grad():
+        model(torch.randn(4, 32))
+    return model
+
+
+def test_tied_lm_head_stays_high_precision_and_survives_tie_weights(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model, ref = LlamaForCausalLM(cfg).eval(), LlamaForCausalLM(cfg).eval()
+    ref.load_state_dict(model.state_dict())
+    fp8fx.prepare(model, fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m")))  # lm_head allowed
+    calibrate(model)
+    fp8fx.convert(model)
+    assert not isinstance(model.lm_head, Fp8Linear)
+    reason = {s["name"]: s["reason"] for s in fp8fx.report(model)["skipped"]}["lm_head"]
+    assert "tied" in reason
+    model.tie_weights()
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        assert numerics.sqnr_db(ref(input_ids=ids).logits, model(input_ids=ids).logits) > 20
+
+
+def test_shared_weight_between_two_linears_is_not_quantized():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    rows = fp8fx.explain(Shared(), fp8fx.FP8Config(mode="MEASURE"), torch.randn(2, 8)).rows
+    assert rows and all(not r.quantize and "shared" in r.reason for r in rows)
+
+
+def test_root_linear_is_explained():
+    (row,) = fp8fx.explain(nn.Linear(4, 4), fp8fx.FP8Config(mode="MEASURE"), torch.randn(2, 4)).rows
+    assert not row.quantize and "wrap it in a parent" in row.reason
+
+
+def test_dtype_casts_after_convert_keep_fp8(tmp_path):
+    model = _calibrated_two_linear(tmp_path)
+    fp8fx.convert(model)
+    model.to(torch.bfloat16)
+    assert model.fc1.weight.dtype == torch.float8_e4m3fn and model.fc1.input_scale.dtype == torch.float32
+    assert model.fc1.bias.dtype == torch.bfloat16
+    assert model(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_replaced_fp8_weight_raises_instead_of_running():
+    q = Fp8Linear(torch.randn(4, 3).to(torch.float8_e4m3fn), torch.tensor(0.1), torch.tensor(0.2), None, 448.0)
+    q.weight = nn.Parameter(torch.randn(4, 3))  # what a re-tie would do
+    with pytest.raises(fp8fx.QuantizationError, match="float8"):
+        q(torch.randn(2, 3))
+
+
+def test_failed_first_call_leaves_the_model_pending(tmp_path):
+    model = _calibrated_two_linear(tmp_path, blocklist={"names": ["fc2"]})
+    fp8fx.finalize_calibration(model)
+    fresh = fp8fx.convert(TwoLinear(), fp8fx.FP8Config(mode="QUANTIZE", dump_stats_path=str(tmp_path / "m")))
+    for _ in range(2):  # never falls back to running in high precision
+        with pytest.raises(MeasurementError, match="fc2"):
+            fresh(torch.randn(2, 32))
+    assert not any(isinstance(m, Fp8Linear) for m in fresh.modules())
+    with pytest.raises(Fp8fxError, match="first call"):
+        fp8fx.convert(fresh)
+
+
+def test_failed_convert_of_prepared_model_keeps_calibration(tmp_path):
+    model = _calibrated_two_linear(tmp_path, blocklist={"names": ["fc2"]})
+    with pytest.raises(MeasurementError, match="fc2"):
+        fp8fx.convert(model, fp8fx.FP8Config(mode="QUANTIZE", dump_stats_path=str(tmp_path / "m")))
+    assert len(fp8fx.finalize_calibration(model)) == 3  # observers intact
+    fp8fx.convert(model)
+    assert isinstance(model.fc1, Fp8Linear) and not isinstance(model.fc2, Fp8Linear)
+
+
+def test_convert_prepared_model_checks_the_config(tmp_path):
+    model = _calibrated_two_linear(tmp_path)
+    with pytest.raises(ConfigError, match="MEASURE"):
+        fp8fx.convert(model, fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m")))
+
+
+def test_calibration_after_finalize_is_not_silently_dropped(tmp_path):
+    model = _calibrated_two_linear(tmp_path)
+    fp8fx.finalize_calibration(model)
+    with torch.no_grad():
+        model(torch.randn(4, 32) * 100)
+    with pytest.raises(MeasurementError, match="finalize_calibration again"):
+        fp8fx.convert(model)
+    fp8fx.finalize_calibration(model)
+    fp8fx.convert(model)
+    assert isinstance(model.fc1, Fp8Linear)
+
+
+def test_prepare_with_bad_example_inputs_can_be_retried(tmp_path):
+    cfg = fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m"))
+    model = TwoLinear()
+    with pytest.raises(Exception):
+        fp8fx.prepare(model, cfg, torch.randn(4, 5))  # wrong feature size
+    assert "forward" not in model.__dict__
+    fp8fx.prepare(model, cfg, torch.randn(4, 32))
+
+
+@pytest.mark.parametrize("kw,match", [({"observer": "shape"}, "observer 'shape'"),
+                                      ({"measure_exclude": "ALL"}, "measures nothing")])
+def test_unsupported_measure_configs_are_refused(tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        fp8fx.prepare(TwoLinear(), fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m"), **kw))

@@ -63,7 +63,18 @@ def _unsupported_reason(match: Match, model: torch.nn.Module | None) -> str | No
                 "supported in this version, it stays in high precision")
     if model is None or match.weight is None:
         return None
+    if match.weight_uses > 1:
+        return (f"weight {match.weight!r} is also read by {match.weight_uses - 1} other op(s) in the "
+                "graph (tied or shared, e.g. an lm_head tied to the embedding): quantizing it would "
+                "change those ops too, so it stays in high precision")
+    aliases = _aliases(model).get(match.weight, ())
+    if aliases:
+        return (f"weight {match.weight!r} is the same tensor as {', '.join(aliases)} (tied): it stays "
+                "in high precision; untie it (e.g. tie_word_embeddings=False) to quantize it")
     owner_name, _, leaf = match.weight.rpartition(".")
+    if not owner_name and isinstance(model, torch.nn.Linear):
+        return ("the model itself is the Linear: fp8fx replaces a Linear on its parent module, so "
+                "wrap it in a parent nn.Module to quantize it")
     try:
         owner = model.get_submodule(owner_name)
     except AttributeError:
@@ -73,6 +84,14 @@ def _unsupported_reason(match: Match, model: torch.nn.Module | None) -> str | No
         return (f"linear whose weight {match.weight!r} belongs to a {owner_type}, not an nn.Linear: "
                 "only nn.Linear weights are rewritten in this version, it stays in high precision")
     return None
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Parameter name -> the other names of the same tensor (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return {n: tuple(o for o in names if o != n) for names in by_id.values() if len(names) > 1 for n in names}
 
 
 def decide(match: Match, cfg: FP8Config, model: torch.nn.Module | None = None) -> Decision:

@@ -78,6 +78,7 @@ class Match:
     weight: str | None = None           # qualified parameter name of a Linear's weight
     weight_transposed: bool = False     # True when W is [in, out] (addmm / mm / Conv1D)
     bias: str | None = None             # qualified parameter name of a Linear's bias
+    weight_uses: int = 1                # graph nodes that read the weight (>1: tied or shared)
 
     @property
     def type_names(self) -> tuple[str, ...]:
@@ -191,6 +192,9 @@ def find_matches(cg: CapturedGraph) -> list[Match]:
         if found is None:
             continue
         kind, d = found
+        uses = 1
+        if d.get("weight") is not None:
+            uses = max(len(a.users) for a in node.all_input_nodes if cg.param_name(a) == d["weight"])
         path, type_name = module_path_of(node)
         if kind is OpKind.LINEAR:
             weight = d["weight"]
@@ -206,6 +210,6 @@ def find_matches(cg: CapturedGraph) -> list[Match]:
         out.append(Match(
             node=node.name, kind=kind, name=name, module_path=path, module_type=type_name,
             inputs=inputs, weight=d.get("weight"), weight_transposed=d.get("transposed", False),
-            bias=d.get("bias"),
+            bias=d.get("bias"), weight_uses=uses,
         ))
     return out

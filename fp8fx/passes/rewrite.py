@@ -71,8 +71,9 @@ def linear_quant(module: nn.Linear, name: str, type_name: str, cfg: FP8Config,
     w_scale = numerics.weight_scale(w, method, fp8_dtype=fp8_dtype, target=target,
                                     backoff=weight_backoff, where=where)
     w_q = numerics.quantize_weight(w, w_scale, fp8_dtype, cfg.fp8_max)
-    return LinearQuant(weight=w_q, weight_scale=w_scale.to(torch.float32),
-                       input_scale=x_scale.to(torch.float32).reshape(()))
+    device = w.device
+    return LinearQuant(weight=w_q, weight_scale=w_scale.to(device=device, dtype=torch.float32),
+                       input_scale=x_scale.to(device=device, dtype=torch.float32).reshape(()))
 
 
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -83,19 +84,21 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def quantize_linears(model: nn.Module, decisions: list[Decision], cfg: FP8Config,
                      meas: Measurements | None) -> list[str]:
-    """Swap every Linear decided ``quantize`` for an Fp8Linear. Returns the swapped names."""
-    done: list[str] = []
-    seen: set[str] = set()
+    """Swap every Linear decided ``quantize`` for an Fp8Linear. Returns the swapped names.
+
+    All-or-nothing: every scale and FP8 weight is computed first (any error raises here, with the
+    model untouched), then the modules are swapped.
+    """
+    planned: dict[str, tuple[nn.Linear, LinearQuant]] = {}
     for d in decisions:
         m = d.match
-        if not d.quantize or m.kind is not OpKind.LINEAR or m.name in seen:
+        if not d.quantize or m.kind is not OpKind.LINEAR or m.name in planned:
             continue
-        seen.add(m.name)
         module = model.get_submodule(m.name)
         if isinstance(module, Fp8Linear):
             continue
-        q = linear_quant(module, m.name, m.module_type, cfg, meas)
+        planned[m.name] = (module, linear_quant(module, m.name, m.module_type, cfg, meas))
+    for name, (module, q) in planned.items():
         bias = None if module.bias is None else module.bias.detach()
-        _set_submodule(model, m.name, Fp8Linear(q.weight, q.weight_scale, q.input_scale, bias, cfg.fp8_max))
-        done.append(m.name)
-    return done
+        _set_submodule(model, name, Fp8Linear(q.weight, q.weight_scale, q.input_scale, bias, cfg.fp8_max))
+    return list(planned)
