@@ -117,7 +117,8 @@ def _measurement_exists(cfg: FP8Config) -> bool:
     return any(p.exists() for p in measurement_file_paths(cfg.dump_stats_path, cfg.observer.value, rank, world))
 
 
-_NO_EFFECT = {"use_qdq": False, "fake_quant": False, "recalc_scales": False, "calibration_sample_interval": 0}
+_NO_EFFECT = {"use_qdq": False, "fake_quant": False, "recalc_scales": False, "calibration_sample_interval": 0,
+              "scale_format": "scalar"}
 
 
 def _check_supported(cfg: FP8Config) -> None:

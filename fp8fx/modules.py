@@ -22,7 +22,8 @@ class Fp8Linear(nn.Linear):
     """A Linear with an FP8 weight and a static FP8 activation scale.
 
     It subclasses ``nn.Linear`` so that code which checks ``isinstance(m, nn.Linear)`` (and
-    ``in_features``/``out_features``) keeps working.
+    ``in_features``/``out_features``) keeps working. The output has the input's dtype (the
+    model's high-precision dtype, INC's ``hp_dtype``); the bias keeps the model's dtype.
     """
 
     def __init__(self, weight: Tensor, weight_scale: Tensor, input_scale: Tensor,
