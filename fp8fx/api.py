@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -68,8 +69,19 @@ class Fp8fxState:
             self.decisions.setdefault(d.match.name, d)
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's module behind a ``torch.compile`` wrapper (OptimizedModule)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def _state(model: nn.Module) -> Fp8fxState | None:
-    return model.__dict__.get(_ATTR)
+    model = _unwrap(model)
+    state = model.__dict__.get(_ATTR)
+    if state is None and "torch._dynamo" in sys.modules:
+        from .backends.dynamo import state_of  # calibrated by torch.compile(backend="fp8fx")
+
+        state = state_of(model)
+    return state
 
 
 def _resolve_config(cfg: FP8Config | dict | str | os.PathLike | None, what: str) -> FP8Config:
@@ -243,6 +255,7 @@ def _observer_calls(state: Fp8fxState) -> int:
 def finalize_calibration(model: nn.Module) -> list[Path]:
     """Write the measurement files (INC layout, atomically) and return their paths."""
     state = _state(model)
+    model = _unwrap(model)
     if state is None or state.phase != "measure":
         raise Fp8fxError(f"fp8fx.finalize_calibration: {type(model).__name__} is not in MEASURE "
                          "mode; call fp8fx.prepare(model, FP8Config(mode='MEASURE')) and run "
@@ -334,7 +347,8 @@ def _convert_prepared(model: nn.Module, state: Fp8fxState, cfg: FP8Config | dict
     meas = state.measurements if state.measurements is not None else _collect(model, state)
     decisions = {n: decide(d.match, qcfg, model) for n, d in state.decisions.items()}
     _apply(model, state, decisions, meas, qcfg)  # raises before changing anything
-    state.compiled.uninstall()
+    if state.compiled is not None:
+        state.compiled.uninstall()
     state.compiled, state.observers = None, {}
     return model
 

@@ -43,9 +43,9 @@ __all__ = ["CapturedGraph", "CompiledForward", "capture", "module_path_of", "nor
 
 # the root module as dynamo names it: L['self'] (a compiled bound forward) or
 # L['fn'].__self__ (the bound forward seen through fp8fx's trampoline)
-_SELF_PREFIX = re.compile(r"^L\['(?:self|fn)'\](?:\.__self__)?")
+_SELF_PREFIX = re.compile(r"^L\['[^']+'\](?:\.__self__)?")
 _INDEX = re.compile(r"\[(\d+)\]")
-_QUOTED = re.compile(r"\._modules\['([^']+)'\]|\['([^']+)'\]")
+_QUOTED = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\['([^']+)'\]")
 
 
 def normalize_module_path(raw: str) -> str:
@@ -79,14 +79,27 @@ class CapturedGraph:
     param_names: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_dynamo(cls, gm: fx.GraphModule, example_inputs: list[Any], model: torch.nn.Module) -> "CapturedGraph":
-        by_id = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
-        by_id.update({id(t): n for n, t in model.named_buffers(remove_duplicate=False) if id(t) not in by_id})
+    def from_dynamo(cls, gm: fx.GraphModule, example_inputs: list[Any],
+                    model: torch.nn.Module | None = None) -> "CapturedGraph":
+        """Map placeholders to parameter names: by identity with ``model``'s parameters, or, when
+        the model is unknown (a torch.compile backend), from the source dynamo recorded for each
+        ``nn.Parameter`` input (``L['self']._modules['fc']._parameters['weight']`` -> ``fc.weight``)."""
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         names: dict[str, str] = {}
-        for node, value in zip(placeholders, example_inputs):
-            if isinstance(value, torch.Tensor) and id(value) in by_id:
-                names[node.name] = by_id[id(value)]
+        if model is not None:
+            by_id = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
+            by_id.update({id(t): n for n, t in model.named_buffers(remove_duplicate=False) if id(t) not in by_id})
+            for node, value in zip(placeholders, example_inputs):
+                if isinstance(value, torch.Tensor) and id(value) in by_id:
+                    names[node.name] = by_id[id(value)]
+        else:
+            for node, value in zip(placeholders, example_inputs):
+                arg = node.meta.get("grapharg")
+                source = getattr(getattr(arg, "source", None), "name", None)
+                if isinstance(value, torch.nn.Parameter) and callable(source):  # older torch: a method
+                    source = source()
+                if isinstance(value, torch.nn.Parameter) and isinstance(source, str):
+                    names[node.name] = normalize_module_path(source)
         return cls(gm=gm, example_inputs=list(example_inputs), param_names=names)
 
     def param_name(self, node: Any) -> str | None:

@@ -61,17 +61,22 @@ def _unsupported_reason(match: Match, model: torch.nn.Module | None) -> str | No
     if match.kind not in QUANTIZABLE_KINDS:
         return (f"{match.kind.value} is matched and measured; quantizing {match.kind.value} is not "
                 "supported in this version, it stays in high precision")
-    if model is None or match.weight is None:
+    if match.weight is None:
         return None
     if match.weight_uses > 1:
         return (f"weight {match.weight!r} is also read by {match.weight_uses - 1} other op(s) in the "
                 "graph (tied or shared, e.g. an lm_head tied to the embedding): quantizing it would "
                 "change those ops too, so it stays in high precision")
+    owner_name, _, leaf = match.weight.rpartition(".")
+    if model is None:  # a torch.compile backend: judge from the graph alone
+        if not match.module_is_linear or leaf != "weight" or match.weight_transposed:
+            return (f"linear whose weight {match.weight!r} does not belong to an nn.Linear: only "
+                    "nn.Linear weights are rewritten in this version, it stays in high precision")
+        return None
     aliases = _aliases(model).get(match.weight, ())
     if aliases:
         return (f"weight {match.weight!r} is the same tensor as {', '.join(aliases)} (tied): it stays "
                 "in high precision; untie it (e.g. tie_word_embeddings=False) to quantize it")
-    owner_name, _, leaf = match.weight.rpartition(".")
     if not owner_name and isinstance(model, torch.nn.Linear):
         return ("the model itself is the Linear: fp8fx replaces a Linear on its parent module, so "
                 "wrap it in a parent nn.Module to quantize it")

@@ -79,6 +79,7 @@ class Match:
     weight_transposed: bool = False     # True when W is [in, out] (addmm / mm / Conv1D)
     bias: str | None = None             # qualified parameter name of a Linear's bias
     weight_uses: int = 1                # graph nodes that read the weight (>1: tied or shared)
+    module_is_linear: bool = False      # the owning module (nn_module_stack) is an nn.Linear
 
     @property
     def type_names(self) -> tuple[str, ...]:
@@ -181,6 +182,14 @@ def owner_path(name: str) -> str:
     return (m.group("path") or "") if m else name
 
 
+def _owned_by_linear(node: fx.Node) -> bool:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return False
+    typ = list(stack.values())[-1][1]
+    return isinstance(typ, type) and issubclass(typ, torch.nn.Linear)
+
+
 def find_matches(cg: CapturedGraph) -> list[Match]:
     """Every quantization candidate of a captured graph, in graph order."""
     counters: dict[tuple[str, OpKind], int] = defaultdict(int)
@@ -210,6 +219,6 @@ def find_matches(cg: CapturedGraph) -> list[Match]:
         out.append(Match(
             node=node.name, kind=kind, name=name, module_path=path, module_type=type_name,
             inputs=inputs, weight=d.get("weight"), weight_transposed=d.get("transposed", False),
-            bias=d.get("bias"), weight_uses=uses,
+            bias=d.get("bias"), weight_uses=uses, module_is_linear=_owned_by_linear(node),
         ))
     return out

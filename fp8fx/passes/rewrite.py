@@ -12,19 +12,23 @@ Nothing is guessed: a quantized node without a measurement, or with a non-finite
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .. import numerics
+from ..capture import CapturedGraph
 from ..config import FP8Config
 from ..errors import MeasurementError
 from ..formats.inc import Measurements
 from ..modules import Fp8Linear
 from .annotate import Decision
-from .match import OpKind
+from .match import Match, OpKind
 
-__all__ = ["LinearQuant", "linear_quant", "quantize_linears"]
+__all__ = ["LinearQuant", "weight_quant", "input_scale", "linear_quant", "quantize_linears",
+           "rewrite_linears_in_graph"]
 
 
 @dataclass
@@ -56,24 +60,35 @@ def _input_amax(name: str, meas: Measurements | None) -> torch.Tensor:
     return t
 
 
-def linear_quant(module: nn.Linear, name: str, type_name: str, cfg: FP8Config,
-                 meas: Measurements | None) -> LinearQuant:
-    """FP8 weight and scales of one Linear, from its weight and its measured input maxabs."""
+def weight_quant(weight: torch.Tensor, name: str, type_name: str, cfg: FP8Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 weight, float32 weight scale) of one Linear weight ``[out, in]``."""
     method = cfg.scale_method_for(name, type_name).value
-    fp8_dtype, target = cfg.fp8_dtype, cfg.target.value
-    needs = cfg.scale_method_for(name, type_name).needs_measurement
-    amax = _input_amax(name, meas) if needs else torch.ones((), dtype=torch.float32)
-    where = f"node {name!r}"
-    input_backoff, weight_backoff = cfg.backoffs_for(name, type_name)
-    x_scale = numerics.activation_scale(amax, method, fp8_dtype=fp8_dtype, target=target,
-                                        backoff=input_backoff, where=where)
-    w = module.weight.detach()
-    w_scale = numerics.weight_scale(w, method, fp8_dtype=fp8_dtype, target=target,
-                                    backoff=weight_backoff, where=where)
-    w_q = numerics.quantize_weight(w, w_scale, fp8_dtype, cfg.fp8_max)
-    device = w.device
-    return LinearQuant(weight=w_q, weight_scale=w_scale.to(device=device, dtype=torch.float32),
-                       input_scale=x_scale.to(device=device, dtype=torch.float32).reshape(()))
+    _, weight_backoff = cfg.backoffs_for(name, type_name)
+    w = weight.detach()
+    w_scale = numerics.weight_scale(w, method, fp8_dtype=cfg.fp8_dtype, target=cfg.target.value,
+                                    backoff=weight_backoff, where=f"node {name!r}")
+    w_q = numerics.quantize_weight(w, w_scale, cfg.fp8_dtype, cfg.fp8_max)
+    return w_q, w_scale.to(device=w.device, dtype=torch.float32)
+
+
+def input_scale(name: str, type_name: str, cfg: FP8Config, meas: Measurements | None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """The static activation scale (0-d float32) of one Linear, from its measured input maxabs."""
+    sm = cfg.scale_method_for(name, type_name)
+    amax = _input_amax(name, meas) if sm.needs_measurement else torch.ones((), dtype=torch.float32)
+    input_backoff, _ = cfg.backoffs_for(name, type_name)
+    x_scale = numerics.activation_scale(amax, sm.value, fp8_dtype=cfg.fp8_dtype, target=cfg.target.value,
+                                        backoff=input_backoff, where=f"node {name!r}")
+    return x_scale.to(device=device, dtype=torch.float32).reshape(())
+
+
+def linear_quant(weight: torch.Tensor, name: str, type_name: str, cfg: FP8Config,
+                 meas: Measurements | None) -> LinearQuant:
+    """FP8 weight and scales of one Linear, from its weight ``[out, in]`` and its measured input
+    maxabs."""
+    x_scale = input_scale(name, type_name, cfg, meas, weight.device)  # first: a missing measurement
+    w_q, w_scale = weight_quant(weight, name, type_name, cfg)          # fails before the costly part
+    return LinearQuant(weight=w_q, weight_scale=w_scale, input_scale=x_scale)
 
 
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -97,8 +112,50 @@ def quantize_linears(model: nn.Module, decisions: list[Decision], cfg: FP8Config
         module = model.get_submodule(m.name)
         if isinstance(module, Fp8Linear):
             continue
-        planned[m.name] = (module, linear_quant(module, m.name, m.module_type, cfg, meas))
+        planned[m.name] = (module, linear_quant(module.weight, m.name, m.module_type, cfg, meas))
     for name, (module, q) in planned.items():
         bias = None if module.bias is None else module.bias.detach()
         _set_submodule(model, name, Fp8Linear(q.weight, q.weight_scale, q.input_scale, bias, cfg.fp8_max))
     return list(planned)
+
+
+def rewrite_linears_in_graph(cg: CapturedGraph, decisions: list[Decision], cfg: FP8Config,
+                             meas: Measurements | None,
+                             quantize: Callable[[torch.Tensor, Match], LinearQuant] | None = None) -> int:
+    """The graph form of :func:`quantize_linears`, for ``torch.compile(backend="fp8fx")``.
+
+    Each ``linear(x, W, b)`` decided ``quantize`` becomes ``fp8fx.linear(x, W8, s_w, s_x, b)``
+    where ``W8``, ``s_w`` and ``s_x`` are attributes of the GraphModule (constants to the
+    compiler); the high-precision weight input is left unused. ``quantize(weight, match)``
+    lets the caller cache FP8 weights across graphs (default: :func:`linear_quant`). Returns
+    the number of nodes rewritten; all of them are computed before the graph changes.
+    """
+    gm = cg.gm
+    nodes = {n.name: n for n in gm.graph.nodes}
+    values = dict(zip((n.name for n in gm.graph.nodes if n.op == "placeholder"), cg.example_inputs))
+    planned: list[tuple[fx.Node, Match, LinearQuant]] = []
+    for d in decisions:
+        m = d.match
+        if not d.quantize or m.kind is not OpKind.LINEAR:
+            continue
+        node = nodes[m.node]
+        w_node = next(a for a in node.all_input_nodes if cg.param_name(a) == m.weight)
+        weight = values[w_node.name] if w_node.op == "placeholder" else gm.get_parameter(str(w_node.target))
+        q = quantize(weight, m) if quantize is not None else linear_quant(weight, m.name, m.module_type, cfg, meas)
+        planned.append((node, m, q))
+    for i, (node, m, q) in enumerate(planned):
+        prefix = f"fp8fx_q{i}_"
+        for suffix, t in (("weight", q.weight), ("weight_scale", q.weight_scale), ("input_scale", q.input_scale)):
+            gm.register_buffer(prefix + suffix, t)
+        x = nodes[m.inputs[0]]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        with gm.graph.inserting_before(node):
+            attrs = [gm.graph.get_attr(prefix + s) for s in ("weight", "weight_scale", "input_scale")]
+            new = gm.graph.call_function(torch.ops.fp8fx.linear.default, (x, *attrs, bias, cfg.fp8_max))
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
+        new.meta["fp8fx"] = {**node.meta.get("fp8fx", {}), "rewritten": True}
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return len(planned)

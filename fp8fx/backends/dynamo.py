@@ -1,0 +1,176 @@
+"""``torch.compile(model, backend="fp8fx", options={"config": cfg})``.
+
+The backend runs the same passes as ``prepare``/``convert`` on the graphs dynamo hands it:
+
+* MEASURE (or AUTO without measurement files): match, annotate, insert observer nodes; the
+  graph runs eagerly (calibration needs no speed). Observers live in a state shared by every
+  graph of the same model and config, and ``fp8fx.finalize_calibration(compiled_model)``
+  writes the same INC files as the eager path.
+* QUANTIZE: match, annotate, then :func:`~fp8fx.passes.rewrite.rewrite_linears_in_graph`
+  replaces each decided ``linear`` by ``fp8fx.linear`` with FP8 weight constants, and the graph
+  goes to Inductor (``options={"inductor": False}`` runs it eagerly instead) or, for a Gaudi
+  target, is lowered to ``torch.ops.hpu`` ops.
+
+Dynamo hands a backend the parameters as graph inputs, so the high-precision weights arrive on
+every compile. FP8 weights are cached by parameter identity (and its in-place version counter):
+a weight is cast once however many graphs (shapes, prefill/decode) are compiled.
+
+The FX graph cache stays correct: Inductor gets a post-grad pass whose ``uuid()`` is a digest
+of the config, every scale and every FP8 weight, so a different config or different
+measurements never reuse a stale compiled graph.
+
+The backend is registered under the name ``fp8fx`` through the ``torch_dynamo_backends``
+entry point group: ``backend="fp8fx"`` works without importing fp8fx first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..capture import CapturedGraph
+from ..config import FP8Config, Mode
+from ..errors import ConfigError
+from ..formats.inc import Measurements
+from ..passes.annotate import annotate
+from ..passes.match import Match, find_matches
+from ..passes.observe import insert_observers
+from ..passes.rewrite import LinearQuant, input_scale, rewrite_linears_in_graph, weight_quant
+
+__all__ = ["fp8fx_backend", "state_of", "OPTIONS"]
+
+OPTIONS = {
+    "config": "an FP8Config, a dict of INC keys or a JSON path (default: QUANT_CONFIG)",
+    "inductor": "compile the QUANTIZE graph with Inductor (default True); False runs it eagerly",
+}
+
+# parameter -> (its _version when cast, {cast key: (FP8 weight, weight scale)})
+# (keyed by identity: tensors compare elementwise, so a plain WeakKeyDictionary cannot hold them)
+_WEIGHTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# parameter -> the MEASURE state of the compiled model that owns it
+_MEASURE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _options(options: dict | None) -> dict:
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - set(OPTIONS))
+    if unknown:
+        valid = "; ".join(f"{k!r}: {v}" for k, v in OPTIONS.items())
+        raise ConfigError(f"unknown torch.compile option(s) {unknown} for backend 'fp8fx'; valid: {valid}")
+    opts.setdefault("inductor", True)
+    return opts
+
+
+def _cast_key(m: Match, cfg: FP8Config) -> tuple:
+    return (cfg.scale_method_for(m.name, m.module_type).value, cfg.backoffs_for(m.name, m.module_type)[1],
+            cfg.fp8_dtype, cfg.fp8_max, cfg.target.value)
+
+
+def cached_weight_quant(weight: Tensor, m: Match, cfg: FP8Config) -> tuple[Tensor, Tensor]:
+    """FP8 weight and scale of ``weight``, cast once per parameter (recast after an in-place
+    change of the parameter, which bumps its version counter)."""
+    key = _cast_key(m, cfg)
+    version = weight._version
+    entry = _WEIGHTS.get(weight)
+    if entry is None or entry[0] != version:
+        entry = (version, {})
+        _WEIGHTS[weight] = entry
+    if key not in entry[1]:
+        entry[1][key] = weight_quant(weight, m.name, m.module_type, cfg)
+    return entry[1][key]
+
+
+def _measure_state(cg: CapturedGraph, cfg: FP8Config):
+    from ..api import Fp8fxState
+
+    params = [t for t in cg.example_inputs if isinstance(t, nn.Parameter)]
+    for p in params:
+        state = _MEASURE.get(p)
+        if state is not None and state.config == cfg:
+            break
+    else:
+        state = Fp8fxState(config=cfg, phase="measure")
+    for p in params:
+        _MEASURE[p] = state
+    return state
+
+
+def state_of(model: nn.Module):
+    """The MEASURE state that ``torch.compile(model, backend="fp8fx")`` built, or None."""
+    for p in model.parameters():
+        state = _MEASURE.get(p)
+        if state is not None:
+            return state
+    return None
+
+
+def _digest(cfg: FP8Config, quants: list[LinearQuant]) -> str:
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    for q in quants:
+        for t in (q.weight_scale, q.input_scale, q.weight):
+            h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_pass(digest: str):
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class Fp8fxCacheKey(CustomGraphPass):
+        """Changes nothing; its uuid() puts fp8fx's config and scales into the FX graph cache key."""
+
+        def __call__(self, graph: fx.Graph) -> None:
+            return None
+
+        def uuid(self) -> str:
+            return "fp8fx-" + digest
+
+    return Fp8fxCacheKey()
+
+
+def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None) -> Callable:
+    """The ``fp8fx`` torch.compile backend (see the module docstring)."""
+    from ..api import _check_supported, _load_measurements, _measurement_exists, _resolve_config
+
+    opts = _options(options)
+    cfg = _resolve_config(opts.get("config"), "compile")
+    _check_supported(cfg)
+    cg = CapturedGraph.from_dynamo(gm, example_inputs)
+    decisions = annotate(gm, find_matches(cg), cfg)
+    measure = cfg.mode is Mode.MEASURE or (cfg.mode is Mode.AUTO and not _measurement_exists(cfg))
+    if measure:
+        state = _measure_state(cg, cfg if cfg.mode is Mode.MEASURE else cfg.replace(mode="MEASURE"))
+        state.record(decisions)
+        insert_observers(gm, decisions, state.observers, measure_inputs=cfg.measure_inputs,
+                         measure_outputs=cfg.measure_outputs)
+        return gm
+    if cfg.mode is not Mode.QUANTIZE:
+        cfg = cfg.replace(mode="QUANTIZE")
+    meas: Measurements | None = _load_measurements(cfg)
+    quants: list[LinearQuant] = []
+
+    def quantize(weight: Tensor, m: Match) -> LinearQuant:
+        x_scale = input_scale(m.name, m.module_type, cfg, meas, weight.device)
+        w_q, w_scale = cached_weight_quant(weight, m, cfg)
+        quants.append(LinearQuant(w_q, w_scale, x_scale))
+        return quants[-1]
+
+    rewrite_linears_in_graph(cg, decisions, cfg, meas, quantize=quantize)
+    if cfg.target.value in ("gaudi2", "gaudi3"):
+        from .hpu import lower_to_hpu
+
+        lower_to_hpu(gm)
+        return gm
+    if not opts["inductor"]:
+        return gm
+    from torch._inductor.compile_fx import compile_fx
+
+    from .inductor import register_lowering
+
+    register_lowering()
+    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": _cache_pass(_digest(cfg, quants))})

@@ -1,0 +1,139 @@
+"""torch.compile(model, backend="fp8fx"): the same passes as prepare/convert, as a backend."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fp8fx
+from fp8fx import numerics
+from fp8fx.backends import dynamo as fp8fx_dynamo
+from fp8fx.errors import ConfigError
+from fp8fx.formats.inc import read_measurements
+from tiny_models import TwoLinear, tiny_llama
+
+
+def _pair():
+    a = TwoLinear()
+    b = TwoLinear()
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _calibrate_compiled(tmp_path, model, shapes=(4, 5, 6)):
+    cm = torch.compile(model, backend="fp8fx", options={"config": {"mode": "MEASURE", "dump_stats_path": str(tmp_path / "m")}})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n in shapes:
+            cm(torch.randn(n, 32, generator=g))
+    return cm
+
+
+def test_backend_found_by_name_without_importing_fp8fx():
+    code = (
+        "import sys, torch\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(8, 8))\n"
+        "assert 'fp8fx' not in sys.modules\n"
+        "cm = torch.compile(m, backend='fp8fx', options={'config': {'mode': 'MEASURE', 'dump_stats_path': '/nonexistent/x'}})\n"
+        "cm(torch.randn(2, 8))\n"
+        "assert 'fp8fx.backends.dynamo' in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_measure_through_compile_writes_the_eager_files(tmp_path):
+    compiled_model, eager_model = _pair()
+    cm = _calibrate_compiled(tmp_path / "c", compiled_model)
+    fp8fx.finalize_calibration(cm)
+    fp8fx.prepare(eager_model, fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "e" / "m")))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n in (4, 5, 6):
+            eager_model(torch.randn(n, 32, generator=g))
+    fp8fx.finalize_calibration(eager_model)
+    a, b = read_measurements(tmp_path / "c" / "m"), read_measurements(tmp_path / "e" / "m")
+    assert sorted(a.nodes) == sorted(b.nodes) == ["fc1", "fc2", "softmax_0"]
+    for name in a.nodes:
+        assert a.nodes[name].input_maxabs(0) == b.nodes[name].input_maxabs(0)
+    assert float(a.nodes["fc1"].weight_maxabs()[0]) == float(b.nodes["fc1"].weight_maxabs()[0])
+
+
+def test_quantize_through_compile_equals_eager_convert(tmp_path):
+    model, _ = _pair()
+    cm = _calibrate_compiled(tmp_path, model)
+    fp8fx.finalize_calibration(cm)
+    fresh, eager = _pair()
+    eager.load_state_dict(model.state_dict())
+    fresh.load_state_dict(model.state_dict())
+    qcfg = {"mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m")}
+    cq = torch.compile(fresh, backend="fp8fx", options={"config": qcfg, "inductor": False})
+    x = torch.randn(7, 32)
+    fp8fx.convert(eager, fp8fx.FP8Config(**qcfg), x)
+    with torch.no_grad():
+        assert torch.equal(cq(x), eager(x))
+    assert fresh.fc1.weight.dtype == torch.float32  # the user's model is not modified
+
+
+def test_weights_are_cast_once(tmp_path, monkeypatch):
+    model, _ = _pair()
+    cm = _calibrate_compiled(tmp_path, model)
+    fp8fx.finalize_calibration(cm)
+    calls = []
+    real = numerics.quantize_weight
+    monkeypatch.setattr(numerics, "quantize_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cq = torch.compile(model, backend="fp8fx", dynamic=False,
+                       options={"config": {"mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m")}, "inductor": False})
+    with torch.no_grad():
+        for n in (2, 3, 4, 2, 3):  # three static shapes: three graphs, five calls
+            cq(torch.randn(n, 32))
+    assert len(calls) == 2  # fc1 and fc2, once each
+    with torch.no_grad():
+        model.fc1.weight.mul_(2)  # an in-place change is seen (version counter) on recompile
+    torch._dynamo.reset()
+    with torch.no_grad():
+        cq(torch.randn(2, 32))
+    assert len(calls) == 3
+
+
+def test_generate_prefill_and_decode_through_the_backend(tmp_path):
+    model = tiny_llama()
+    fp8fx.prepare(model, fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m"),
+                                         blocklist={"names": ["lm_head"]}))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (2, 9)))
+    fp8fx.finalize_calibration(model)
+    fresh = tiny_llama()
+    qcfg = {"mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m"), "blocklist": {"names": ["lm_head"]}}
+    fresh.forward = torch.compile(fresh.forward, backend="fp8fx", dynamic=True,
+                                  options={"config": qcfg, "inductor": False})
+    ids = torch.randint(0, 128, (1, 5))
+    out = fresh.generate(ids, max_new_tokens=4, do_sample=False)
+    eager = tiny_llama()
+    fp8fx.convert(eager, fp8fx.FP8Config(**qcfg), example_kwargs={"input_ids": ids})
+    assert torch.equal(out, eager.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+def test_unknown_option_is_named():
+    cm = torch.compile(TwoLinear(), backend="fp8fx", options={"config": {"mode": "MEASURE"}, "inductr": True})
+    with pytest.raises(Exception, match="inductr"):
+        cm(torch.randn(2, 32))
+    with pytest.raises(ConfigError, match="inductr"):
+        fp8fx_dynamo._options({"inductr": True})
+
+
+def test_cache_digest_covers_config_and_scales():
+    from fp8fx.passes.rewrite import LinearQuant
+
+    q = LinearQuant(torch.ones(2, 2).to(torch.float8_e4m3fn), torch.tensor(0.5), torch.tensor(0.25))
+    q2 = LinearQuant(q.weight, q.weight_scale, torch.tensor(0.125))
+    cfg = fp8fx.FP8Config(mode="QUANTIZE")
+    d = fp8fx_dynamo._digest(cfg, [q])
+    assert d == fp8fx_dynamo._digest(cfg, [q])
+    assert d != fp8fx_dynamo._digest(cfg, [q2])
+    assert d != fp8fx_dynamo._digest(cfg.replace(input_backoff=0.25), [q])
+    assert fp8fx_dynamo._cache_pass(d).uuid() == "fp8fx-" + d
