@@ -119,6 +119,16 @@ def quantize_linears(model: nn.Module, decisions: list[Decision], cfg: FP8Config
     return list(planned)
 
 
+def _declare_constant(gm: fx.GraphModule, name: str) -> None:
+    """Tell AOTAutograd where a new graph attribute comes from: a dynamo graph lists the source
+    of every lifted parameter/buffer (``_param_name_to_source``) and refuses unknown ones."""
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is not None:
+        from torch._dynamo.source import ConstantSource
+
+        sources[name] = ConstantSource(f"fp8fx.{name}")
+
+
 def rewrite_linears_in_graph(cg: CapturedGraph, decisions: list[Decision], cfg: FP8Config,
                              meas: Measurements | None,
                              quantize: Callable[[torch.Tensor, Match], LinearQuant] | None = None) -> int:
@@ -147,6 +157,7 @@ def rewrite_linears_in_graph(cg: CapturedGraph, decisions: list[Decision], cfg: 
         prefix = f"fp8fx_q{i}_"
         for suffix, t in (("weight", q.weight), ("weight_scale", q.weight_scale), ("input_scale", q.input_scale)):
             gm.register_buffer(prefix + suffix, t)
+            _declare_constant(gm, prefix + suffix)
         x = nodes[m.inputs[0]]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         with gm.graph.inserting_before(node):

@@ -1,0 +1,495 @@
+"""Tests of the Gaudi lowering (fp8fx.backends.hpu).
+
+Without a Gaudi, the ``torch.ops.hpu`` ops the lowering emits are registered here with the
+schemas of the Gaudi PyTorch bridge and reference kernels that follow their documented
+semantics (cast: saturate(x * scale_inv); gemm: op(A) @ op(B) * A_scale_inv * B_scale_inv +
+bias, FP32 accumulation). The registration lives for this module only (a module-scoped
+fixture that removes it afterwards), so other test files see the process as it was. On a
+Gaudi host the real ops are used instead and the tensors are moved to the device.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fp8fx import numerics as N
+from fp8fx.backends import hpu
+from fp8fx.errors import QuantizationError
+from fp8fx.modules import Fp8Linear
+
+E4M3 = torch.float8_e4m3fn
+
+# --------------------------------------------------------------------------------------------
+# Reference implementations of the Gaudi ops
+# --------------------------------------------------------------------------------------------
+
+SCHEMAS = {
+    "cast_to_fp8_v2": "cast_to_fp8_v2(Tensor input, Tensor? scale=None, bool stochastic_rounding="
+                      "False, bool is_amax=False, ScalarType dtype=None, int[]? scale_shape=None)"
+                      " -> (Tensor, Tensor)",
+    "fp8_gemm_v2": "fp8_gemm_v2(Tensor A, bool trans_A, Tensor B, bool trans_B, Tensor? D, "
+                   "ScalarType out_dtype, Tensor? A_scale_inv=None, Tensor? B_scale_inv=None, "
+                   "Tensor? bias=None, bool accumulate=False, int[]? B_scale_shape=None) -> Tensor",
+    "cast_from_fp8": "cast_from_fp8(Tensor input, Tensor? scale, ScalarType out_dtype, "
+                     "int[]? scale_shape=None) -> Tensor",
+}
+
+# E4M3 saturation of the emulated Gaudi: 448 (Gaudi3); the gaudi2 fixture sets 240
+HW = {"e4m3_max": 448.0}
+
+
+def _hw_max(dtype: torch.dtype) -> float:
+    return HW["e4m3_max"] if dtype == E4M3 else float(torch.finfo(dtype).max)
+
+
+def ref_cast_to_fp8_v2(input, scale=None, stochastic_rounding=False, is_amax=False, dtype=None,
+                       scale_shape=None):
+    if stochastic_rounding or dtype is None or scale_shape is not None:
+        raise NotImplementedError("reference cast: round-to-nearest, explicit FP8 dtype only")
+    y = input.float() if scale is None else input.float() * scale.float()
+    limit = _hw_max(dtype)
+    out = y.clamp(-limit, limit).to(dtype)
+    amax = input.abs().amax().float() if is_amax else input.new_empty(0, dtype=torch.float32)
+    return out, amax
+
+
+def ref_fp8_gemm_v2(A, trans_A, B, trans_B, D, out_dtype, A_scale_inv=None, B_scale_inv=None,
+                    bias=None, accumulate=False, B_scale_shape=None):
+    if B_scale_shape is not None:
+        raise NotImplementedError("reference gemm: no per-block B scales")
+    a, b = A.float(), B.float()
+    a = a.transpose(-1, -2) if trans_A else a
+    b = b.transpose(-1, -2) if trans_B else b
+    y = torch.matmul(a, b)
+    if A_scale_inv is not None:
+        y = y * A_scale_inv.float()
+    if B_scale_inv is not None:
+        y = y * B_scale_inv.float()
+    if bias is not None:
+        y = y + bias.float()
+    if accumulate:
+        y = y + D.float()
+    return y.to(out_dtype)
+
+
+def ref_cast_from_fp8(input, scale, out_dtype, scale_shape=None):
+    y = input.float() if scale is None else input.float() * scale.float()
+    return y.to(out_dtype)
+
+
+@pytest.fixture(scope="module")
+def device():
+    """The device the lowered graphs run on: the real Gaudi, or CPU with reference ops."""
+    if hpu.habana_available():
+        yield "hpu"
+        return
+    if not hpu._missing_hpu_ops():  # registered by someone else in this process: use them
+        yield "cpu"
+        return
+    lib = torch.library.Library("hpu", "FRAGMENT")
+    impls = {"cast_to_fp8_v2": ref_cast_to_fp8_v2, "fp8_gemm_v2": ref_fp8_gemm_v2,
+             "cast_from_fp8": ref_cast_from_fp8}
+    try:
+        for name, schema in SCHEMAS.items():
+            lib.define(schema)
+            lib.impl(name, impls[name], "CompositeExplicitAutograd")
+        yield "cpu"
+    finally:
+        lib._destroy()
+
+
+@pytest.fixture
+def gaudi2(device):
+    """Emulate Gaudi2's E4M3 range (±240) in the reference cast."""
+    if device != "cpu":
+        pytest.skip("emulates a Gaudi generation with the reference ops")
+    HW["e4m3_max"] = 240.0
+    yield
+    HW["e4m3_max"] = 448.0
+
+
+# --------------------------------------------------------------------------------------------
+# Models and graphs
+# --------------------------------------------------------------------------------------------
+
+
+def make_linear(in_f: int, out_f: int, *, per_channel: bool, bias: bool, dtype: torch.dtype,
+                seed: int, fp8_max: float = 448.0, pow2: bool = True) -> Fp8Linear:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    target = "gaudi2" if fp8_max == 240.0 else "cpu"
+    if pow2:
+        method = "act_maxabs_pow2_weights_pcs_maxabs_pow2" if per_channel else "maxabs_pow2"
+        input_scale = torch.tensor(2.0**-5)
+    else:
+        method = "maxabs_arbitrary"
+        input_scale = torch.tensor(0.0371)
+    s = N.weight_scale(w, method, fp8_dtype=E4M3, target=target)
+    if not pow2 and per_channel:
+        s = w.abs().amax(dim=1) / fp8_max
+    q = N.quantize_weight(w, s, E4M3, fp8_max)
+    b = torch.randn(out_f, generator=g).to(dtype) if bias else None
+    return Fp8Linear(q, s, input_scale, b, fp8_max)
+
+
+class Net(nn.Module):
+    """Three FP8 Linears; ``spec`` gives (per_channel, bias) for each.
+
+    The activation scales are calibrated on ``example(dtype)`` with a backoff of 0.5, so the
+    activations of that input and of smaller ones stay within ``±fp8_max / 2`` of the scale.
+    """
+
+    def __init__(self, spec, dtype: torch.dtype, fp8_max: float = 448.0, pow2: bool = True):
+        super().__init__()
+        dims = [(16, 32), (32, 24), (24, 8)]
+        self.up, self.down, self.head = (
+            make_linear(i, o, per_channel=pc, bias=b, dtype=dtype, seed=k, fp8_max=fp8_max,
+                        pow2=pow2)
+            for k, ((i, o), (pc, b)) in enumerate(zip(dims, spec)))
+        x = example(dtype)
+        for layer in (self.up, self.down, self.head):  # in order: each scale moves later inputs
+            seen = []
+            hook = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+            self(x)
+            hook.remove()
+            scale = seen[0].float().abs().amax() / (fp8_max * 0.5)
+            layer.input_scale.copy_(N.pow2_ceil(scale) if pow2 else scale)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.down(nn.functional.gelu(self.up(x)))))
+
+
+MIXED = [(False, True), (True, False), (False, False)]
+
+
+def example(dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 5, 16, generator=g) * 2).to(dtype)
+
+
+def traced(model: nn.Module, x: torch.Tensor, shape_prop: bool = True) -> fx.GraphModule:
+    gm = fx.symbolic_trace(model)
+    if shape_prop:
+        ShapeProp(gm).propagate(x)
+    return gm
+
+
+def dynamo_graph(model: nn.Module, x: torch.Tensor) -> tuple[fx.GraphModule, list]:
+    captured = []
+
+    def backend(gm, example_inputs):
+        captured.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert len(captured) == 1
+    return captured[0]
+
+
+def count(gm: fx.GraphModule, target) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target == target)
+
+
+def fp8fx_nodes(gm: fx.GraphModule) -> int:
+    return count(gm, torch.ops.fp8fx.linear) + count(gm, torch.ops.fp8fx.linear.default)
+
+
+def run(gm: fx.GraphModule, args: list, device: str) -> torch.Tensor:
+    out = gm.to(device)(*[a.to(device) for a in args])
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out.cpu()
+
+
+def cast_op():
+    return torch.ops.hpu.cast_to_fp8_v2.default
+
+
+def gemm_op():
+    return torch.ops.hpu.fp8_gemm_v2.default
+
+
+# --------------------------------------------------------------------------------------------
+# Availability and errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_availability_probes_never_raise():
+    available = hpu.habana_available()
+    assert isinstance(available, bool)
+    if not available:
+        assert hpu.gaudi_e4m3_max() is None
+
+
+def test_missing_hpu_ops_raise_and_leave_graph_unchanged(monkeypatch):
+    monkeypatch.setattr(hpu, "_HPU_NAMESPACE", "fp8fx_test_absent")
+    monkeypatch.setattr(hpu, "habana_available", lambda: False)
+    x = example(torch.float32)
+    gm = traced(Net(MIXED, torch.float32), x)
+    code = gm.code
+    with pytest.raises(QuantizationError) as err:
+        hpu.lower_to_hpu(gm)
+    message = str(err.value)
+    assert "cast_to_fp8_v2" in message and "fp8_gemm_v2" in message
+    assert "habana_frameworks" in message and "'linear'" in message
+    assert gm.code == code and fp8fx_nodes(gm) == 3
+
+
+def test_graph_without_fp8fx_nodes_needs_no_gaudi(monkeypatch):
+    monkeypatch.setattr(hpu, "_HPU_NAMESPACE", "fp8fx_test_absent")
+    gm = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    code = gm.code
+    assert hpu.lower_to_hpu(gm) == 0
+    assert gm.code == code
+
+
+def test_not_a_graph_module():
+    with pytest.raises(QuantizationError, match="GraphModule"):
+        hpu.lower_to_hpu(nn.Linear(2, 2))
+
+
+def test_unknown_input_dtype_needs_out_dtype(device):
+    x = example(torch.float32)
+    model = Net(MIXED, torch.float32)
+    gm = traced(model, x, shape_prop=False)  # symbolic_trace records no dtypes
+    code = gm.code
+    with pytest.raises(QuantizationError, match="out_dtype") as err:
+        hpu.lower_to_hpu(gm)
+    assert "'linear'" in str(err.value)
+    assert gm.code == code and fp8fx_nodes(gm) == 3
+    assert hpu.lower_to_hpu(gm, out_dtype=torch.float32) == 3
+    torch.testing.assert_close(run(gm, [x], device), model(x), rtol=0, atol=0)
+
+
+def test_bad_e4m3_max(device):
+    gm = traced(Net(MIXED, torch.float32), example(torch.float32))
+    with pytest.raises(QuantizationError, match="e4m3_max"):
+        hpu.lower_to_hpu(gm, e4m3_max=1000.0)
+    assert fp8fx_nodes(gm) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Graph structure
+# --------------------------------------------------------------------------------------------
+
+
+def test_counts_and_scale_arguments(device):
+    x = example(torch.bfloat16)
+    model = Net(MIXED, torch.bfloat16)
+    gm = traced(model, x)
+    assert fp8fx_nodes(gm) == 3
+    assert hpu.lower_to_hpu(gm) == 3
+    assert fp8fx_nodes(gm) == 0
+    assert count(gm, cast_op()) == 3 and count(gm, gemm_op()) == 3
+    assert count(gm, operator.getitem) == 3
+    assert count(gm, torch.ops.aten.reciprocal.default) == 0  # folded: scales are attributes
+
+    gemms = [n for n in gm.graph.nodes if n.target == gemm_op()]
+    seen = set()
+    for gemm in gemms:
+        qx, trans_a, w, trans_b, d, out_dtype, a_scale, b_scale, bias, accumulate = gemm.args
+        name = w.target.rsplit(".", 1)[0]
+        seen.add(name)
+        layer = getattr(model, name)
+        assert (trans_a, trans_b, d, out_dtype, accumulate) == (False, True, None,
+                                                                 torch.bfloat16, False)
+        assert w.op == "get_attr" and w.target == f"{name}.weight"
+        # the gemm's *_scale_inv arguments receive the dequant scales s (INC's convention)
+        assert a_scale.op == "get_attr" and a_scale.target == f"{name}.input_scale"
+        assert b_scale.op == "get_attr" and b_scale.target == f"{name}.weight_scale"
+        assert tuple(getattr(gm, name).weight_scale.shape) == (
+            (layer.out_features,) if layer.per_channel else ())
+        assert (bias is None) == (layer.bias is None)
+        if bias is not None:
+            assert bias.target == f"{name}.bias"
+        # the cast receives 1/input_scale (INC's QuantInput passes scale_inv)
+        assert qx.target is operator.getitem and qx.args[1] == 0
+        cast = qx.args[0]
+        assert cast.target == cast_op()
+        _, scale_inv, stochastic, is_amax, fp8_dtype = cast.args
+        assert (stochastic, is_amax, fp8_dtype) == (False, False, E4M3)
+        assert scale_inv.op == "get_attr"
+        folded = getattr(gm, scale_inv.target)
+        assert folded.dtype == torch.float32 and folded.dim() == 0
+        assert folded.item() == 1.0 / layer.input_scale.item()
+    assert seen == {"up", "down", "head"}
+
+
+def test_node_called_with_keywords(device):
+    layer = make_linear(16, 8, per_channel=True, bias=True, dtype=torch.float32, seed=3)
+    graph = fx.Graph()
+    root = nn.Module()
+    root.lin = layer
+    x = graph.placeholder("x")
+    attrs = {n: graph.get_attr(f"lin.{n}") for n in ("weight", "weight_scale", "input_scale",
+                                                    "bias")}
+    y = graph.call_function(
+        torch.ops.fp8fx.linear.default, (x, attrs["weight"]),
+        {"weight_scale": attrs["weight_scale"], "input_scale": attrs["input_scale"],
+         "bias": attrs["bias"], "fp8_max": 448.0})
+    graph.output(y)
+    gm = fx.GraphModule(root, graph)
+    inp = example(torch.float32)
+    expected = gm(inp)
+    assert hpu.lower_to_hpu(gm, out_dtype=torch.float32) == 1
+    assert count(gm, gemm_op()) == 1 and fp8fx_nodes(gm) == 0
+    torch.testing.assert_close(run(gm, [inp], device), expected, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Numerics: the lowered graph reproduces fp8fx's reference op
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_lowered_graph_matches_reference(device, dtype, per_channel, bias):
+    x = example(dtype)
+    model = Net([(per_channel, bias)] * 3, dtype)
+    expected = model(x)
+    gm = traced(model, x)
+    assert hpu.lower_to_hpu(gm) == 3
+    out = run(gm, [x], device)
+    assert out.dtype == dtype
+    # power-of-two scales: 1/s and every scale product are exact, so the results are identical
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_arbitrary_scales_match_closely(device, per_channel):
+    x = example(torch.float32)
+    model = Net([(per_channel, True)] * 3, torch.float32, pow2=False)
+    expected = model(x)
+    gm = traced(model, x)
+    assert hpu.lower_to_hpu(gm) == 3
+    # x * (1/s) may differ from x / s by one float32 ulp, which can move an FP8 rounding
+    assert N.sqnr_db(expected, run(gm, [x], device)) > 40.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_unfused_bias_as_inc(device, dtype):
+    x = example(dtype)
+    model = Net(MIXED, dtype)
+    gm = traced(model, x)
+    assert hpu.lower_to_hpu(gm, fuse_bias=False) == 3
+    adds = [n for n in gm.graph.nodes if n.target == torch.ops.aten.add.Tensor]
+    assert len(adds) == 1 and adds[0].args[1].target == "up.bias"  # only `up` has a bias
+    assert all(n.args[8] is None for n in gm.graph.nodes if n.target == gemm_op())
+    # INC's PatchedLinear: gemm without bias, rounded to the model dtype, then + bias
+    up = model.up
+    y = torch.ops.fp8fx.linear(x, up.weight, up.weight_scale, up.input_scale, None, up.fp8_max)
+    expected_up = y + up.bias
+    up_node = adds[0]
+    graph, env = fx.Graph(), {}
+    for node in gm.graph.nodes:  # a copy of the lowered graph that returns `up`'s output
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node is up_node:
+            graph.output(env[node])
+            break
+    probe = fx.GraphModule(gm, graph)
+    torch.testing.assert_close(run(probe, [x], device), expected_up, rtol=0, atol=0)
+    if dtype == torch.float32:  # fp32: the extra rounding is a no-op, the model output is exact
+        torch.testing.assert_close(run(gm, [x], device), model(x), rtol=0, atol=0)
+
+
+def test_dynamo_graph(device):
+    x = example(torch.bfloat16)
+    model = Net(MIXED, torch.bfloat16)
+    expected = model(x)
+    gm, inputs = dynamo_graph(model, x)
+    assert fp8fx_nodes(gm) == 3
+    assert hpu.lower_to_hpu(gm) == 3
+    assert fp8fx_nodes(gm) == 0 and count(gm, gemm_op()) == 3 and count(gm, cast_op()) == 3
+    # dynamo passes the scales as graph inputs: 1/s is computed in the graph
+    recips = [n for n in gm.graph.nodes if n.target == torch.ops.aten.reciprocal.default]
+    assert len(recips) == 3 and all(r.args[0].op == "placeholder" for r in recips)
+    for gemm in (n for n in gm.graph.nodes if n.target == gemm_op()):
+        cast = gemm.args[0].args[0]
+        assert cast.args[1].target == torch.ops.aten.reciprocal.default
+        assert cast.args[1].args[0] is gemm.args[6]  # same input scale, inverted for the cast
+        assert gemm.args[5] == torch.bfloat16
+    torch.testing.assert_close(run(gm, inputs, device), expected, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Gaudi2 (E4M3 saturates at ±240) vs Gaudi3 (±448)
+# --------------------------------------------------------------------------------------------
+
+
+def test_gaudi2_requantizes_448_weights(gaudi2, device):
+    x = example(torch.float32)
+    model = Net(MIXED, torch.float32, fp8_max=448.0)
+    expected = model(x)
+    gm = traced(model, x)
+    assert hpu.lower_to_hpu(gm, e4m3_max=240.0) == 3
+    requantized = copy.deepcopy(model)  # fp8fx reference with the requantized weights
+    for gemm in (n for n in gm.graph.nodes if n.target == gemm_op()):
+        w, s = gemm.args[2], gemm.args[7]
+        name = gemm.args[6].target.rsplit(".", 1)[0]
+        layer = getattr(model, name)
+        new_w, new_s = getattr(gm, w.target), getattr(gm, s.target)
+        assert w.target != f"{name}.weight" and new_w.dtype == E4M3
+        assert new_w.float().abs().max().item() <= 240.0
+        torch.testing.assert_close(new_s, layer.weight_scale * (448.0 / 240.0), rtol=0, atol=0)
+        torch.testing.assert_close(  # codes scaled by 240/448, rounded to nearest
+            new_w.float(), (layer.weight.float() * (240.0 / 448.0)).to(E4M3).float())
+        assert gemm.args[6].target == f"{name}.input_scale"  # activation scale kept, as INC
+        ref_layer = getattr(requantized, name)
+        ref_layer.weight.data, ref_layer.weight_scale = new_w, new_s
+        ref_layer.fp8_max = 240.0
+    # the original FP8 weights are no longer read by the graph
+    targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    assert not {"up.weight", "down.weight", "head.weight"} & targets
+    out = run(gm, [x], device)
+    torch.testing.assert_close(out, requantized(x), rtol=0, atol=0)
+    # one extra FP8 rounding of every weight (about 31 dB each), compounded over three layers
+    assert N.sqnr_db(expected, out) > 15.0
+
+
+def test_gaudi2_cannot_requantize_graph_inputs(device):
+    x = example(torch.float32)
+    gm, _ = dynamo_graph(Net(MIXED, torch.float32, fp8_max=448.0), x)
+    code = gm.code
+    with pytest.raises(QuantizationError, match="Gaudi2"):
+        hpu.lower_to_hpu(gm, e4m3_max=240.0)
+    assert gm.code == code and fp8fx_nodes(gm) == 3
+
+
+def test_gaudi2_model_on_gaudi3_is_lowered_as_is(device):
+    x = example(torch.bfloat16)
+    model = Net(MIXED, torch.bfloat16, fp8_max=240.0)
+    gm = traced(model, x)
+    assert hpu.lower_to_hpu(gm, e4m3_max=448.0) == 3
+    weights = {n.args[2].target for n in gm.graph.nodes if n.target == gemm_op()}
+    assert weights == {"up.weight", "down.weight", "head.weight"}  # not requantized
+    # identical while activations stay within the calibrated range (|x / s| <= 240)
+    torch.testing.assert_close(run(gm, [x], device), model(x), rtol=0, atol=0)
+    if device == "cpu":  # beyond it, the (emulated Gaudi3) cast saturates at 448, not at 240
+        big = x * 4
+        assert not torch.equal(run(gm, [big], device), model(big))
+
+
+def test_reference_ops_follow_documented_semantics(device):
+    if device != "cpu":
+        pytest.skip("checks the reference kernels registered without a Gaudi")
+    x = torch.tensor([1.0, -300.0, 1000.0, 0.3])
+    q, amax = torch.ops.hpu.cast_to_fp8_v2(x, torch.tensor(0.5), False, True, E4M3)
+    assert q.dtype == E4M3 and q.float().tolist() == [0.5, -144.0, 448.0, 0.15625]
+    assert amax.item() == 1000.0
+    a = torch.randn(3, 4).to(E4M3)
+    b = torch.randn(5, 4).to(E4M3)
+    s_b = torch.tensor([1.0, 2.0, 4.0, 8.0, 0.5])
+    y = torch.ops.hpu.fp8_gemm_v2(a, False, b, True, None, torch.float32, torch.tensor(0.25), s_b,
+                                  torch.ones(5), False)
+    torch.testing.assert_close(y, a.float() @ b.float().t() * 0.25 * s_b + 1)
+    z = torch.ops.hpu.cast_from_fp8(q, torch.tensor(2.0), torch.bfloat16)
+    assert z.dtype == torch.bfloat16 and z.float().tolist() == [1.0, -288.0, 896.0, 0.3125]
