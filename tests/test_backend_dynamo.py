@@ -137,3 +137,30 @@ def test_cache_digest_covers_config_and_scales():
     assert d != fp8fx_dynamo._digest(cfg, [q2])
     assert d != fp8fx_dynamo._digest(cfg.replace(input_backoff=0.25), [q])
     assert fp8fx_dynamo._cache_pass(d).uuid() == "fp8fx-" + d
+
+
+def test_quantize_through_compile_with_inductor_matches_eager(tmp_path):
+    model, _ = _pair()
+    cm = _calibrate_compiled(tmp_path, model)
+    fp8fx.finalize_calibration(cm)
+    qcfg = {"mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m")}
+    fresh, eager = _pair()
+    fresh.load_state_dict(model.state_dict())
+    eager.load_state_dict(model.state_dict())
+    cq = torch.compile(fresh, backend="fp8fx", options={"config": qcfg})  # Inductor
+    x = torch.randn(7, 32)
+    fp8fx.convert(eager, fp8fx.FP8Config(**qcfg), x)
+    with torch.no_grad():
+        torch.testing.assert_close(cq(x), eager(x), rtol=1e-5, atol=1e-6)
+
+
+def test_quantize_graph_refuses_another_models_parameters(tmp_path):
+    model, other = _pair()
+    cm = _calibrate_compiled(tmp_path, model)
+    fp8fx.finalize_calibration(cm)
+    qcfg = {"mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m")}
+    fn = torch.compile(lambda m, x: m(x), backend="fp8fx", options={"config": qcfg, "inductor": False})
+    with torch.no_grad():
+        fn(model, torch.randn(3, 32))
+        with pytest.raises(Exception, match="torch._dynamo.reset"):
+            fn(other, torch.randn(3, 32))  # same shapes and dtypes: dynamo would reuse the graph

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -36,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..capture import CapturedGraph
 from ..config import FP8Config, Mode
-from ..errors import ConfigError
+from ..errors import ConfigError, QuantizationError
 from ..formats.inc import Measurements
 from ..passes.annotate import annotate
 from ..passes.match import Match, find_matches
@@ -165,12 +166,35 @@ def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
         from .hpu import lower_to_hpu
 
         lower_to_hpu(gm)
-        return gm
+        return _bound_to_parameters(gm, example_inputs)
     if not opts["inductor"]:
-        return gm
+        return _bound_to_parameters(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
     from .inductor import register_lowering
 
     register_lowering()
-    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": _cache_pass(_digest(cfg, quants))})
+    compiled = compile_fx(gm, example_inputs,
+                          config_patches={"post_grad_custom_post_pass": _cache_pass(_digest(cfg, quants))})
+    return _bound_to_parameters(compiled, example_inputs)
+
+
+def _bound_to_parameters(fn: Callable, example_inputs: list[Any]) -> Callable:
+    """Refuse to run a QUANTIZE graph on parameters other than the ones it was built from.
+
+    The graph holds FP8 copies of these parameters, but dynamo guards parameters by shape and
+    dtype only (and matches backends by object id), so it can serve this graph to another
+    instance of the same model class: that would silently compute with the wrong weights.
+    """
+    checks = [(i, weakref.ref(t)) for i, t in enumerate(example_inputs) if isinstance(t, nn.Parameter)]
+
+    def run(*args: Any) -> Any:
+        for i, ref in checks:
+            if args[i] is not ref():
+                raise QuantizationError(
+                    "dynamo reused an fp8fx QUANTIZE graph for different parameters (another model "
+                    "instance of the same class): its FP8 weights belong to the first model. Call "
+                    "torch._dynamo.reset() before compiling the other model.")
+        return fn(*args)
+
+    return run
