@@ -128,13 +128,19 @@ def test_prepare_keeps_generate_working(tmp_path, llama_pair):
     assert model._fp8fx.observers["model.layers.0.mlp.up_proj"].calls >= 3  # prefill + decodes
 
 
-def test_second_process_convert_matches_in_process(tmp_path, llama_pair):
-    model, fresh = llama_pair
+def _measure_and_convert(tmp_path, model) -> fp8fx.FP8Config:
+    """Calibrate ``model``, write its files and convert it in process; returns the MEASURE config."""
     cfg = measure_cfg(tmp_path)
     fp8fx.prepare(model, cfg)
     calibrate(model)
     fp8fx.finalize_calibration(model)
     fp8fx.convert(model)
+    return cfg
+
+
+def test_second_process_convert_matches_in_process(tmp_path, llama_pair):
+    model, fresh = llama_pair
+    cfg = _measure_and_convert(tmp_path, model)
     qcfg = cfg.replace(mode="QUANTIZE")
     ids = torch.randint(0, 128, (2, 9))
     fp8fx.convert(fresh, qcfg, example_kwargs={"input_ids": ids})
@@ -144,11 +150,7 @@ def test_second_process_convert_matches_in_process(tmp_path, llama_pair):
 
 def test_convert_on_first_call_and_quant_config_env(tmp_path, monkeypatch, llama_pair):
     model, fresh = llama_pair
-    cfg = measure_cfg(tmp_path)
-    fp8fx.prepare(model, cfg)
-    calibrate(model)
-    fp8fx.finalize_calibration(model)
-    fp8fx.convert(model)
+    cfg = _measure_and_convert(tmp_path, model)
     qjson = tmp_path / "quant.json"
     cfg.replace(mode="QUANTIZE").to_json_file(qjson)
     monkeypatch.setenv("QUANT_CONFIG", str(qjson))
@@ -196,24 +198,14 @@ def test_convert_without_measurements_names_the_file(tmp_path):
 
 
 def test_measurements_missing_a_node(tmp_path):
-    model = TwoLinear()
-    cfg = fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m"), blocklist={"names": ["fc2"]})
-    fp8fx.prepare(model, cfg)
-    with torch.no_grad():
-        model(torch.randn(4, 32))
-    fp8fx.finalize_calibration(model)
+    fp8fx.finalize_calibration(_calibrated_two_linear(tmp_path, blocklist={"names": ["fc2"]}))
     qcfg = fp8fx.FP8Config(mode="QUANTIZE", dump_stats_path=str(tmp_path / "m"))
     with pytest.raises(MeasurementError, match="lack 1 node.*fc2"):
         fp8fx.convert(TwoLinear(), qcfg, torch.randn(2, 32))
 
 
 def test_ignore_modules_without_measures(tmp_path):
-    model = TwoLinear()
-    cfg = fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m"), blocklist={"names": ["fc2"]})
-    fp8fx.prepare(model, cfg)
-    with torch.no_grad():
-        model(torch.randn(4, 32))
-    fp8fx.finalize_calibration(model)
+    fp8fx.finalize_calibration(_calibrated_two_linear(tmp_path, blocklist={"names": ["fc2"]}))
     qcfg = fp8fx.FP8Config(mode="QUANTIZE", dump_stats_path=str(tmp_path / "m"), ignore_modules_wo_measures=True)
     fresh = fp8fx.convert(TwoLinear(), qcfg, torch.randn(2, 32))
     assert isinstance(fresh.fc1, Fp8Linear) and not isinstance(fresh.fc2, Fp8Linear)

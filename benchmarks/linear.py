@@ -1,0 +1,668 @@
+"""Benchmark FP8-weight Linear implementations against the bf16 ``F.linear`` baseline.
+
+Shapes: Llama-3-8B's Linears (``K x N`` = in x out: 4096x4096 q/o, 4096x14336 gate/up,
+14336x4096 down) at ``M`` = 1 (decode), 16, 256, 2048 tokens. Each candidate computes bf16
+``y[M, N]`` from bf16 ``x[M, K]`` and an ``float8_e4m3fn`` weight ``[N, K]`` with per-tensor
+scales (``x ≈ q * s``); the ``bf16`` baseline multiplies the original bf16 weight. CPU candidates
+(``+qdq``: after the activation quantize-dequantize that ``fp8fx::linear`` computes):
+
+- ``reference``: ``torch.ops.fp8fx.linear`` as ``fp8fx.ops`` registers it (fp32 emulation);
+- ``scaled_mm``: static activation quantization + ``torch._scaled_mm`` (per-tensor scales);
+- ``deq_native[+qdq]``: ``F.linear(x, w.to(bf16) * s_w)``, the native cast;
+- ``deq_lut``: a 256-entry table of bf16 bit patterns indexed by the weight's bytes;
+- ``deq_bits[+qdq]``: integer bit manipulation (below) into reused int16 scratch buffers;
+  ``deq_bits_finite`` skips the NaN fix-up (weight checked NaN-free once, at build);
+  ``deq_bits_alloc`` uses fresh tensors per call (the allocator's cost: page faults);
+- ``inductor_deq[+qdq]``: ``torch.compile`` (Inductor, ``dynamic=False``) of ``deq_native``;
+- ``inductor_gemv+qdq`` (M=1): ``torch.compile`` of ``(qdq(x) * w.float()).sum(-1) * s_w``,
+  which Inductor fuses into one reduction reading the FP8 bytes (no bf16 weight temporary).
+
+E4M3 -> bf16 by bits: code ``s.eeee.mmm`` becomes the bf16 pattern ``s.0000eeee.mmm0000``
+(sign-extend to int16, shift left 4, mask ``0x87F0``), which reads as the E4M3 value times
+``2**-120`` for normal *and* subnormal codes, so one multiply by ``scale * 2**120`` restores
+the value and applies the scale. NaN codes (``0x7F``/``0xFF``, the only ones whose magnitude
+bits reach ``0x07F0``) get an all-ones exponent by integer ops: the result is bit-exact against
+``.to(torch.bfloat16)`` over all 256 codes (checked every run, reported in the summary) as long
+as subnormals are not flushed (``torch.set_flush_denormal(False)``, the default).
+
+A row reports per candidate the median time per call (candidates timed round-robin, see
+"timing"), the ratio to ``bf16``, the error against ``reference`` (max abs difference over max
+abs of its output), the stored weight's bytes, the bytes of the weight-sized temporaries a
+call materializes (``None`` where hidden), Inductor's first-call time (``compile_s``) and the
+share of CPU time other processes took meanwhile (``other_cpu_share``; rows are re-run while it
+exceeds ``--max-contention``).
+
+CUDA (only when ``torch.cuda.is_available()``; nothing touches CUDA otherwise): ``bf16``,
+``reference``, ``deq_native+qdq``, ``scaled_mm`` with e4m3 operands and the weight passed as
+``w.t()``, the column-major ``[K, N]`` view ``_scaled_mm`` requires (with and without the
+activation quantization), and torchao's float8 configs when torchao imports; CUDA events.
+
+Output: one JSON object per row (``"kind": "row"``), a summary object, then markdown tables.
+Nothing is asserted: benchmarks measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+SHAPES: dict[str, tuple[int, int]] = {  # name -> (K, N)
+    "4096x4096": (4096, 4096),
+    "4096x14336": (4096, 14336),
+    "14336x4096": (14336, 4096),
+}
+SMALL_SHAPES = ("4096x4096",)
+DEFAULT_M = (1, 16, 256, 2048)
+_BF16_MASK = -30736  # 0x87F0 as int16: sign bit, 4 exponent bits at 10..7, 3 mantissa at 6..4
+_TWO_POW_120 = 2.0 ** 120
+
+
+# ---------------------------------------------------------------- numerics (pure functions)
+
+def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-tensor E4M3 weight quantization: ``(q, scale)`` with ``w ≈ q * scale``."""
+    scale = (w.float().abs().amax() / FP8_MAX).clamp_min(1e-12)
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def qdq_activation(x: Tensor, scale: Tensor) -> Tensor:
+    """Quantize ``x`` to E4M3 at a static scale and dequantize back to bf16."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).to(torch.bfloat16) * scale
+
+
+def bf16_table() -> Tensor:
+    """bf16 bit patterns (int16) of the 256 E4M3 codes, indexed by the code's byte."""
+    return torch.arange(256, dtype=torch.uint8).view(FP8).to(torch.bfloat16).view(torch.int16)
+
+
+def e4m3_to_bf16_lut(w: Tensor, table: Tensor, index: Optional[Tensor] = None,
+                     out: Optional[Tensor] = None) -> Tensor:
+    """Table lookup; ``index`` (int32) and ``out`` (int16) are optional reusable buffers."""
+    index = torch.empty(w.shape, dtype=torch.int32) if index is None else index
+    out = torch.empty(w.shape, dtype=torch.int16) if out is None else out
+    index.copy_(w.view(torch.uint8))
+    torch.index_select(table, 0, index.view(-1), out=out.view(-1))
+    return out.view(torch.bfloat16)
+
+
+def e4m3_to_bf16_bits(w: Tensor, scale: Tensor | float = 1.0, out: Optional[Tensor] = None,
+                      tmp: Optional[Tensor] = None, nan_codes: bool = True) -> Tensor:
+    """``w.to(bf16) * scale`` by integer ops (see the module docstring); bit-exact.
+
+    ``out`` and ``tmp`` are optional int16 buffers of ``w``'s shape, reused across calls;
+    the result is a bf16 view of ``out``. ``scale`` is a number, a 0-d tensor or an ``[N]``
+    per-output-channel tensor. ``nan_codes=False`` skips the NaN fix-up (4 of the 9 passes):
+    exact for weights known, once at load, to hold no NaN code (``0x7F``/``0xFF``).
+    """
+    t = torch.empty(w.shape, dtype=torch.int16) if out is None else out
+    t.copy_(w.view(torch.int8))  # sign-extend s.eeee.mmm to 16 bits
+    t.bitwise_left_shift_(4).bitwise_and_(_BF16_MASK)
+    if nan_codes:
+        nan = torch.bitwise_and(t, 0x7FFF, out=tmp) if tmp is not None else t & 0x7FFF
+        nan.add_(0x10).bitwise_and_(0x0800).mul_(15)  # 0x7800 where |bits| == 0x07F0 (NaN)
+        t.bitwise_or_(nan)
+    if isinstance(scale, Tensor) and scale.dim() > 0:
+        scale = scale.reshape(-1, 1)
+    return t.view(torch.bfloat16).mul_(scale * _TWO_POW_120)
+
+
+def check_conversions() -> dict[str, bool]:
+    """Bit-exactness of the fast conversions against the native cast over all 256 codes."""
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8)
+    ref = codes.to(torch.bfloat16)
+
+    def same(got: Tensor) -> bool:
+        eq = (got.view(torch.int16) == ref.view(torch.int16)) | (got.isnan() & ref.isnan())
+        return bool(eq.all())
+
+    return {"lut_bit_exact_256": same(e4m3_to_bf16_lut(codes, bf16_table())),
+            "bits_bit_exact_256": same(e4m3_to_bf16_bits(codes))}
+
+
+# ---------------------------------------------------------------- candidates
+
+@dataclass
+class Case:
+    """Inputs of one (shape, M) row; built once, shared by every candidate."""
+    M: int
+    K: int
+    N: int
+    device: str
+    x: Tensor
+    w_bf16: Tensor
+    w_fp8: Tensor
+    w_scale: Tensor
+    x_scale: Tensor
+    notes: dict[str, Any] = field(default_factory=dict)  # copied into the row
+
+
+def make_case(K: int, N: int, M: int, device: str, seed: int = 0) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(N, K, generator=g) * 0.02).to(torch.bfloat16)
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    w_fp8, w_scale = quantize_weight(w)
+    x_scale = (x.float().abs().amax() / FP8_MAX).clamp_min(1e-12)
+    return Case(M, K, N, device, x.to(device), w.to(device), w_fp8.to(device),
+                w_scale.to(device), x_scale.to(device))
+
+
+def _reference(c: Case) -> Callable[[], Tensor]:
+    import fp8fx.ops  # noqa: F401  (registers torch.ops.fp8fx.linear)
+    op = torch.ops.fp8fx.linear
+    return lambda: op(c.x, c.w_fp8, c.w_scale, c.x_scale, None, FP8_MAX)
+
+
+def _quantize_x(c: Case) -> Tensor:
+    return (c.x.float() / c.x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def _scaled_mm(c: Case) -> Callable[[], Tensor]:
+    # CPU accepts either layout of mat2, any M/K/N, fp32 scales (0-d or rowwise) and
+    # e4m3/e5m2 operands; mat1/mat2 must be 2-D and out_dtype defaults to mat1's FP8 dtype.
+    return lambda: torch._scaled_mm(_quantize_x(c), c.w_fp8.t(), scale_a=c.x_scale,
+                                    scale_b=c.w_scale, out_dtype=torch.bfloat16)
+
+
+def _deq_native(qdq: bool) -> Callable[[Case], Callable[[], Tensor]]:
+    def build(c: Case) -> Callable[[], Tensor]:
+        def fn() -> Tensor:
+            x = qdq_activation(c.x, c.x_scale) if qdq else c.x
+            return F.linear(x, c.w_fp8.to(torch.bfloat16) * c.w_scale)
+        return fn
+    return build
+
+
+def _deq_lut(c: Case) -> Callable[[], Tensor]:
+    table = bf16_table()
+    index = torch.empty(c.w_fp8.shape, dtype=torch.int32)
+    out = torch.empty(c.w_fp8.shape, dtype=torch.int16)
+
+    def fn() -> Tensor:
+        w = e4m3_to_bf16_lut(c.w_fp8, table, index, out).mul_(c.w_scale)
+        return F.linear(c.x, w)
+    return fn
+
+
+def _deq_bits(qdq: bool, reuse: bool, nan_codes: bool = True
+              ) -> Callable[[Case], Callable[[], Tensor]]:
+    def build(c: Case) -> Callable[[], Tensor]:
+        out = tmp = None
+        if not nan_codes and bool((c.w_fp8.view(torch.uint8) & 0x7F).eq(0x7F).any()):
+            raise ValueError("weight holds NaN codes; deq_bits_finite needs a NaN-free weight")
+        if reuse:
+            out = torch.empty(c.w_fp8.shape, dtype=torch.int16)
+            tmp = torch.empty(c.w_fp8.shape, dtype=torch.int16) if nan_codes else None
+
+        def fn() -> Tensor:
+            x = qdq_activation(c.x, c.x_scale) if qdq else c.x
+            return F.linear(x, e4m3_to_bf16_bits(c.w_fp8, c.w_scale, out, tmp, nan_codes))
+        return fn
+    return build
+
+
+def _inductor_deq(x: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
+    return F.linear(x, w.to(torch.bfloat16) * w_scale)
+
+
+def _inductor_deq_qdq(x: Tensor, w: Tensor, w_scale: Tensor, x_scale: Tensor) -> Tensor:
+    return F.linear(qdq_activation(x, x_scale), w.to(torch.bfloat16) * w_scale)
+
+
+def _inductor_gemv_qdq(x: Tensor, w: Tensor, w_scale: Tensor, x_scale: Tensor) -> Tensor:
+    xq = qdq_activation(x, x_scale).float()
+    return ((xq[:, None, :] * w.float()).sum(-1) * w_scale).to(torch.bfloat16)
+
+
+def _compiled(fn: Callable[..., Tensor], with_x_scale: bool) -> Callable[[Case], Callable]:
+    def build(c: Case) -> Callable[[], Tensor]:
+        compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+        args = (c.x, c.w_fp8, c.w_scale) + ((c.x_scale,) if with_x_scale else ())
+        return lambda: compiled(*args)
+    return build
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    build: Callable[[Case], Callable[[], Tensor]]
+    fp8_weight: bool = True
+    temp_bytes_per_elem: Optional[int] = None  # largest weight-sized temporary, bytes/element
+    compiled: bool = False
+    max_m: Optional[int] = None
+
+
+CPU_CANDIDATES: tuple[Candidate, ...] = (
+    Candidate("bf16", lambda c: (lambda: F.linear(c.x, c.w_bf16)), False, 0),
+    Candidate("reference", _reference, temp_bytes_per_elem=4),
+    Candidate("scaled_mm", _scaled_mm),
+    Candidate("deq_native", _deq_native(False), temp_bytes_per_elem=2),
+    Candidate("deq_native+qdq", _deq_native(True), temp_bytes_per_elem=2),
+    Candidate("deq_lut", _deq_lut, temp_bytes_per_elem=6),
+    Candidate("deq_bits", _deq_bits(False, True), temp_bytes_per_elem=4),
+    Candidate("deq_bits_finite", _deq_bits(False, True, False), temp_bytes_per_elem=2),
+    Candidate("deq_bits_alloc", _deq_bits(False, False), temp_bytes_per_elem=4),
+    Candidate("deq_bits+qdq", _deq_bits(True, True), temp_bytes_per_elem=4),
+    Candidate("inductor_deq", _compiled(_inductor_deq, False), temp_bytes_per_elem=2,
+              compiled=True),
+    Candidate("inductor_deq+qdq", _compiled(_inductor_deq_qdq, True), temp_bytes_per_elem=2,
+              compiled=True),
+    Candidate("inductor_gemv+qdq", _compiled(_inductor_gemv_qdq, True), temp_bytes_per_elem=0,
+              compiled=True, max_m=1),
+)
+
+
+# ---------------------------------------------------------------- timing
+#
+# Candidates of one row are timed round-robin (one call of each, then the next round), so a
+# machine whose load changes during the run slows every candidate of a row alike and the
+# ratios to bf16 stay meaningful. A row stops after ``--repeats`` rounds, or after at least 3
+# rounds once ``--budget`` seconds per candidate have passed.
+
+class CpuSampler:
+    """Wall-clock time of one call, in ms."""
+
+    def calibrate(self, fn: Callable[[], Any]) -> int:
+        return 1
+
+    def sample(self, fn: Callable[[], Any], inner: int) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+class CudaSampler:
+    """CUDA-event time per call, in ms, over ``inner`` back-to-back calls (~1 ms a sample)."""
+
+    def __init__(self) -> None:
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.end = torch.cuda.Event(enable_timing=True)
+
+    def calibrate(self, fn: Callable[[], Any]) -> int:
+        return max(1, min(100, int(1.0 / max(self.sample(fn, 1), 1e-3))))
+
+    def sample(self, fn: Callable[[], Any], inner: int) -> float:
+        torch.cuda.synchronize()
+        self.start.record()
+        for _ in range(inner):
+            fn()
+        self.end.record()
+        torch.cuda.synchronize()
+        return self.start.elapsed_time(self.end) / inner
+
+
+def _rel_err(y: Tensor, ref: Optional[Tensor]) -> Optional[float]:
+    if ref is None:
+        return None
+    ref32 = ref.float()
+    return float((y.float() - ref32).abs().amax() / ref32.abs().amax().clamp_min(1e-30))
+
+
+def run_row(cands: tuple[Candidate, ...], shape: str, M: int, args: argparse.Namespace,
+            sampler: CpuSampler | CudaSampler, device: str) -> list[dict]:
+    K, N = SHAPES[shape]
+    c = make_case(K, N, M, device)
+    torch._dynamo.reset()  # fresh compiled graphs per row: no recompile-limit fallbacks
+    rows: list[dict] = []
+    live: list[tuple[dict, Callable[[], Tensor], int]] = []  # (row, fn, inner calls/sample)
+    ref_out: Optional[Tensor] = None
+    order = sorted(cands, key=lambda cd: cd.name != "reference")  # its output is the yardstick
+    for cand in order:
+        if cand.name not in args.candidates_set or (cand.max_m is not None and M > cand.max_m):
+            continue
+        row: dict[str, Any] = {"kind": "row", "device": device, "shape": shape, "K": K, "N": N,
+                               "M": M, "candidate": cand.name,
+                               "weight_bytes": K * N * (1 if cand.fp8_weight else 2),
+                               "temp_bytes": (None if cand.temp_bytes_per_elem is None
+                                              else K * N * cand.temp_bytes_per_elem)}
+        try:
+            fn = cand.build(c)
+            t0 = time.perf_counter()
+            y = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if cand.compiled:
+                row["compile_s"] = round(time.perf_counter() - t0, 3)
+            if cand.name == "reference":
+                ref_out = y
+            row["rel_err_vs_reference"] = _rel_err(y, ref_out)
+            for _ in range(args.warmup):
+                fn()
+            live.append((row, fn, sampler.calibrate(fn)))
+        except Exception as exc:  # a candidate that cannot run is a result, not a crash
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        row.update(c.notes)
+        c.notes.clear()
+        rows.append(row)
+    times: dict[int, list[float]] = {id(r): [] for r, _, _ in live}
+    start = time.perf_counter()
+    for rnd in range(args.repeats):
+        for row, fn, inner in live:
+            try:
+                times[id(row)].append(sampler.sample(fn, inner))
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        live = [e for e in live if "error" not in e[0]]
+        if rnd >= 2 and time.perf_counter() - start > args.budget * max(len(live), 1):
+            break
+    for row in rows:
+        if "error" not in row and times.get(id(row)):
+            row.update(median_ms=round(statistics.median(times[id(row)]), 4),
+                       repeats=len(times[id(row)]))
+    rank = {cd.name: i for i, cd in enumerate(cands)}
+    rows.sort(key=lambda r: rank[r["candidate"]])
+    base = next((r.get("median_ms") for r in rows if r["candidate"] == "bf16"), None)
+    for r in rows:
+        if base and r.get("median_ms") is not None:
+            r["vs_bf16"] = round(r["median_ms"] / base, 3)
+    return rows
+
+
+def other_cpu_s() -> float:
+    busy, own = cpu_seconds()
+    return busy - own
+
+
+def wait_for_quiet(max_wait_s: float, share: float) -> None:
+    """Return once other processes use at most ``share`` of the CPUs for 2 s, or on timeout."""
+    deadline = time.monotonic() + max_wait_s
+    while time.monotonic() < deadline:
+        o0 = other_cpu_s()
+        time.sleep(2.0)
+        if (other_cpu_s() - o0) / (2.0 * (os.cpu_count() or 1)) <= share:
+            return
+
+
+def run_row_checked(cands: tuple[Candidate, ...], shape: str, M: int,
+                    args: argparse.Namespace, sampler: CpuSampler | CudaSampler,
+                    device: str) -> list[dict]:
+    """``run_row``, repeated (up to ``--retries`` times) while other processes took more
+    than ``--max-contention`` of the machine's CPU time; the share is kept in each row."""
+    for attempt in range(args.retries + 1):
+        if args.quiet_wait > 0:
+            wait_for_quiet(args.quiet_wait, args.max_contention)
+        o0, t0 = other_cpu_s(), time.perf_counter()
+        rows = run_row(cands, shape, M, args, sampler, device)
+        share = (other_cpu_s() - o0) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
+        if share <= args.max_contention:
+            break
+    for r in rows:
+        r.update(other_cpu_share=round(share, 3), attempts=attempt + 1)
+    return rows
+
+
+# ---------------------------------------------------------------- CUDA (only when available)
+
+def _cuda_scaled_mm(quantize: bool) -> Callable[[Case], Callable[[], Tensor]]:
+    def build(c: Case) -> Callable[[], Tensor]:
+        # mat1 row-major [M, K]; mat2 column-major [K, N] (the .t() of the row-major [N, K]
+        # weight); K and N multiples of 16; fp32 scales. Some builds also want M % 16 == 0:
+        # a failing M is retried zero-padded to a multiple of 16, and the row says so.
+        w_t = c.w_fp8.t()
+
+        def call(q: Tensor) -> Tensor:
+            return torch._scaled_mm(q, w_t, scale_a=c.x_scale, scale_b=c.w_scale,
+                                    out_dtype=torch.bfloat16)
+        try:
+            call(_quantize_x(c))
+            zeros = None
+        except RuntimeError:
+            if c.M % 16 == 0:
+                raise
+            zeros = torch.zeros(-c.M % 16, c.K, device=c.device).to(FP8)
+            c.notes["padded_m"] = c.M + zeros.shape[0]
+
+        def quantized() -> Tensor:
+            q = _quantize_x(c)
+            return q if zeros is None else torch.cat([q, zeros])
+        if quantize:
+            return lambda: call(quantized())[:c.M]
+        qx = quantized()
+        return lambda: call(qx)[:c.M]
+    return build
+
+
+def _torchao(config_name: str) -> Callable[[Case], Callable[[], Tensor]]:
+    def build(c: Case) -> Callable[[], Tensor]:
+        import torchao.quantization as tq  # optional; its absence is recorded as an error
+        cfg_cls = getattr(tq, config_name)
+        kwargs: dict[str, Any] = {}
+        if config_name.startswith("Float8DynamicActivation"):
+            kwargs["granularity"] = tq.PerTensor()
+        with torch.inference_mode(False), torch.no_grad():  # quantize_ swaps real parameters
+            lin = torch.nn.Linear(c.K, c.N, bias=False, device="cuda", dtype=torch.bfloat16)
+            lin.weight.copy_(c.w_bf16)
+            model = torch.nn.Sequential(lin)
+            tq.quantize_(model, cfg_cls(**kwargs))
+        return lambda: model(c.x)
+    return build
+
+
+def cuda_candidates() -> tuple[Candidate, ...]:
+    return (
+        Candidate("bf16", lambda c: (lambda: F.linear(c.x, c.w_bf16)), False, 0),
+        Candidate("reference", _reference, temp_bytes_per_elem=4),
+        Candidate("deq_native+qdq", _deq_native(True), temp_bytes_per_elem=2),
+        Candidate("scaled_mm", _cuda_scaled_mm(True)),
+        Candidate("scaled_mm_prequant", _cuda_scaled_mm(False)),
+        Candidate("torchao_f8dyn_pertensor",
+                  _torchao("Float8DynamicActivationFloat8WeightConfig")),
+        Candidate("torchao_f8_weight_only", _torchao("Float8WeightOnlyConfig")),
+    )
+
+
+# ---------------------------------------------------------------- reporting
+
+def cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process), Linux only.
+
+    Their difference over a run is the CPU time other processes took from the benchmark; a
+    value near zero means the numbers were measured on a quiet machine.
+    """
+    import resource
+
+    own = sum(getattr(resource.getrusage(who), f) for who in
+              (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
+    try:
+        with open("/proc/stat", encoding="utf-8") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        busy = float("nan")
+    return busy, own
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores_available": len(os.sched_getaffinity(0)),
+                            "threads": torch.get_num_threads(), "torch": torch.__version__,
+                            "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _fmt_cell(r: Optional[dict]) -> str:
+    if r is None:
+        return "-"
+    if "error" in r:
+        return "error"
+    ms = r["median_ms"]
+    txt = f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+    return f"{txt} ({r['vs_bf16']:.2f}x)" if "vs_bf16" in r else txt
+
+
+def _mb(nbytes: Optional[int]) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:.0f}"
+
+
+def tables(rows: list[dict]) -> str:
+    """Markdown: median ms (ratio to bf16) per row and candidate, then per-candidate notes."""
+    out: list[str] = []
+    for device in dict.fromkeys(r["device"] for r in rows):
+        drows = [r for r in rows if r["device"] == device]
+        names = list(dict.fromkeys(r["candidate"] for r in drows))
+        keys = list(dict.fromkeys((r["shape"], r["M"]) for r in drows))
+        out.append(f"\n{device}: median ms per call (ratio to bf16)\n")
+        out.append("| K x N | M | " + " | ".join(names) + " | other CPU |")
+        out.append("|---|---:|" + "---:|" * (len(names) + 1))
+        for shape, m in keys:
+            cells = [_fmt_cell(next((r for r in drows if r["shape"] == shape and r["M"] == m
+                                     and r["candidate"] == n), None)) for n in names]
+            share = next(r.get("other_cpu_share") for r in drows
+                         if r["shape"] == shape and r["M"] == m)
+            out.append(f"| {shape} | {m} | " + " | ".join(cells) + f" | {share:.0%} |")
+        out.append(f"\n{device}: per candidate (4096x4096 bytes; max over rows)\n")
+        out.append("| candidate | weight MB | temp MB | rel err vs reference | compile s |")
+        out.append("|---|---:|---:|---:|---:|")
+        for n in names:
+            rs = [r for r in drows if r["candidate"] == n]
+            ok = [r for r in rs if "error" not in r]
+            sq = next((r for r in rs if r["K"] == r["N"] == 4096), None)
+            errs = [r["rel_err_vs_reference"] for r in ok
+                    if r.get("rel_err_vs_reference") is not None]
+            comp = [r["compile_s"] for r in ok if "compile_s" in r]
+            cells = [_mb(sq and sq["weight_bytes"]), _mb(sq and sq["temp_bytes"]),
+                     f"{max(errs):.2e}" if errs else "-", f"{max(comp):.1f}" if comp else "-"]
+            out.append(f"| {n} | " + " | ".join(cells) + " |")
+            for e in sorted({r["error"] for r in rs if "error" in r}):
+                out.append(f"| {n} error: {e} | | | | |")
+    return "\n".join(out)
+
+
+def summary(rows: list[dict], extra: dict[str, Any], args: argparse.Namespace,
+            wall_s: float) -> dict[str, Any]:
+    best: dict[str, Any] = {}
+    for r in rows:
+        if r["candidate"] in ("bf16",) or "median_ms" not in r:
+            continue
+        key = f"{r['device']}:{r['shape']}:M={r['M']}"
+        if key not in best or r["median_ms"] < best[key]["median_ms"]:
+            best[key] = {"candidate": r["candidate"], "median_ms": r["median_ms"],
+                         "vs_bf16": r.get("vs_bf16")}
+    return {"kind": "summary", "machine": machine_info(), "command": " ".join(sys.argv),
+            "shapes": args.shapes_list, "m": args.m_list, "warmup": args.warmup,
+            "repeats": args.repeats, "budget_s": args.budget, **extra,
+            "fastest_fp8_candidate": best, "wall_s": round(wall_s, 1)}
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="all",
+                   help="'all', 'small' (4096x4096 only) or a comma list of KxN names")
+    p.add_argument("--m", default=",".join(map(str, DEFAULT_M)), help="comma list of M")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: --shapes small --m 1,16, 1 warmup, 3 repeats")
+    p.add_argument("--candidates", default="all", help="comma list of candidate names")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CPU, plus CUDA when available")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=20, help="maximum timed rounds per row")
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="seconds per candidate after which a row stops (at least 3 rounds)")
+    p.add_argument("--max-contention", type=float, default=0.1,
+                   help="re-run a row when other processes took more than this share of the "
+                        "CPUs while it ran (shared machines)")
+    p.add_argument("--retries", type=int, default=1, help="re-runs allowed per row")
+    p.add_argument("--quiet-wait", type=float, default=20.0,
+                   help="seconds to wait, before each row, for other processes to go quiet")
+    p.add_argument("--threads", type=int, default=0, help="0: the number of usable cores")
+    p.add_argument("--json-out", default="", help="also write the JSON lines to this file")
+    p.add_argument("--no-table", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.shapes, args.m, args.warmup, args.repeats = "small", "1,16", 1, 3
+    if args.shapes == "all":
+        args.shapes_list = list(SHAPES)
+    elif args.shapes == "small":
+        args.shapes_list = list(SMALL_SHAPES)
+    else:
+        args.shapes_list = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in args.shapes_list if s not in SHAPES]
+    if unknown:
+        p.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}, 'all' or 'small'")
+    try:
+        args.m_list = [int(m) for m in args.m.split(",") if m.strip()]
+    except ValueError:
+        p.error(f"--m: expected a comma list of integers, got {args.m!r}")
+    names = {c.name for c in CPU_CANDIDATES} | {"scaled_mm_prequant", "torchao_f8dyn_pertensor",
+                                               "torchao_f8_weight_only"}
+    args.candidates_set = (names if args.candidates == "all"
+                           else {s.strip() for s in args.candidates.split(",") if s.strip()})
+    if not args.candidates_set <= names:
+        p.error(f"--candidates: unknown {sorted(args.candidates_set - names)}; "
+                f"choose from {sorted(names)}")
+    args.candidates_set.add("bf16")  # every ratio needs the baseline
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    json_fh = open(args.json_out, "w", encoding="utf-8") if args.json_out else None
+
+    def emit(obj: dict) -> None:
+        line = json.dumps(obj)
+        print(line, flush=True)
+        if json_fh:
+            json_fh.write(line + "\n")
+
+    def emit_all(objs: list[dict]) -> list[dict]:
+        for obj in objs:
+            emit(obj)
+        return objs
+
+    t_start = time.perf_counter()
+    busy0, own0 = cpu_seconds()
+    extra: dict[str, Any] = dict(check_conversions())
+    rows: list[dict] = []
+    with torch.inference_mode():
+        if args.device in ("auto", "cpu"):
+            for shape in args.shapes_list:
+                for m in args.m_list:
+                    rows += emit_all(run_row_checked(CPU_CANDIDATES, shape, m, args,
+                                                     CpuSampler(), "cpu"))
+        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+            if not torch.cuda.is_available():
+                print("--device cuda: CUDA is not available in this torch build/machine; "
+                      "run with --device cpu", file=sys.stderr)
+                return 2
+            cands, sampler = cuda_candidates(), CudaSampler()
+            for shape in args.shapes_list:
+                for m in args.m_list:
+                    rows += emit_all(run_row_checked(cands, shape, m, args, sampler, "cuda"))
+    busy1, own1 = cpu_seconds()
+    extra["other_processes_cpu_s"] = round((busy1 - busy0) - (own1 - own0), 1)
+    emit(summary(rows, extra, args, time.perf_counter() - t_start))
+    if json_fh:
+        json_fh.close()
+    if not args.no_table:
+        print(tables(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
