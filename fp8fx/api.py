@@ -54,9 +54,8 @@ class Fp8fxState:
     config: FP8Config
     phase: str                                   # "measure" | "pending" | "converted"
     compiled: CompiledForward | None = None
-    original_forward: Any = None                 # the forward to trace while "pending"
+    original_forward: Any = None                 # the model's own forward while fp8fx replaces it
     observers: dict[str, NodeObserver] = field(default_factory=dict)
-    matches: dict[str, Match] = field(default_factory=dict)        # name -> first match seen
     decisions: dict[str, Decision] = field(default_factory=dict)   # name -> decision
     measurements: Measurements | None = None
     files: list[Path] = field(default_factory=list)
@@ -65,7 +64,6 @@ class Fp8fxState:
 
     def record(self, decisions: list[Decision]) -> None:
         for d in decisions:
-            self.matches.setdefault(d.match.name, d.match)
             self.decisions.setdefault(d.match.name, d)
 
 
@@ -152,13 +150,21 @@ def _check_supported(cfg: FP8Config) -> None:
 
 def _capture_model(model: nn.Module, args: tuple, kwargs: dict) -> list[CapturedGraph]:
     state = _state(model)
-    forward = state.original_forward if state is not None and state.original_forward is not None else None
-    if state is not None and state.compiled is not None:
-        forward = state.compiled._original
-    return capture(model, args, kwargs, forward=forward)
+    return capture(model, args, kwargs, forward=state.original_forward if state is not None else None)
 
 
 # --------------------------------------------------------------------------------- prepare
+def instrument(cg: CapturedGraph, state: Fp8fxState, model: nn.Module | None = None) -> torch.fx.GraphModule:
+    """MEASURE passes on one captured graph: match, annotate, observer nodes. ``model`` is None
+    under torch.compile (decisions are then taken from the graph alone)."""
+    cfg = state.config
+    decisions = annotate(cg.gm, find_matches(cg), cfg, model)
+    state.record(decisions)
+    insert_observers(cg.gm, decisions, state.observers, measure_inputs=cfg.measure_inputs,
+                     measure_outputs=cfg.measure_outputs)
+    return cg.gm
+
+
 def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example_inputs: Any = None,
             example_kwargs: dict | None = None) -> nn.Module:
     """Instrument ``model`` for calibration (MEASURE) and return it.
@@ -168,27 +174,22 @@ def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
     example inputs the graph is captured on the first real call.
     """
     cfg = _resolve_config(cfg, "prepare")
-    _check_supported(cfg)
     if cfg.mode is Mode.QUANTIZE or (cfg.mode is Mode.AUTO and _measurement_exists(cfg)):
-        return convert(model, cfg, example_inputs, example_kwargs)
+        return convert(model, cfg, example_inputs, example_kwargs)  # convert checks the config
+    _check_supported(cfg)
     if cfg.mode not in (Mode.MEASURE, Mode.AUTO):
         raise ConfigError(f"fp8fx.prepare: mode {cfg.mode.value!r} is not supported; use MEASURE, "
                           "QUANTIZE or AUTO")
-    if _state(model) is not None:
+    existing = _state(model)
+    if existing is not None:
         raise Fp8fxError(f"{type(model).__name__} was already prepared/converted by fp8fx "
-                         f"(phase {_state(model).phase!r}); start from a fresh model")
+                         f"(phase {existing.phase!r}); start from a fresh model")
     if cfg.mode is Mode.AUTO:
         cfg = cfg.replace(mode="MEASURE")
     state = Fp8fxState(config=cfg, phase="measure")
 
-    def backend(cg: CapturedGraph):
-        decisions = annotate(cg.gm, find_matches(cg), cfg, model)
-        state.record(decisions)
-        insert_observers(cg.gm, decisions, state.observers, measure_inputs=cfg.measure_inputs,
-                         measure_outputs=cfg.measure_outputs)
-        return cg.gm
-
-    state.compiled = CompiledForward(model, backend)
+    state.compiled = CompiledForward(model, lambda cg: instrument(cg, state, model))
+    state.original_forward = state.compiled._original
     state.compiled.install()
     model.__dict__[_ATTR] = state
     args, kwargs = _call_args(example_inputs, example_kwargs)
@@ -241,7 +242,7 @@ def _collect(model: nn.Module, state: Fp8fxState) -> Measurements:
         outputs = ([o.amax.reshape(1, 1).cpu().numpy().astype(np.float64) for o in obs.outputs]
                    if cfg.measure_outputs else None)
         params: dict[str, np.ndarray] = {}
-        m = state.matches[name]
+        m = state.decisions[name].match
         if m.kind is OpKind.LINEAR and m.weight is not None and cfg.measure_params:
             params["weight"] = _weight_stats(model, m, per_channel).astype(np.float64)
         nodes[name] = NodeMeasurement(inputs=inputs, outputs=outputs, params=params)
@@ -313,7 +314,6 @@ def _apply(model: nn.Module, state: Fp8fxState, decisions: dict[str, Decision],
 
         register_lowering()
     state.config, state.measurements, state.decisions = cfg, meas, decisions
-    state.matches = {n: d.match for n, d in decisions.items()}
     state.converted, state.phase = converted, "converted"
 
 
@@ -353,7 +353,7 @@ def _convert_prepared(model: nn.Module, state: Fp8fxState, cfg: FP8Config | dict
     _apply(model, state, decisions, meas, qcfg)  # raises before changing anything
     if state.compiled is not None:
         state.compiled.uninstall()
-    state.compiled, state.observers = None, {}
+    state.compiled, state.observers, state.original_forward = None, {}, None
     return model
 
 

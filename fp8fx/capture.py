@@ -147,6 +147,13 @@ def _describe_call(args: tuple, kwargs: dict) -> str:
 def _capture_error(model: torch.nn.Module, exc: BaseException, args: tuple, kwargs: dict) -> CaptureError:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
+    if type(exc).__name__ == "TorchRuntimeError":  # the model's own code fails on these inputs
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        reason = " ".join(lines[:2]) if lines else type(exc).__name__
+        return CaptureError(
+            f"{type(model).__name__}.forward{_describe_call(args, kwargs)} fails on these inputs "
+            f"while being traced: {reason}\nCheck that the inputs (example "
+            "inputs, or the first call) are ones the model accepts when run without fp8fx.")
     return CaptureError(
         f"could not capture {type(model).__name__}.forward{_describe_call(args, kwargs)} into one "
         f"FX graph: {type(exc).__name__}: {first}\n"

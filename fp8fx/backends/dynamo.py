@@ -41,7 +41,6 @@ from ..errors import ConfigError, QuantizationError
 from ..formats.inc import Measurements
 from ..passes.annotate import annotate
 from ..passes.match import Match, find_matches
-from ..passes.observe import insert_observers
 from ..passes.rewrite import LinearQuant, input_scale, rewrite_linears_in_graph, weight_quant
 
 __all__ = ["fp8fx_backend", "state_of", "OPTIONS"]
@@ -85,6 +84,26 @@ def cached_weight_quant(weight: Tensor, m: Match, cfg: FP8Config) -> tuple[Tenso
     if key not in entry[1]:
         entry[1][key] = weight_quant(weight, m.name, m.module_type, cfg)
     return entry[1][key]
+
+
+_MEASUREMENTS: dict[tuple, Measurements | None] = {}
+
+
+def _measurements(cfg: FP8Config) -> Measurements | None:
+    """The config's measurement files, read once per version of the files (every graph of a
+    model, prefill and decode, needs the same ones)."""
+    from ..api import _load_measurements, _worker
+    from ..formats.inc import measurement_file_paths
+
+    rank, world = _worker(cfg)
+    stats = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else (str(p),)
+                  for p in measurement_file_paths(cfg.dump_stats_path, cfg.observer.value, rank, world))
+    key = (stats, cfg.resolved_scale_method.needs_measurement)
+    if key not in _MEASUREMENTS:
+        if len(_MEASUREMENTS) > 8:
+            _MEASUREMENTS.clear()
+        _MEASUREMENTS[key] = _load_measurements(cfg)
+    return _MEASUREMENTS[key]
 
 
 def _measure_state(cg: CapturedGraph, cfg: FP8Config):
@@ -136,23 +155,19 @@ def _cache_pass(digest: str):
 
 def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None) -> Callable:
     """The ``fp8fx`` torch.compile backend (see the module docstring)."""
-    from ..api import _check_supported, _load_measurements, _measurement_exists, _resolve_config
+    from ..api import _check_supported, _measurement_exists, _resolve_config, instrument
 
     opts = _options(options)
     cfg = _resolve_config(opts.get("config"), "compile")
     _check_supported(cfg)
     cg = CapturedGraph.from_dynamo(gm, example_inputs)
-    decisions = annotate(gm, find_matches(cg), cfg)
     measure = cfg.mode is Mode.MEASURE or (cfg.mode is Mode.AUTO and not _measurement_exists(cfg))
     if measure:
-        state = _measure_state(cg, cfg if cfg.mode is Mode.MEASURE else cfg.replace(mode="MEASURE"))
-        state.record(decisions)
-        insert_observers(gm, decisions, state.observers, measure_inputs=cfg.measure_inputs,
-                         measure_outputs=cfg.measure_outputs)
-        return gm
+        return instrument(cg, _measure_state(cg, cfg if cfg.mode is Mode.MEASURE else cfg.replace(mode="MEASURE")))
     if cfg.mode is not Mode.QUANTIZE:
         cfg = cfg.replace(mode="QUANTIZE")
-    meas: Measurements | None = _load_measurements(cfg)
+    decisions = annotate(gm, find_matches(cg), cfg)
+    meas = _measurements(cfg)
     quants: list[LinearQuant] = []
 
     def quantize(weight: Tensor, m: Match) -> LinearQuant:
