@@ -32,7 +32,7 @@ _EXPORTS = {
     "FP8Config": "config", "Mode": "config", "Fp8Format": "config", "ScaleMethod": "config",
     "Target": "config",
     "prepare": "api", "finalize_calibration": "api", "convert": "api", "explain": "api",
-    "report": "api", "Explanation": "api",
+    "report": "api", "Explanation": "api", "fp8_kv_cache": "api",
     "Fp8Linear": "modules",
     "Fp8fxError": "errors", "ConfigError": "errors", "MeasurementError": "errors",
     "CaptureError": "errors", "QuantizationError": "errors",
@@ -40,8 +40,13 @@ _EXPORTS = {
 
 __all__ = [*_EXPORTS, "__version__"]
 
+# Submodules reachable as attributes (``fp8fx.testing``), imported on first use as well.
+_SUBMODULES = ("testing",)
+
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'fp8fx' has no attribute {name!r}")
@@ -51,4 +56,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return sorted([*__all__, *_SUBMODULES])
