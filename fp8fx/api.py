@@ -22,6 +22,7 @@ All state lives on the model in one attribute, ``model._fp8fx`` (a :class:`Fp8fx
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import warnings
@@ -41,10 +42,12 @@ from .formats.inc import Measurements, NodeMeasurement, measurement_file_paths, 
 from .observers import NodeObserver
 from .passes.annotate import Decision, annotate, decide
 from .passes.match import Match, OpKind, find_matches, owner_path
-from .passes.observe import insert_observers
+from .passes.observe import REQUIRED_OUTPUTS, insert_observers
 from .passes.rewrite import quantize_linears
+from .passes.rewrite_attention import AttentionQuant, attention_quant, plan_attention, rewrite_attention_in_graph
+from .kv_cache import KVQuant, fp8_cache, is_cache, kv_layer_names
 
-__all__ = ["prepare", "finalize_calibration", "convert", "explain", "report", "Explanation", "Fp8fxState"]
+__all__ = ["prepare", "finalize_calibration", "convert", "explain", "report", "fp8_kv_cache", "Explanation", "Fp8fxState"]
 
 _ATTR = "_fp8fx"
 
@@ -60,6 +63,7 @@ class Fp8fxState:
     measurements: Measurements | None = None
     files: list[Path] = field(default_factory=list)
     converted: list[str] = field(default_factory=list)
+    attention: dict[str, AttentionQuant] = field(default_factory=dict)  # graph-level scales by name
     calls_at_finalize: int | None = None         # observer calls when the files were written
 
     def record(self, decisions: list[Decision]) -> None:
@@ -211,8 +215,9 @@ def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
 # ---------------------------------------------------------------------- finalize_calibration
 def _weight_stats(model: nn.Module, match: Match, per_channel: bool) -> np.ndarray:
     w = model.get_parameter(match.weight).detach()
-    if match.weight_transposed:
-        w = w.t()
+    if match.weight_transposed:  # stored [in, out] (Conv1D): measure it as [out, in]
+        w = w.transpose(-2, -1)
+    w = w.reshape(-1, w.shape[-1])  # a MoE experts stack [E, out, in]: one row per output channel
     if per_channel:
         return w.abs().amax(dim=1).float().reshape(-1, 1).cpu().numpy()
     return w.abs().amax().float().reshape(1, 1).cpu().numpy()
@@ -238,11 +243,11 @@ def _collect(model: nn.Module, state: Fp8fxState) -> Measurements:
     for name, obs in state.observers.items():
         if obs.calls == 0:
             continue
+        m = state.decisions[name].match
         inputs = [o.amax.reshape(1, 1).cpu().numpy().astype(np.float64) for o in obs.inputs] if cfg.measure_inputs else []
         outputs = ([o.amax.reshape(1, 1).cpu().numpy().astype(np.float64) for o in obs.outputs]
-                   if cfg.measure_outputs else None)
+                   if cfg.measure_outputs or m.kind in REQUIRED_OUTPUTS else None)
         params: dict[str, np.ndarray] = {}
-        m = state.decisions[name].match
         if m.kind is OpKind.LINEAR and m.weight is not None and cfg.measure_params:
             params["weight"] = _weight_stats(model, m, per_channel).astype(np.float64)
         nodes[name] = NodeMeasurement(inputs=inputs, outputs=outputs, params=params)
@@ -308,13 +313,73 @@ def _apply(model: nn.Module, state: Fp8fxState, decisions: dict[str, Decision],
         decisions[name] = dataclasses.replace(
             decisions[name], quantize=False,
             reason="no measurement for it (ignore_modules_wo_measures): stays in high precision")
+    attention = plan_attention(list(decisions.values()), cfg, meas)       # raises before any change
     converted = quantize_linears(model, list(decisions.values()), cfg, meas)  # all-or-nothing
     if converted:  # so that torch.compile(model) lowers fp8fx.linear instead of calling it
         from .backends.inductor import register_lowering
 
         register_lowering()
     state.config, state.measurements, state.decisions = cfg, meas, decisions
-    state.converted, state.phase = converted, "converted"
+    state.converted, state.phase, state.attention = converted, "converted", attention
+    converted.extend(sorted(attention))
+
+
+def _install_quantized_graph(model: nn.Module, state: Fp8fxState) -> None:
+    """When attention-path ops are quantized, the converted model runs its dynamo graph with
+    those ops rewritten (eagerly, op by op); with Linears alone it keeps its own forward."""
+    if not state.attention:
+        return
+
+    def backend(cg: CapturedGraph) -> Any:
+        fresh = annotate(cg.gm, find_matches(cg), state.config, model)
+        decisions = [dataclasses.replace(state.decisions[d.match.name], match=d.match)
+                     if d.match.name in state.decisions else d for d in fresh]
+        rewrite_attention_in_graph(cg.gm, decisions, state.attention)
+        return cg.gm
+
+    state.compiled = CompiledForward(model, backend)
+    state.original_forward = state.compiled._original
+    layers = kv_layers(model, state.attention)
+    graph_forward = state.compiled.forward
+
+    @functools.wraps(graph_forward)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        for value in (*args, *kwargs.values()):  # FP8 storage for the caches it is given
+            if is_cache(value):
+                fp8_cache(value, layers)
+        return graph_forward(*args, **kwargs)
+
+    state.compiled.forward = torch.compiler.disable(forward)  # as CompiledForward's own
+    state.compiled.install()
+
+
+def kv_layers(model: nn.Module, plan: dict[str, AttentionQuant]) -> dict[int, KVQuant]:
+    """FP8 cache-layer scales by layer index, from the kv_cache entries of ``plan``."""
+    kv = [n for n, q in plan.items() if q.kind is OpKind.KV_CACHE]
+    return {i: KVQuant(plan[k].scales[0], plan[v].scales[0], plan[k].fp8_dtype, plan[k].fp8_max)
+            for i, (k, v) in kv_layer_names(model, kv).items()}
+
+
+def fp8_kv_cache(cache: Any, model: nn.Module, cfg: FP8Config | dict | str | None = None) -> Any:
+    """Give a transformers cache FP8 storage with ``model``'s calibrated KV scales; returns it.
+
+    A model converted by fp8fx does this by itself. For ``torch.compile(model, backend="fp8fx")``
+    pass the QUANTIZE config (or set QUANT_CONFIG): the scales come from its measurement files.
+    """
+    state = _state(model)
+    model = _unwrap(model)
+    if state is not None and state.phase == "converted" and cfg is None:
+        return fp8_cache(cache, kv_layers(model, state.attention))
+    qcfg = _quantize_config(cfg, None)
+    meas = _load_measurements(qcfg)
+    names = [n for n in (meas.nodes if meas is not None else {}) if n.rsplit(".", 1)[-1].startswith("kv_cache_")]
+    pairs = kv_layer_names(model, names)
+    if not pairs:
+        raise MeasurementError(
+            f"no KV-cache measurements for {type(model).__name__} in {qcfg.dump_stats_path!r}: calibrate "
+            "with a cache (use_cache=True, e.g. through generate) so that the kv_cache nodes are measured")
+    plan = {n: attention_quant(n, OpKind.KV_CACHE, "", qcfg, meas) for pair in pairs.values() for n in pair}
+    return fp8_cache(cache, kv_layers(model, plan))
 
 
 def _decide_graphs(model: nn.Module, graphs: list[CapturedGraph], cfg: FP8Config) -> dict[str, Decision]:
@@ -354,6 +419,7 @@ def _convert_prepared(model: nn.Module, state: Fp8fxState, cfg: FP8Config | dict
     if state.compiled is not None:
         state.compiled.uninstall()
     state.compiled, state.observers, state.original_forward = None, {}, None
+    _install_quantized_graph(model, state)
     return model
 
 
@@ -382,6 +448,7 @@ def convert(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
         graphs = capture(model, args, kwargs)
         _apply(model, state, _decide_graphs(model, graphs, qcfg), meas, qcfg)
         model.__dict__[_ATTR] = state
+        _install_quantized_graph(model, state)
         return model
 
     had_forward = "forward" in model.__dict__
@@ -395,6 +462,7 @@ def convert(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
         else:
             del model.forward
         state.original_forward = None
+        _install_quantized_graph(model, state)
         return model.forward(*a, **kw)
 
     state.original_forward = original

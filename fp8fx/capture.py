@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .errors import CaptureError
+from .errors import CaptureError, Fp8fxError
 
 __all__ = ["CapturedGraph", "CompiledForward", "capture", "module_path_of", "normalize_module_path"]
 
@@ -132,6 +132,17 @@ def _fresh_entry(fn: Callable) -> Callable:
 
 class _Captured(Exception):
     """Private sentinel: raised by the compiled callable so that capture runs nothing."""
+
+
+def _fp8fx_cause(exc: BaseException) -> BaseException | None:
+    """The fp8fx error that dynamo wrapped (a backend failure), if any."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, Fp8fxError):
+            return exc
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__
+        seen += 1
+    return None
 
 
 def _describe_call(args: tuple, kwargs: dict) -> str:
@@ -254,6 +265,9 @@ class CompiledForward:
             except CaptureError:
                 raise
             except Exception as exc:
+                own = _fp8fx_cause(exc)
+                if own is not None:  # our pass refused the graph: say why, not "could not capture"
+                    raise own from exc
                 if type(exc).__module__.startswith("torch._dynamo"):
                     raise _capture_error(model, exc, args, kwargs) from exc
                 raise
@@ -266,7 +280,9 @@ class CompiledForward:
                 )
             return out
 
-        self.forward = forward
+        # an outer torch.compile(model) would inline the original code and skip this backend
+        # (observers, rewrites): it runs this forward as it is instead
+        self.forward = torch.compiler.disable(forward)
 
     def install(self) -> None:
         self.model.forward = self.forward  # instance attribute shadows the class's forward

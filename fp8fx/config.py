@@ -29,6 +29,8 @@ Keys (INC names), defaults and accepted values::
     calibration_sample_interval 0    dump measurements every N samples (0: at the end only)
     world_size, local_rank null      per-rank file names: {prefix}_hooks_{observer}_{rank}_{world}
     seperate_measure_files true      (INC's spelling) one measurement file per rank
+    kv_cache_dtype       null        E4M3 | E5M2 (also vLLM's fp8_e4m3 / fp8_e5m2): FP8 format of
+                                     the KV cache; null: fp8_config's
 
 Example QUANT_CONFIG::
 
@@ -105,6 +107,9 @@ class HpDtype(_StrEnum):
 _DTYPE_ALIASES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                   "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
                   torch.float8_e4m3fn: "E4M3", torch.float8_e5m2: "E5M2"}
+
+
+_KV_ALIASES = {"fp8": "E4M3", "fp8_e4m3": "E4M3", "fp8_e5m2": "E5M2", "e4m3": "E4M3", "e5m2": "E5M2"}
 
 
 class ObserverKind(_StrEnum):
@@ -276,6 +281,7 @@ class FP8Config:
     world_size: int | None = None
     local_rank: int | None = None
     seperate_measure_files: bool = True
+    kv_cache_dtype: Fp8Format | None = None  # None: fp8_config
 
     def __post_init__(self) -> None:
         put = object.__setattr__.__get__(self)  # frozen: coerce fields in place
@@ -284,6 +290,10 @@ class FP8Config:
             if key in ("fp8_config", "hp_dtype") and isinstance(value, (str, torch.dtype)):
                 value = _DTYPE_ALIASES.get(value, value)
             put(key, enum_cls.coerce(value, key))
+        if self.kv_cache_dtype is not None:
+            kv = self.kv_cache_dtype
+            kv = _KV_ALIASES.get(kv.lower(), kv) if isinstance(kv, str) else _DTYPE_ALIASES.get(kv, kv)
+            put("kv_cache_dtype", Fp8Format.coerce(kv, "kv_cache_dtype"))
         put("allowlist", OpFilter.coerce(self.allowlist, "allowlist"))
         put("blocklist", OpFilter.coerce(self.blocklist, "blocklist"))
         path = self.dump_stats_path
@@ -332,6 +342,15 @@ class FP8Config:
         if self.fp8_config is Fp8Format.E5M2:
             return 57344.0
         return 240.0 if self.target is Target.GAUDI2 else 448.0
+
+    @property
+    def kv_fp8_dtype(self) -> torch.dtype:
+        """FP8 dtype of the KV cache: ``kv_cache_dtype``, else ``fp8_config``'s."""
+        return (self.kv_cache_dtype or self.fp8_config).torch_dtype
+
+    @property
+    def kv_fp8_max(self) -> float:
+        return self.replace(fp8_config=self.kv_cache_dtype).fp8_max if self.kv_cache_dtype else self.fp8_max
 
     @property
     def hp_torch_dtype(self) -> torch.dtype:
@@ -462,6 +481,8 @@ class FP8Config:
                     "calibration_sample_interval", "seperate_measure_files", "world_size", "local_rank"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.kv_cache_dtype is not None:
+            out["kv_cache_dtype"] = self.kv_cache_dtype.value
         return out
 
     @classmethod

@@ -5,17 +5,47 @@
 ``weight_scale``, ``input_scale``). Memory savings are therefore real, a checkpoint export is a
 ``state_dict`` walk, and the weight is cast once, at convert, never per call. Its forward is
 one call of the ``fp8fx::linear`` op, so eager runs, dynamo graphs and later backends all see
-the same op.
+the same op. It replaces an ``nn.Linear`` and also a GPT-2 ``Conv1D`` (whose weight is stored
+``[in, out]``: the FP8 weight is its transpose).
+
+:class:`Fp8Experts` replaces a transformers MoE experts module (``@use_experts_implementation``:
+every expert's projections stacked in one 3-D parameter, ``gate_up_proj [E, 2·I, H]`` and
+``down_proj [E, H, I]``). It keeps each stack as one float8 ``[E, out, in]`` parameter with one
+weight scale per expert (``[E]``, or ``[E, out]`` per channel) and one input scale per
+projection: calibration observes the input of the grouped GEMM, which holds every expert's
+tokens, so one activation scale serves all experts (as vLLM's FP8 MoE keeps one per layer).
+Its forward is transformers' ``grouped_mm`` experts forward (tokens sorted by expert, one
+grouped GEMM per projection, the gate activation, the top-k weighted sum); the GEMMs are the
+``fp8fx::grouped_linear`` op defined here: an opaque custom op, because it loops over the
+experts with data-dependent row counts, which a graph cannot hold.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.fp8fx.*)
+from .errors import QuantizationError
+from .ops import FP8_DTYPES, quantize_activation
 
-__all__ = ["Fp8Linear"]
+__all__ = ["Fp8Linear", "Fp8Experts", "grouped_linear"]
+
+
+def _keep_dtypes(module: nn.Module, tensors: list[Tensor | None], fn, recurse: bool):  # noqa: ANN001, ANN202
+    """``module._apply`` that lets ``.to(device)`` move ``tensors`` but never changes their dtype
+    (``.to(dtype)``/``.half()`` would silently undo the quantization)."""
+    keep = {id(t) for t in tensors if t is not None}
+
+    def guarded(t):  # noqa: ANN001, ANN202
+        out = fn(t)
+        if id(t) in keep and isinstance(out, torch.Tensor) and out.dtype != t.dtype:
+            out = t.to(out.device)
+        return out
+
+    return nn.Module._apply(module, guarded, recurse)
 
 
 class Fp8Linear(nn.Linear):
@@ -38,16 +68,8 @@ class Fp8Linear(nn.Linear):
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
         """``.to(device)`` moves the FP8 weight and the scales; ``.to(dtype)``/``.half()`` leave
-        their dtypes alone (a cast would silently undo the quantization). The bias follows."""
-        keep = {id(self.weight), id(self.weight_scale), id(self.input_scale)}
-
-        def guarded(t):  # noqa: ANN001, ANN202
-            out = fn(t)
-            if id(t) in keep and isinstance(out, torch.Tensor) and out.dtype != t.dtype:
-                out = t.to(out.device)
-            return out
-
-        return super()._apply(guarded, recurse)
+        their dtypes alone. The bias follows."""
+        return _keep_dtypes(self, [self.weight, self.weight_scale, self.input_scale], fn, recurse)
 
     @property
     def per_channel(self) -> bool:
@@ -63,3 +85,133 @@ class Fp8Linear(nn.Linear):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, dtype={fmt}, weight_scale={gran}, "
                 f"input_scale={self.input_scale.item():.4g}")
+
+
+# ------------------------------------------------------------------------------- MoE experts
+@torch.library.custom_op("fp8fx::grouped_linear", mutates_args=())
+def grouped_linear(x: Tensor, weight: Tensor, weight_scale: Optional[Tensor], input_scale: Optional[Tensor],
+                   offsets: Tensor, fp8_max: float) -> Tensor:
+    """``y[rows of expert e] = x[rows of expert e] @ W[e]ᵀ`` for ``x [S, in]`` sorted by expert.
+
+    ``offsets [E]`` are the cumulative row counts (expert ``e`` owns rows ``offsets[e-1]:offsets[e]``;
+    rows past ``offsets[-1]`` are zero). An FP8 ``weight [E, out, in]`` comes with ``weight_scale``
+    (0-d, ``[E]`` or ``[E, out]``) and the 0-d ``input_scale``: ``x`` is quantized once, each block
+    is ``(q_x @ q_wᵀ) * s_x * s_w[e]`` in float32 (``fp8fx::linear``'s numerics). A high-precision
+    weight comes with both scales None and is a plain grouped GEMM. The result has ``x.dtype``.
+    """
+    fp8 = weight.dtype in FP8_DTYPES
+    if fp8 != (weight_scale is not None and input_scale is not None) or (not fp8 and weight_scale is not None):
+        raise QuantizationError(
+            f"fp8fx::grouped_linear got a {weight.dtype} weight with weight_scale "
+            f"{'set' if weight_scale is not None else 'None'} and input_scale "
+            f"{'set' if input_scale is not None else 'None'}: an FP8 weight needs both scales, a "
+            "high-precision weight neither. Convert again from the high-precision model")
+    xs = quantize_activation(x, input_scale, weight.dtype, fp8_max).float() if fp8 else x
+    y = torch.zeros((x.shape[0], weight.shape[1]), dtype=torch.float32 if fp8 else x.dtype, device=x.device)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            if fp8:
+                s_w = weight_scale if weight_scale.dim() == 0 else weight_scale[e]
+                y[start:end] = (xs[start:end] @ weight[e].float().t()) * (input_scale * s_w)
+            else:
+                y[start:end] = xs[start:end] @ weight[e].t()
+        start = end
+    return y.to(x.dtype)
+
+
+@grouped_linear.register_fake
+def _grouped_linear_fake(x: Tensor, weight: Tensor, weight_scale: Optional[Tensor], input_scale: Optional[Tensor],
+                         offsets: Tensor, fp8_max: float) -> Tensor:
+    return x.new_empty((x.shape[0], weight.shape[1]))
+
+
+# what transformers' experts interface must say for Fp8Experts' forward to be the module's own
+_EXPERTS_FLAGS = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+                  "has_post_expert_norm": False, "_is_expert_parallel": False}
+
+
+class Fp8Experts(nn.Module):
+    """MoE experts with FP8 weight stacks, in place of a transformers experts module.
+
+    ``quants`` maps ``"gate_up_proj"`` / ``"down_proj"`` to ``(FP8 weight [E, out, in], weight
+    scale, input scale)``; a projection not in it keeps the original high-precision parameter
+    (e.g. one blocklisted by name) and has no scales.
+    """
+
+    PROJECTIONS = ("gate_up_proj", "down_proj")
+
+    @staticmethod
+    def unsupported_reason(module: nn.Module | None, leaf: str, match) -> str | None:  # noqa: ANN001
+        """None when ``module`` can be replaced by an Fp8Experts, else why not."""
+        type_name = type(module).__name__ if module is not None else "?"
+        problems = [] if leaf in Fp8Experts.PROJECTIONS else [f"projection {leaf!r} (supported: gate_up_proj, down_proj)"]
+        if module is None or not isinstance(getattr(module, "num_experts", None), int) or not hasattr(module, "act_fn"):
+            problems.append("no num_experts/act_fn attributes (not a transformers experts module)")
+        else:
+            problems += [f"{k}={getattr(module, k, None)!r}" for k, v in _EXPERTS_FLAGS.items()
+                         if getattr(module, k, None) != v]
+            gate = getattr(type(module), "_apply_gate", None)
+            if getattr(gate, "__name__", "") != "_default_apply_gate":
+                problems.append("a custom _apply_gate")
+            shapes = {p: tuple(getattr(module, p).shape) for p in Fp8Experts.PROJECTIONS
+                      if isinstance(getattr(module, p, None), torch.Tensor)}
+            if len(shapes) != 2 or any(len(s) != 3 or s[0] != module.num_experts for s in shapes.values()):
+                problems.append(f"weight stacks {shapes}")
+        if match.weight_transposed:
+            problems.append("weights stored [experts, in, out]")
+        if not problems:
+            return None
+        return (f"MoE experts {match.weight!r} ({type_name}): {'; '.join(problems)} — only the standard "
+                "layout (gate_up_proj [E, 2*I, H] and down_proj [E, H, I], concatenated gate/up, "
+                "no bias, default gate) is rewritten in this version, it stays in high precision")
+
+    def __init__(self, experts: nn.Module, quants: dict[str, tuple[Tensor, Tensor, Tensor]], fp8_max: float) -> None:
+        super().__init__()
+        for attr in ("num_experts", "hidden_dim", "intermediate_dim"):
+            if hasattr(experts, attr):
+                setattr(self, attr, getattr(experts, attr))
+        self.act_fn = experts.act_fn
+        self.fp8_max = float(fp8_max)
+        for proj in self.PROJECTIONS:
+            if proj in quants:
+                w, w_scale, x_scale = quants[proj]
+                self.register_parameter(proj, nn.Parameter(w, requires_grad=False))
+                self.register_buffer(f"{proj}_weight_scale", w_scale.detach().to(torch.float32))
+                self.register_buffer(f"{proj}_input_scale", x_scale.detach().to(torch.float32).reshape(()))
+            else:
+                self.register_parameter(proj, getattr(experts, proj))
+                self.register_buffer(f"{proj}_weight_scale", None)
+                self.register_buffer(f"{proj}_input_scale", None)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001
+        fp8 = [t for p in self.PROJECTIONS for t in (getattr(self, p), getattr(self, f"{p}_weight_scale"),
+                                                     getattr(self, f"{p}_input_scale"))
+               if getattr(self, f"{p}_weight_scale") is not None]
+        return _keep_dtypes(self, fp8, fn, recurse)
+
+    def _project(self, proj: str, x: Tensor, offsets: Tensor) -> Tensor:
+        return torch.ops.fp8fx.grouped_linear(x, getattr(self, proj), getattr(self, f"{proj}_weight_scale"),
+                                              getattr(self, f"{proj}_input_scale"), offsets, self.fp8_max)
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        top_k = top_k_index.size(-1)
+        tokens = hidden_states.size(0)
+        expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+        x = hidden_states[perm // top_k]
+        # rows per expert; one_hot keeps the shape static (bincount's is data-dependent)
+        offsets = torch.cumsum(nn.functional.one_hot(expert_ids, self.num_experts).sum(0), dim=0)
+        gate, up = self._project("gate_up_proj", x, offsets).chunk(2, dim=-1)
+        h = self._project("down_proj", self.act_fn(gate) * up, offsets)
+        h = h * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+        out = torch.empty_like(h)
+        out[perm] = h  # back to (token, k) order
+        return out.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        parts = []
+        for p in self.PROJECTIONS:
+            w, s = getattr(self, p), getattr(self, f"{p}_weight_scale")
+            fmt = str(w.dtype).replace("torch.", "")
+            parts.append(f"{p}={tuple(w.shape)}:{fmt}" + ("" if s is None else f" scales={tuple(s.shape)}"))
+        return ", ".join(parts)

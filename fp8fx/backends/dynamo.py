@@ -7,7 +7,9 @@ The backend runs the same passes as ``prepare``/``convert`` on the graphs dynamo
   graph of the same model and config, and ``fp8fx.finalize_calibration(compiled_model)``
   writes the same INC files as the eager path.
 * QUANTIZE: match, annotate, then :func:`~fp8fx.passes.rewrite.rewrite_linears_in_graph`
-  replaces each decided ``linear`` by ``fp8fx.linear`` with FP8 weight constants, and the graph
+  replaces each decided ``linear`` by ``fp8fx.linear`` with FP8 weight constants,
+  :func:`~fp8fx.passes.rewrite_attention.rewrite_attention_in_graph` rewrites attention's
+  matmul/softmax/SDPA/KV-cache writes (see ``fp8fx.fp8_kv_cache`` for FP8 cache storage), and the graph
   goes to Inductor (``options={"inductor": False}`` runs it eagerly instead) or, for a Gaudi
   target, is lowered to ``torch.ops.hpu`` ops.
 
@@ -42,6 +44,7 @@ from ..formats.inc import Measurements
 from ..passes.annotate import annotate
 from ..passes.match import Match, find_matches
 from ..passes.rewrite import LinearQuant, input_scale, rewrite_linears_in_graph, weight_quant
+from ..passes.rewrite_attention import plan_attention, rewrite_attention_in_graph
 
 __all__ = ["fp8fx_backend", "state_of", "OPTIONS"]
 
@@ -131,6 +134,8 @@ def state_of(model: nn.Module):
 
 
 def _digest(cfg: FP8Config, quants: list[LinearQuant]) -> str:
+    """Config, Linear scales and FP8 weights (attention-path scales are float constants in the
+    graph's code, which the FX graph cache hashes already)."""
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
     for q in quants:
         for t in (q.weight_scale, q.input_scale, q.weight):
@@ -176,7 +181,9 @@ def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
         quants.append(LinearQuant(w_q, w_scale, x_scale))
         return quants[-1]
 
+    plan = plan_attention(decisions, cfg, meas)  # attention-path scales first: a missing one raises
     rewrite_linears_in_graph(cg, decisions, cfg, meas, quantize=quantize)
+    rewrite_attention_in_graph(gm, decisions, plan)
     if cfg.target.value in ("gaudi2", "gaudi3"):
         from .hpu import lower_to_hpu
 

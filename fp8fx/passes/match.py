@@ -4,8 +4,12 @@ Kinds of match (:class:`OpKind`):
 
 =========  ==========================================================================
 linear     ``linear(x, W[, b])`` (``nn.Linear`` or ``F.linear``), ``addmm(b, x, W)`` and
-           ``mm/matmul(x, W)`` where ``W`` is a parameter of the model (GPT-2's Conv1D)
-matmul     ``matmul``/``bmm``/``@`` between two activations (attention's Q·Kᵀ and P·V)
+           ``mm/matmul(x, W)`` where ``W`` is a parameter of the model (GPT-2's Conv1D),
+           ``x @ W.T`` (FalconLinear), and grouped MoE expert GEMMs
+           ``grouped_mm(x, W.transpose(-2, -1), offs)`` over a stacked ``[E, out, in]``
+           parameter (transformers' ``grouped_mm`` experts implementation)
+matmul     ``matmul``/``bmm``/``@`` between two activations (attention's Q·Kᵀ and P·V), and
+           ``baddbmm``'s product (Bloom's Q·Kᵀ with ALiBi)
 softmax    ``torch.softmax`` / ``F.softmax`` / ``Tensor.softmax``
 sdpa       ``F.scaled_dot_product_attention``
 kv_cache   a KV-cache write: ``cat([past, new], dim=-2)`` of a 4-D cache tensor
@@ -39,7 +43,7 @@ import torch.nn.functional as F
 
 from ..capture import CapturedGraph, module_path_of
 
-__all__ = ["OpKind", "Match", "INC_TYPE_NAMES", "find_matches", "owner_path"]
+__all__ = ["OpKind", "Match", "INC_TYPE_NAMES", "find_matches", "owner_path", "sdpa_arguments"]
 
 
 class OpKind(str, Enum):
@@ -80,6 +84,8 @@ class Match:
     bias: str | None = None             # qualified parameter name of a Linear's bias
     weight_uses: int = 1                # graph nodes that read the weight (>1: tied or shared)
     module_is_linear: bool = False      # the owning module (nn_module_stack) is an nn.Linear
+    experts: int = 0                    # >0: a grouped MoE expert GEMM over a stacked [E, out, in] weight
+    attention: bool = False             # matmul/softmax inside an attention pattern (see below)
 
     @property
     def type_names(self) -> tuple[str, ...]:
@@ -91,6 +97,7 @@ _LINEAR_FNS = {torch._C._nn.linear, F.linear, torch.ops.aten.linear.default}
 _ADDMM_FNS = {torch.addmm, torch.ops.aten.addmm.default}
 _MM_FNS = {torch.mm, torch.matmul, operator.matmul, torch.ops.aten.mm.default, torch.ops.aten.matmul.default}
 _BMM_FNS = {torch.bmm, torch.ops.aten.bmm.default}
+_BADDBMM_FNS = {torch.baddbmm, torch.ops.aten.baddbmm.default}
 _SOFTMAX_FNS = {torch.softmax, F.softmax, torch._softmax, torch.ops.aten._softmax.default, torch.ops.aten.softmax.int}
 _SDPA_FNS = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
 _CAT_FNS = {torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.default}
@@ -133,26 +140,115 @@ def _is_cache_source(node: Any, cg: CapturedGraph) -> bool:
     return isinstance(v, torch.Tensor) and v.numel() == 0
 
 
+_TRANSPOSE_FNS = {torch.transpose, torch.swapaxes, torch.ops.aten.transpose.int}
+_T_FNS = {torch.t, torch.ops.aten.t.default}
+_PERMUTE_FNS = {torch.permute, torch.ops.aten.permute.default}
+# grouped (MoE experts) GEMMs: x [S, in] times one [in, out] matrix per expert, rows split by offsets
+_GROUPED_MM_FNS = {f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)) if f is not None}
+_GROUPED_MM_OPS = ("aten::_grouped_mm", "transformers::grouped_mm_fallback")
+
+
+def _is_grouped_mm(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if _is_fn(node, _GROUPED_MM_FNS):
+        return True
+    target = node.target
+    name = getattr(target, "_qualified_op_name", None)  # an OpOverloadPacket
+    if name is None and isinstance(target, torch._ops.OpOverload):
+        name = target.name()
+    return name in _GROUPED_MM_OPS
+
+
+def _swaps_last_two(node: fx.Node, ndim: int) -> bool:
+    """``node`` swaps the last two dimensions of its first argument (and does nothing else)."""
+    if node.op == "call_function" and node.target is getattr:
+        return (node.args[1] == "T" and ndim == 2) or node.args[1] == "mT"
+    if _is_fn(node, _T_FNS, ("t",)):
+        return ndim == 2
+    if _is_fn(node, _TRANSPOSE_FNS, ("transpose", "swapaxes")):
+        dims = node.args[1:3]
+        return len(dims) == 2 and all(isinstance(d, int) for d in dims) and {d % ndim for d in dims} == {ndim - 2, ndim - 1}
+    if _is_fn(node, _PERMUTE_FNS, ("permute",)):
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        want = list(range(ndim - 2)) + [ndim - 1, ndim - 2]
+        return all(isinstance(d, int) for d in dims) and [d % ndim for d in dims] == want
+    return False
+
+
+def _param_operand(arg: Any, cg: CapturedGraph) -> tuple[str, bool, int, tuple[int, ...]] | None:
+    """A GEMM operand that is a model parameter, read as it is or with its last two dimensions
+    swapped (``W.T``, ``W.t()``, ``W.mT``, ``W.transpose(-2, -1)``; FalconLinear, MoE experts).
+
+    Returns (parameter name, swapped, graph uses of the parameter, its shape) or None.
+    """
+    if not isinstance(arg, fx.Node):
+        return None
+    name = cg.param_name(arg)
+    if name is not None:
+        shape = _param_shape(arg, cg)
+        return (name, False, len(arg.users), shape) if shape is not None else None
+    src = arg.args[0] if arg.op in ("call_function", "call_method") and arg.args else None
+    name = cg.param_name(src)
+    shape = _param_shape(src, cg) if name is not None else None
+    if shape is None or len(shape) < 2 or not _swaps_last_two(arg, len(shape)):
+        return None
+    return name, True, len(src.users) - 1 + len(arg.users), shape
+
+
+def _param_shape(node: fx.Node, cg: CapturedGraph) -> tuple[int, ...] | None:
+    v = _val(node)
+    if v is None and node.op == "get_attr":  # a symbolically traced graph: read the attribute
+        v = cg.gm
+        for part in str(node.target).split("."):
+            v = getattr(v, part, None)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _default_scalar(node: fx.Node, *keys: str) -> bool:
+    return all(node.kwargs.get(k, 1) == 1 for k in keys)
+
+
 def _classify(node: fx.Node, cg: CapturedGraph) -> tuple[OpKind, dict] | None:
-    """(kind, details) if ``node`` is a candidate, else None."""
-    if _is_fn(node, _LINEAR_FNS, ("linear",)):
-        w = cg.param_name(_arg(node, 1, "weight"))
+    """(kind, details) if ``node`` is a candidate, else None.
+
+    A Linear's ``transposed`` says how its weight parameter is *stored*: False for ``[out, in]``
+    (``nn.Linear``; ``x @ W.T`` in FalconLinear), True for ``[in, out]`` (GPT-2's Conv1D,
+    ``addmm(b, x, W)``). ``experts`` > 0 marks a grouped MoE GEMM over a stacked 3-D weight.
+    """
+    if _is_fn(node, _LINEAR_FNS, ("linear",)):  # linear(x, W[out, in])
+        w = _param_operand(_arg(node, 1, "weight"), cg)
+        if w is not None and len(w[3]) == 2:
+            return OpKind.LINEAR, {"inputs": (_arg(node, 0, "input"),), "weight": w[0], "transposed": w[1],
+                                   "uses": w[2], "bias": cg.param_name(_arg(node, 2, "bias"))}
         if w is not None:
-            return OpKind.LINEAR, {"inputs": (_arg(node, 0, "input"),), "weight": w,
-                                   "bias": cg.param_name(_arg(node, 2, "bias"))}
+            return None
         return OpKind.MATMUL, {"inputs": (_arg(node, 0, "input"), _arg(node, 1, "weight"))}
-    if _is_fn(node, _ADDMM_FNS, ("addmm",)):
-        w = cg.param_name(_arg(node, 2, "mat2"))
-        if w is not None:
-            return OpKind.LINEAR, {"inputs": (_arg(node, 1, "mat1"),), "weight": w, "transposed": True,
-                                   "bias": cg.param_name(_arg(node, 0, "input"))}
+    if _is_fn(node, _ADDMM_FNS, ("addmm",)):  # addmm(b, x, W[in, out])
+        w = _param_operand(_arg(node, 2, "mat2"), cg)
+        if w is not None and len(w[3]) == 2 and _default_scalar(node, "alpha", "beta"):
+            return OpKind.LINEAR, {"inputs": (_arg(node, 1, "mat1"),), "weight": w[0], "transposed": not w[1],
+                                   "uses": w[2], "bias": cg.param_name(_arg(node, 0, "input"))}
+        return None
+    if _is_grouped_mm(node):  # grouped_mm(x[S, in], W[E, in, out], offs)
+        w = _param_operand(_arg(node, 1, "mat_b" if node.target in _GROUPED_MM_FNS else "weight"), cg)
+        plain = node.kwargs.get("bias") is None and node.kwargs.get("out_dtype") is None and all(
+            a is None for a in node.args[3:])  # no bias, no output dtype
+        if w is not None and len(w[3]) == 3 and plain:
+            return OpKind.LINEAR, {"inputs": (node.args[0],), "weight": w[0], "transposed": not w[1],
+                                   "uses": w[2], "experts": int(w[3][0])}
         return None
     if _is_fn(node, _MM_FNS | _BMM_FNS, ("matmul", "mm", "bmm", "__matmul__")):
         a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-        w = cg.param_name(b)
-        if w is not None and _ndim(b) == 2:
-            return OpKind.LINEAR, {"inputs": (a,), "weight": w, "transposed": True}
+        w = _param_operand(b, cg)
+        if w is not None and len(w[3]) == 2:  # x @ W[in, out], or x @ W[out, in].T
+            return OpKind.LINEAR, {"inputs": (a,), "weight": w[0], "transposed": not w[1], "uses": w[2]}
         if cg.param_name(a) is None and w is None:
+            return OpKind.MATMUL, {"inputs": (a, b)}
+        return None
+    if _is_fn(node, _BADDBMM_FNS, ("baddbmm",)):  # beta * input + alpha * (b1 @ b2): Bloom's Q·Kᵀ
+        a, b = _arg(node, 1, "batch1"), _arg(node, 2, "batch2")
+        if cg.param_name(a) is None and cg.param_name(b) is None:
             return OpKind.MATMUL, {"inputs": (a, b)}
         return None
     if _is_fn(node, _SOFTMAX_FNS, ("softmax",)):
@@ -173,6 +269,18 @@ def _classify(node: fx.Node, cg: CapturedGraph) -> tuple[OpKind, dict] | None:
     return None
 
 
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def sdpa_arguments(node: fx.Node) -> dict[str, Any]:
+    """The arguments of a ``scaled_dot_product_attention`` node by name, defaults filled in."""
+    out = dict(_SDPA_DEFAULTS)
+    out.update(zip(_SDPA_PARAMS, node.args))
+    out.update(node.kwargs)
+    return out
+
+
 _FUNCTIONAL_NAME = re.compile(r"^(?:(?P<path>.*)\.)?(?:matmul|softmax|sdpa|kv_cache)_\d+$")
 
 
@@ -190,20 +298,62 @@ def _owned_by_linear(node: fx.Node) -> bool:
     return isinstance(typ, type) and issubclass(typ, torch.nn.Linear)
 
 
+_ATTENTION_HOPS = 6  # scaling, mask add, dtype casts, dropout, views between the attention ops
+
+
+def _near(start: fx.Node, pred, forward: bool) -> bool:
+    """Whether a node satisfying ``pred`` lies within a few data-flow hops of ``start``."""
+    frontier, seen = [start], {start}
+    for _ in range(_ATTENTION_HOPS):
+        nxt = []
+        for n in frontier:
+            for m in (n.users if forward else n.all_input_nodes):
+                if m in seen or m.op not in ("call_function", "call_method"):
+                    continue
+                if pred(m):
+                    return True
+                seen.add(m)
+                nxt.append(m)
+        frontier = nxt
+    return False
+
+
+def _attention_roles(kinds: dict[fx.Node, OpKind]) -> set[fx.Node]:
+    """The matmuls and softmaxes that form attention: ``Q·Kᵀ`` (a matmul whose output reaches a
+    softmax), ``P·V`` (a matmul whose first input comes from a softmax) and their softmax.
+
+    Other activation matmuls (a rotary-frequency outer product, a custom model's bilinear term)
+    and other softmaxes (a classifier's output) are matched but are not attention: INC, whose
+    semantics fp8fx follows, quantizes only attention's Matmul and Softmax modules.
+    """
+    is_softmax = lambda n: kinds.get(n) is OpKind.SOFTMAX  # noqa: E731
+    out: set[fx.Node] = set()
+    for node, kind in kinds.items():
+        if kind is OpKind.MATMUL:
+            first = node.args[0] if node.args else None
+            if _near(node, is_softmax, True) or (
+                    isinstance(first, fx.Node) and (is_softmax(first) or _near(first, is_softmax, False))):
+                out.add(node)
+    matmuls = set(out)
+    for node, kind in kinds.items():
+        if kind is OpKind.SOFTMAX and (_near(node, matmuls.__contains__, True)
+                                       or _near(node, matmuls.__contains__, False)):
+            out.add(node)
+    return out
+
+
 def find_matches(cg: CapturedGraph) -> list[Match]:
     """Every quantization candidate of a captured graph, in graph order."""
     counters: dict[tuple[str, OpKind], int] = defaultdict(int)
     out: list[Match] = []
-    for node in cg.gm.graph.nodes:
-        if node.op not in ("call_function", "call_method"):
-            continue
-        found = _classify(node, cg)
-        if found is None:
-            continue
-        kind, d = found
+    found_at = {node: _classify(node, cg) for node in cg.gm.graph.nodes
+                if node.op in ("call_function", "call_method")}
+    found_at = {n: f for n, f in found_at.items() if f is not None}
+    attention = _attention_roles({n: f[0] for n, f in found_at.items()})
+    for node, (kind, d) in found_at.items():
         uses = 1
         if d.get("weight") is not None:
-            uses = max(len(a.users) for a in node.all_input_nodes if cg.param_name(a) == d["weight"])
+            uses = d["uses"]
         path, type_name = module_path_of(node)
         if kind is OpKind.LINEAR:
             weight = d["weight"]
@@ -219,6 +369,7 @@ def find_matches(cg: CapturedGraph) -> list[Match]:
         out.append(Match(
             node=node.name, kind=kind, name=name, module_path=path, module_type=type_name,
             inputs=inputs, weight=d.get("weight"), weight_transposed=d.get("transposed", False),
-            bias=d.get("bias"), weight_uses=uses, module_is_linear=_owned_by_linear(node),
+            bias=d.get("bias"), weight_uses=uses, module_is_linear=_owned_by_linear(node), experts=d.get("experts", 0),
+            attention=node in attention,
         ))
     return out

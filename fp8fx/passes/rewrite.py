@@ -1,9 +1,20 @@
 """Rewrite (QUANTIZE): measurements -> scales -> FP8 modules in place of the matched Linears.
 
 Scales come from pure functions in :mod:`fp8fx.numerics`; this pass only looks up the right
-measurement for each decision, checks it, and swaps the module. An ``nn.Linear`` whose
-``linear`` node was decided ``quantize`` is replaced (on its parent module) by an
-:class:`~fp8fx.modules.Fp8Linear` holding the FP8 weight, cast once, here.
+measurement for each decision, checks it, and swaps the module. What each match becomes:
+
+==========================================  ===========================================================
+owner of the weight                         eager ``convert`` (module swap)  /  compile backend (graph)
+==========================================  ===========================================================
+``nn.Linear`` (also FalconLinear)           :class:`~fp8fx.modules.Fp8Linear`  /  ``fp8fx.linear``
+GPT-2 ``Conv1D`` (weight ``[in, out]``)     ``Fp8Linear`` holding the transposed FP8 weight ``[out, in]``
+                                            /  ``addmm``/``mm`` -> ``fp8fx.linear``
+MoE experts (stacked ``[E, out, in]``)      :class:`~fp8fx.modules.Fp8Experts`  /  each grouped GEMM
+                                            -> ``fp8fx.grouped_linear``
+==========================================  ===========================================================
+
+Weights are always cast in the ``[out, in]`` orientation (``[E, out, in]`` for expert stacks,
+with one scale per expert), so per-channel scales are per *output* channel whatever the storage.
 
 Nothing is guessed: a quantized node without a measurement, or with a non-finite one, raises
 :class:`~fp8fx.errors.MeasurementError` naming the node and the file.
@@ -17,24 +28,25 @@ from typing import Callable
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import numerics
 from ..capture import CapturedGraph
 from ..config import FP8Config
 from ..errors import MeasurementError
 from ..formats.inc import Measurements
-from ..modules import Fp8Linear
+from ..modules import Fp8Experts, Fp8Linear
 from .annotate import Decision
-from .match import Match, OpKind
+from .match import _ADDMM_FNS, _LINEAR_FNS, Match, OpKind, _is_fn
 
 __all__ = ["LinearQuant", "weight_quant", "input_scale", "linear_quant", "quantize_linears",
-           "rewrite_linears_in_graph"]
+           "rewrite_linears_in_graph", "oriented_weight"]
 
 
 @dataclass
 class LinearQuant:
-    weight: torch.Tensor        # FP8 [out, in]
-    weight_scale: torch.Tensor  # 0-d or [out], float32
+    weight: torch.Tensor        # FP8 [out, in] (or [E, out, in] for MoE experts)
+    weight_scale: torch.Tensor  # 0-d or [out] ([E] or [E, out] for experts), float32
     input_scale: torch.Tensor   # 0-d, float32
 
 
@@ -60,14 +72,33 @@ def _input_amax(name: str, meas: Measurements | None) -> torch.Tensor:
     return t
 
 
+def oriented_weight(weight: torch.Tensor, match: Match) -> torch.Tensor:
+    """A matched Linear's weight as ``[out, in]`` (``[E, out, in]``), whatever its storage."""
+    return weight.transpose(-2, -1) if match.weight_transposed else weight
+
+
+def _weight_quant_2d(w: torch.Tensor, method: str, cfg: FP8Config, backoff: float, where: str):
+    w_scale = numerics.weight_scale(w, method, fp8_dtype=cfg.fp8_dtype, target=cfg.target.value,
+                                    backoff=backoff, where=where)
+    return numerics.quantize_weight(w, w_scale, cfg.fp8_dtype, cfg.fp8_max).contiguous(), w_scale
+
+
 def weight_quant(weight: torch.Tensor, name: str, type_name: str, cfg: FP8Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(FP8 weight, float32 weight scale) of one Linear weight ``[out, in]``."""
+    """(FP8 weight, float32 weight scale) of one Linear weight ``[out, in]``.
+
+    A stacked MoE experts weight ``[E, out, in]`` gets one scale per expert: ``[E]`` (per-tensor
+    methods) or ``[E, out]`` (per-channel methods), each expert scaled as its own Linear.
+    """
     method = cfg.scale_method_for(name, type_name).value
     _, weight_backoff = cfg.backoffs_for(name, type_name)
     w = weight.detach()
-    w_scale = numerics.weight_scale(w, method, fp8_dtype=cfg.fp8_dtype, target=cfg.target.value,
-                                    backoff=weight_backoff, where=f"node {name!r}")
-    w_q = numerics.quantize_weight(w, w_scale, cfg.fp8_dtype, cfg.fp8_max)
+    if w.dim() == 3:
+        parts = [_weight_quant_2d(w[e], method, cfg, weight_backoff, f"node {name!r} expert {e}")
+                 for e in range(w.shape[0])]
+        w_q = torch.stack([p[0] for p in parts])
+        w_scale = torch.stack([p[1].reshape(-1) if p[1].dim() else p[1] for p in parts])
+    else:
+        w_q, w_scale = _weight_quant_2d(w, method, cfg, weight_backoff, f"node {name!r}")
     return w_q, w_scale.to(device=w.device, dtype=torch.float32)
 
 
@@ -84,8 +115,8 @@ def input_scale(name: str, type_name: str, cfg: FP8Config, meas: Measurements | 
 
 def linear_quant(weight: torch.Tensor, name: str, type_name: str, cfg: FP8Config,
                  meas: Measurements | None) -> LinearQuant:
-    """FP8 weight and scales of one Linear, from its weight ``[out, in]`` and its measured input
-    maxabs."""
+    """FP8 weight and scales of one Linear, from its weight ``[out, in]`` (or an experts stack
+    ``[E, out, in]``) and its measured input maxabs."""
     x_scale = input_scale(name, type_name, cfg, meas, weight.device)  # first: a missing measurement
     w_q, w_scale = weight_quant(weight, name, type_name, cfg)          # fails before the costly part
     return LinearQuant(weight=w_q, weight_scale=w_scale, input_scale=x_scale)
@@ -99,24 +130,39 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def quantize_linears(model: nn.Module, decisions: list[Decision], cfg: FP8Config,
                      meas: Measurements | None) -> list[str]:
-    """Swap every Linear decided ``quantize`` for an Fp8Linear. Returns the swapped names.
+    """Swap every Linear decided ``quantize`` for an Fp8Linear (every MoE experts module with a
+    projection decided ``quantize`` for an Fp8Experts). Returns the names of the matches done.
 
     All-or-nothing: every scale and FP8 weight is computed first (any error raises here, with the
     model untouched), then the modules are swapped.
     """
-    planned: dict[str, tuple[nn.Linear, LinearQuant]] = {}
+    linears: dict[str, tuple[nn.Module, LinearQuant]] = {}
+    experts: dict[str, tuple[nn.Module, dict[str, LinearQuant]]] = {}
+    done: list[str] = []
     for d in decisions:
         m = d.match
-        if not d.quantize or m.kind is not OpKind.LINEAR or m.name in planned:
+        if not d.quantize or m.kind is not OpKind.LINEAR or m.name in done:
             continue
-        module = model.get_submodule(m.name)
-        if isinstance(module, Fp8Linear):
-            continue
-        planned[m.name] = (module, linear_quant(module.weight, m.name, m.module_type, cfg, meas))
-    for name, (module, q) in planned.items():
+        if m.experts:
+            path, _, leaf = m.weight.rpartition(".")
+            module = model.get_submodule(path)
+            if isinstance(module, Fp8Experts):
+                continue
+            q = linear_quant(getattr(module, leaf), m.name, m.module_type, cfg, meas)
+            experts.setdefault(path, (module, {}))[1][leaf] = q
+        else:
+            module = model.get_submodule(m.name)
+            if isinstance(module, Fp8Linear):
+                continue
+            linears[m.name] = (module, linear_quant(oriented_weight(module.weight, m), m.name, m.module_type, cfg, meas))
+        done.append(m.name)
+    for name, (module, q) in linears.items():
         bias = None if module.bias is None else module.bias.detach()
         _set_submodule(model, name, Fp8Linear(q.weight, q.weight_scale, q.input_scale, bias, cfg.fp8_max))
-    return list(planned)
+    for path, (module, quants) in experts.items():
+        parts = {leaf: (q.weight, q.weight_scale, q.input_scale) for leaf, q in quants.items()}
+        _set_submodule(model, path, Fp8Experts(module, parts, cfg.fp8_max))
+    return done
 
 
 def _declare_constant(gm: fx.GraphModule, name: str) -> None:
@@ -129,16 +175,57 @@ def _declare_constant(gm: fx.GraphModule, name: str) -> None:
         sources[name] = ConstantSource(f"fp8fx.{name}")
 
 
+def _weight_node(node: fx.Node, cg: CapturedGraph, weight: str) -> fx.Node:
+    """The parameter input of a matched node: an operand, or the input of a transposed operand."""
+    for a in node.all_input_nodes:
+        for cand in (a, *a.all_input_nodes):
+            if cg.param_name(cand) == weight:
+                return cand
+    raise MeasurementError(f"node {node.name!r}: its weight {weight!r} is not an input of the graph")
+
+
+# FP8 [in, out] casts (cached by the caller) -> their [out, in] copy, made once per cast
+_TRANSPOSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _graph_quant(param: torch.Tensor, m: Match, cfg: FP8Config, meas: Measurements | None,
+                 quantize: Callable[[torch.Tensor, Match], LinearQuant] | None) -> LinearQuant:
+    if quantize is None:
+        return linear_quant(oriented_weight(param, m), m.name, m.module_type, cfg, meas)
+    q = quantize(param, m)  # the caller casts the parameter as stored (and caches it per parameter)
+    if not m.weight_transposed:
+        return q
+    if q.weight_scale.dim() == 0:  # a per-tensor scale does not depend on the orientation
+        w = _TRANSPOSED.get(q.weight)
+        if w is None:
+            w = _TRANSPOSED[q.weight] = q.weight.transpose(-2, -1).contiguous()
+        return LinearQuant(w, q.weight_scale, q.input_scale)
+    w_q, w_scale = weight_quant(oriented_weight(param, m), m.name, m.module_type, cfg)  # per output channel
+    return LinearQuant(w_q, w_scale, q.input_scale)
+
+
+def _bias_arg(node: fx.Node):  # noqa: ANN202
+    if _is_fn(node, _LINEAR_FNS, ("linear",)):
+        return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if _is_fn(node, _ADDMM_FNS, ("addmm",)):
+        return node.args[0] if node.args else node.kwargs.get("input")
+    return None  # mm / matmul (x @ W, x @ W.T)
+
+
 def rewrite_linears_in_graph(cg: CapturedGraph, decisions: list[Decision], cfg: FP8Config,
                              meas: Measurements | None,
                              quantize: Callable[[torch.Tensor, Match], LinearQuant] | None = None) -> int:
     """The graph form of :func:`quantize_linears`, for ``torch.compile(backend="fp8fx")``.
 
-    Each ``linear(x, W, b)`` decided ``quantize`` becomes ``fp8fx.linear(x, W8, s_w, s_x, b)``
-    where ``W8``, ``s_w`` and ``s_x`` are attributes of the GraphModule (constants to the
-    compiler); the high-precision weight input is left unused. ``quantize(weight, match)``
-    lets the caller cache FP8 weights across graphs (default: :func:`linear_quant`). Returns
-    the number of nodes rewritten; all of them are computed before the graph changes.
+    Each ``linear(x, W, b)`` / ``addmm(b, x, W)`` / ``x @ W`` decided ``quantize`` becomes
+    ``fp8fx.linear(x, W8, s_w, s_x, b)``, and each grouped experts GEMM becomes
+    ``fp8fx.grouped_linear(x, W8, s_w, s_x, offsets)``, where ``W8``, ``s_w`` and ``s_x`` are
+    attributes of the GraphModule (constants to the compiler); the high-precision weight input
+    is left unused. ``quantize(parameter, match)`` lets the caller cache casts across graphs
+    (default: :func:`linear_quant`): it gets the parameter *as stored* and returns its cast in
+    that layout; a Conv1D weight (``[in, out]``) is then transposed here (per-tensor scales) or
+    re-cast per output channel. Returns the number of nodes rewritten; all of them are computed
+    before the graph changes.
     """
     gm = cg.gm
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -149,20 +236,22 @@ def rewrite_linears_in_graph(cg: CapturedGraph, decisions: list[Decision], cfg: 
         if not d.quantize or m.kind is not OpKind.LINEAR:
             continue
         node = nodes[m.node]
-        w_node = next(a for a in node.all_input_nodes if cg.param_name(a) == m.weight)
-        weight = values[w_node.name] if w_node.op == "placeholder" else gm.get_parameter(str(w_node.target))
-        q = quantize(weight, m) if quantize is not None else linear_quant(weight, m.name, m.module_type, cfg, meas)
-        planned.append((node, m, q))
+        w_node = _weight_node(node, cg, m.weight)
+        param = values[w_node.name] if w_node.op == "placeholder" else gm.get_parameter(str(w_node.target))
+        planned.append((node, m, _graph_quant(param, m, cfg, meas, quantize)))
     for i, (node, m, q) in enumerate(planned):
         prefix = f"fp8fx_q{i}_"
         for suffix, t in (("weight", q.weight), ("weight_scale", q.weight_scale), ("input_scale", q.input_scale)):
             gm.register_buffer(prefix + suffix, t)
             _declare_constant(gm, prefix + suffix)
         x = nodes[m.inputs[0]]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         with gm.graph.inserting_before(node):
             attrs = [gm.graph.get_attr(prefix + s) for s in ("weight", "weight_scale", "input_scale")]
-            new = gm.graph.call_function(torch.ops.fp8fx.linear.default, (x, *attrs, bias, cfg.fp8_max))
+            if m.experts:
+                offsets = node.kwargs["offs"] if "offs" in node.kwargs else node.args[2]
+                new = gm.graph.call_function(torch.ops.fp8fx.grouped_linear.default, (x, *attrs, offsets, cfg.fp8_max))
+            else:
+                new = gm.graph.call_function(torch.ops.fp8fx.linear.default, (x, *attrs, _bias_arg(node), cfg.fp8_max))
         new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
         new.meta["fp8fx"] = {**node.meta.get("fp8fx", {}), "rewritten": True}
         node.replace_all_uses_with(new)
