@@ -33,7 +33,7 @@ _EXPORTS = {
     "Target": "config",
     "prepare": "api", "finalize_calibration": "api", "convert": "api", "explain": "api",
     "report": "api", "Explanation": "api", "fp8_kv_cache": "api",
-    "Fp8Linear": "modules",
+    "Fp8Linear": "modules", "Fp8Experts": "modules",
     "Fp8fxError": "errors", "ConfigError": "errors", "MeasurementError": "errors",
     "CaptureError": "errors", "QuantizationError": "errors",
 }

@@ -71,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval", metavar="FILE", dest="eval_file", help="evaluation text, read as "
                    "latin-1 (default: gensim's lee.cor)")
     q.add_argument("--config", metavar="JSON", help="FP8Config JSON (default: MEASURE, "
-                   "lm_head blocklisted, target cpu); in QUANTIZE mode calibration is skipped "
-                   "and the model is converted from its dump_stats_path")
+                   "W8A8 Linears, lm_head blocklisted, target cpu); in QUANTIZE mode calibration "
+                   "is skipped and the model is converted from its dump_stats_path")
+    q.add_argument("--attention", action="store_true", help="with the default config, also "
+                   "quantize attention (SDPA or matmul/softmax) and store the KV cache in FP8")
     q.add_argument("--out", metavar="DIR", help="keep the measurement files in DIR "
                    "(prefix DIR/measure; a QUANTIZE --config reads them from there); "
                    "default: a temporary folder that is removed")
@@ -178,6 +180,10 @@ def _resolve_dtype(args: argparse.Namespace) -> str:
     return _saved_dtype(Path(args.model).expanduser()) if args.model else "bf16"
 
 
+#: the attention-path kinds (left in high precision by the default job unless --attention)
+ATTENTION_KINDS = ("matmul", "softmax", "sdpa", "kv_cache")
+
+
 def _build_config(args: argparse.Namespace, measure_prefix: str, dtype: str) -> Any:
     """The FP8Config of the job; its hp_dtype is always the dtype the model was loaded in."""
     import fp8fx
@@ -186,6 +192,9 @@ def _build_config(args: argparse.Namespace, measure_prefix: str, dtype: str) -> 
     if cls is None:
         raise Fp8fxError("this fp8fx build has no FP8Config; reinstall fp8fx")
     has_hp_dtype = "hp_dtype" in _config_fields(cls)
+    if args.config and getattr(args, "attention", False):
+        raise Fp8fxError("--attention changes the default config; with --config, choose the "
+                         "kinds in the JSON's allowlist/blocklist instead")
     if args.config:
         path = _existing_file(args.config, "--config")
         cfg = cls.from_json_file(path)
@@ -193,10 +202,13 @@ def _build_config(args: argparse.Namespace, measure_prefix: str, dtype: str) -> 
         if args.out or (_mode_name(cfg) != "QUANTIZE" and not names_dump):
             cfg = cfg.replace(dump_stats_path=measure_prefix)
         return cfg.replace(hp_dtype=dtype) if has_hp_dtype else cfg
+    blocklist: dict[str, list[str]] = {"names": ["lm_head"]}
+    if not getattr(args, "attention", False):  # the default job: W8A8 Linears
+        blocklist["types"] = list(ATTENTION_KINDS)
     kwargs: dict[str, Any] = {
         "mode": "MEASURE",
         "dump_stats_path": measure_prefix,
-        "blocklist": {"names": ["lm_head"]},
+        "blocklist": blocklist,
         "target": "cpu",
     }
     if has_hp_dtype:

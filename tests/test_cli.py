@@ -165,7 +165,7 @@ def test_measure_flow_and_report_json(tiny_job, tmp_path, fake_api, capsys) -> N
     assert kinds == ["prepare"] + ["forward"] * 4 + ["finalize", "convert"]  # 64 / 16 windows
     cfg = fake_api[0][1]
     assert (cfg.mode, cfg.target, cfg.blocklist, cfg.hp_dtype) == (
-        "MEASURE", "cpu", {"names": ["lm_head"]}, "fp32")
+        "MEASURE", "cpu", {"names": ["lm_head"], "types": ["matmul", "softmax", "sdpa", "kv_cache"]}, "fp32")
     assert not Path(cfg.dump_stats_path).parent.exists()  # the temporary folder is removed
 
     result = json.loads(report.read_text())
@@ -203,6 +203,15 @@ def test_quantize_config_skips_calibration(tiny_job, tmp_path, fake_api) -> None
     assert convert_cfg.hp_dtype == "fp32"  # the dtype saved in the model folder
 
 
+def test_attention_flag_keeps_attention_kinds_and_refuses_a_config(tiny_job, tmp_path, fake_api, capsys) -> None:
+    assert cli.main(_args(tiny_job, "--attention")) == 0
+    assert fake_api[0][1].blocklist == {"names": ["lm_head"]}
+    config = tmp_path / "measure.json"
+    config.write_text(json.dumps({"mode": "MEASURE"}))
+    assert cli.main(_args(tiny_job, "--attention", "--config", str(config))) != 0
+    assert "--attention" in capsys.readouterr().err
+
+
 def test_dtype_follows_config_then_flag(tiny_job, tmp_path, fake_api) -> None:
     config = tmp_path / "measure.json"
     config.write_text(json.dumps({"mode": "MEASURE", "hp_dtype": "bfloat16"}))
@@ -236,7 +245,8 @@ def test_end_to_end_measure_then_quantize(tiny_job, tmp_path, capsys) -> None:
 
     config = tmp_path / "quant.json"
     config.write_text(json.dumps({"mode": "QUANTIZE", "dump_stats_path": str(out / "measure"),
-                                  "blocklist": {"names": ["lm_head"]}, "hp_dtype": "fp32"}))
+                                  "blocklist": {"names": ["lm_head"], "types": list(cli.ATTENTION_KINDS)},
+                                  "hp_dtype": "fp32"}))
     assert cli.main(_args(tiny_job, "--config", str(config), "--report-json", str(report))) == 0
     second = json.loads(report.read_text())
     assert second["calib_tokens"] == 0
