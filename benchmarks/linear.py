@@ -1,36 +1,39 @@
 """Benchmark FP8-weight Linear implementations against the bf16 ``F.linear`` baseline.
 
 Shapes: Llama-3-8B's Linears (``K x N`` = in x out: 4096x4096 q/o, 4096x14336 gate/up,
-14336x4096 down) at ``M`` = 1 (decode), 16, 256, 2048 tokens. Each candidate computes bf16
-``y[M, N]`` from bf16 ``x[M, K]`` and an ``float8_e4m3fn`` weight ``[N, K]`` with per-tensor
-scales (``x ≈ q * s``); the ``bf16`` baseline multiplies the original bf16 weight. CPU candidates
-(``+qdq``: after the activation quantize-dequantize that ``fp8fx::linear`` computes):
+14336x4096 down) and SmolLM2-135M's (576x1536 gate/up, 1536x576 down) at ``M`` = 1 (decode),
+16, 256, 2048 tokens. Each candidate computes bf16 ``y[M, N]`` from bf16 ``x[M, K]`` and a
+``float8_e4m3fn`` weight ``[N, K]`` with per-tensor scales (``x ≈ q * s``); the ``bf16``
+baseline multiplies the original bf16 weight. CPU candidates:
 
-- ``reference``: ``torch.ops.fp8fx.linear`` as ``fp8fx.ops`` registers it (fp32 emulation);
+- ``reference``: ``fp8fx.ops.linear_reference``, the definition (FP8 casts, float32 GEMM); it
+  was the op's eager kernel before the fast one;
+- ``fp8fx_op``: ``torch.ops.fp8fx.linear``, its eager kernel now (``fp8fx.ops.linear_fast``:
+  integer-op weight conversion in cache-sized blocks, no FP8 casts);
 - ``scaled_mm``: static activation quantization + ``torch._scaled_mm`` (per-tensor scales);
-- ``deq_native[+qdq]``: ``F.linear(x, w.to(bf16) * s_w)``, the native cast;
-- ``deq_lut``: a 256-entry table of bf16 bit patterns indexed by the weight's bytes;
-- ``deq_bits[+qdq]``: integer bit manipulation (below) into reused int16 scratch buffers;
-  ``deq_bits_finite`` skips the NaN fix-up (weight checked NaN-free once, at build);
-  ``deq_bits_alloc`` uses fresh tensors per call (the allocator's cost: page faults);
-- ``inductor_deq[+qdq]``: ``torch.compile`` (Inductor, ``dynamic=False``) of ``deq_native``;
-- ``inductor_gemv+qdq`` (M=1): ``torch.compile`` of ``(qdq(x) * w.float()).sum(-1) * s_w``,
-  which Inductor fuses into one reduction reading the FP8 bytes (no bf16 weight temporary).
+- ``deq_native+qdq``: ``F.linear(qdq(x), w.to(bf16) * s_w)``, the native FP8 cast;
+- ``deq_bits_finite``: E4M3 -> bf16 by the shortest bit trick (below) into reused int16
+  buffers, no NaN fix-up (weight checked once) and a bf16 GEMM: the fastest eager formula,
+  but a float32 subnormal multiply (wrong under flushed denormals) and a bf16 rounding of the
+  scaled weight (not the op's numerics); shown as a bound;
+- ``lowering_before``: ``torch.compile`` (Inductor, ``dynamic=False``) of the previous
+  lowering's formula (``previous_lowering``): ``M == 1`` a reduction that casts the FP8 bytes
+  and re-quantizes ``x`` per output row, else a bf16 GEMM of FP8-cast operands;
+- ``inductor_op``: ``torch.compile`` of ``torch.ops.fp8fx.linear`` with
+  ``fp8fx.backends.inductor`` registered, the lowering as it is now.
 
-E4M3 -> bf16 by bits: code ``s.eeee.mmm`` becomes the bf16 pattern ``s.0000eeee.mmm0000``
-(sign-extend to int16, shift left 4, mask ``0x87F0``), which reads as the E4M3 value times
-``2**-120`` for normal *and* subnormal codes, so one multiply by ``scale * 2**120`` restores
-the value and applies the scale. NaN codes (``0x7F``/``0xFF``, the only ones whose magnitude
-bits reach ``0x07F0``) get an all-ones exponent by integer ops: the result is bit-exact against
-``.to(torch.bfloat16)`` over all 256 codes (checked every run, reported in the summary) as long
-as subnormals are not flushed (``torch.set_flush_denormal(False)``, the default).
+E4M3 -> bf16 by bits (``deq_bits_finite``): code ``s.eeee.mmm`` becomes the bf16 pattern
+``s.0000eeee.mmm0000`` (sign-extend to int16, shift left 4, mask ``0x87F0``), which reads as
+the E4M3 value times ``2**-120`` (subnormal codes as bf16 subnormals), so one multiply by
+``scale * 2**120`` restores the value and applies the scale.
 
 A row reports per candidate the median time per call (candidates timed round-robin, see
 "timing"), the ratio to ``bf16``, the error against ``reference`` (max abs difference over max
 abs of its output), the stored weight's bytes, the bytes of the weight-sized temporaries a
 call materializes (``None`` where hidden), Inductor's first-call time (``compile_s``) and the
 share of CPU time other processes took meanwhile (``other_cpu_share``; rows are re-run while it
-exceeds ``--max-contention``).
+exceeds ``--max-contention``). The summary checks the fp8fx conversions bit for bit over all
+256 codes of both formats.
 
 CUDA (only when ``torch.cuda.is_available()``; nothing touches CUDA otherwise): ``bf16``,
 ``reference``, ``deq_native+qdq``, ``scaled_mm`` with e4m3 operands and the weight passed as
@@ -51,11 +54,16 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fp8fx import ops  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -63,11 +71,15 @@ SHAPES: dict[str, tuple[int, int]] = {  # name -> (K, N)
     "4096x4096": (4096, 4096),
     "4096x14336": (4096, 14336),
     "14336x4096": (14336, 4096),
+    "576x1536": (576, 1536),
+    "1536x576": (1536, 576),
 }
+LLAMA_SHAPES = ("4096x4096", "4096x14336", "14336x4096")
 SMALL_SHAPES = ("4096x4096",)
 DEFAULT_M = (1, 16, 256, 2048)
 _BF16_MASK = -30736  # 0x87F0 as int16: sign bit, 4 exponent bits at 10..7, 3 mantissa at 6..4
 _TWO_POW_120 = 2.0 ** 120
+_CPU_BF16 = ops._cpu_has_bf16()
 
 
 # ---------------------------------------------------------------- numerics (pure functions)
@@ -83,53 +95,52 @@ def qdq_activation(x: Tensor, scale: Tensor) -> Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).to(torch.bfloat16) * scale
 
 
-def bf16_table() -> Tensor:
-    """bf16 bit patterns (int16) of the 256 E4M3 codes, indexed by the code's byte."""
-    return torch.arange(256, dtype=torch.uint8).view(FP8).to(torch.bfloat16).view(torch.int16)
+def e4m3_to_bf16_bits(w: Tensor, scale: Tensor | float, out: Tensor) -> Tensor:
+    """``w.to(bf16) * scale`` by int16 ops into ``out`` (module docstring); NaN codes are not
+    handled and E4M3 subnormals need unflushed denormals."""
+    out.copy_(w.view(torch.int8))  # sign-extend s.eeee.mmm to 16 bits
+    out.bitwise_left_shift_(4).bitwise_and_(_BF16_MASK)
+    return out.view(torch.bfloat16).mul_(scale * _TWO_POW_120)
 
 
-def e4m3_to_bf16_lut(w: Tensor, table: Tensor, index: Optional[Tensor] = None,
-                     out: Optional[Tensor] = None) -> Tensor:
-    """Table lookup; ``index`` (int32) and ``out`` (int16) are optional reusable buffers."""
-    index = torch.empty(w.shape, dtype=torch.int32) if index is None else index
-    out = torch.empty(w.shape, dtype=torch.int16) if out is None else out
-    index.copy_(w.view(torch.uint8))
-    torch.index_select(table, 0, index.view(-1), out=out.view(-1))
-    return out.view(torch.bfloat16)
+def previous_lowering(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Tensor,
+                      bias: Optional[Tensor], fp8_max: float) -> Tensor:
+    """The CPU lowering of ``fp8fx::linear`` before the integer-op conversion (same math)."""
+    n, k = weight.shape
+    x2d = x.reshape(-1, k)
+    qx = (x2d.float() / input_scale).clamp(-fp8_max, fp8_max).to(weight.dtype)
+    if _is_one(x2d.shape[0]):
+        acc = (qx.float() * weight.float()).sum(dim=-1).unsqueeze(0)
+    elif x.dtype == torch.bfloat16 and _CPU_BF16:
+        acc = torch.mm(qx.float().to(torch.bfloat16), weight.float().to(torch.bfloat16).t())
+    else:
+        acc = torch.mm(qx.float(), weight.float().t())
+    y = acc.float() * (input_scale * weight_scale)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def e4m3_to_bf16_bits(w: Tensor, scale: Tensor | float = 1.0, out: Optional[Tensor] = None,
-                      tmp: Optional[Tensor] = None, nan_codes: bool = True) -> Tensor:
-    """``w.to(bf16) * scale`` by integer ops (see the module docstring); bit-exact.
+def _is_one(size: object) -> bool:
+    from fp8fx.backends.inductor import _is_one as is_one  # no guard on a symbolic size
 
-    ``out`` and ``tmp`` are optional int16 buffers of ``w``'s shape, reused across calls;
-    the result is a bf16 view of ``out``. ``scale`` is a number, a 0-d tensor or an ``[N]``
-    per-output-channel tensor. ``nan_codes=False`` skips the NaN fix-up (4 of the 9 passes):
-    exact for weights known, once at load, to hold no NaN code (``0x7F``/``0xFF``).
-    """
-    t = torch.empty(w.shape, dtype=torch.int16) if out is None else out
-    t.copy_(w.view(torch.int8))  # sign-extend s.eeee.mmm to 16 bits
-    t.bitwise_left_shift_(4).bitwise_and_(_BF16_MASK)
-    if nan_codes:
-        nan = torch.bitwise_and(t, 0x7FFF, out=tmp) if tmp is not None else t & 0x7FFF
-        nan.add_(0x10).bitwise_and_(0x0800).mul_(15)  # 0x7800 where |bits| == 0x07F0 (NaN)
-        t.bitwise_or_(nan)
-    if isinstance(scale, Tensor) and scale.dim() > 0:
-        scale = scale.reshape(-1, 1)
-    return t.view(torch.bfloat16).mul_(scale * _TWO_POW_120)
+    return is_one(size)
 
 
 def check_conversions() -> dict[str, bool]:
-    """Bit-exactness of the fast conversions against the native cast over all 256 codes."""
-    codes = torch.arange(256, dtype=torch.uint8).view(FP8)
-    ref = codes.to(torch.bfloat16)
+    """The fp8fx weight conversions (eager kernel, Inductor lowering) against the FP8 cast,
+    bit for bit over all 256 codes of both formats."""
+    from fp8fx.backends import inductor
 
-    def same(got: Tensor) -> bool:
-        eq = (got.view(torch.int16) == ref.view(torch.int16)) | (got.isnan() & ref.isnan())
-        return bool(eq.all())
-
-    return {"lut_bit_exact_256": same(e4m3_to_bf16_lut(codes, bf16_table())),
-            "bits_bit_exact_256": same(e4m3_to_bf16_bits(codes))}
+    out: dict[str, bool] = {}
+    for fmt in (torch.float8_e4m3fn, torch.float8_e5m2):
+        codes = torch.arange(256, dtype=torch.uint8).view(fmt)
+        ref = codes.to(torch.float32)
+        for name, conv in (("op", ops.fp8_to_float32), ("lowering", inductor._fp8_to_float32)):
+            got = conv(codes)
+            same = (got.view(torch.int32) == ref.view(torch.int32)) | (got.isnan() & ref.isnan())
+            out[f"{name}_{str(fmt).replace('torch.float8_', '')}_bit_exact_256"] = bool(same.all())
+    return out
 
 
 # ---------------------------------------------------------------- candidates
@@ -160,7 +171,10 @@ def make_case(K: int, N: int, M: int, device: str, seed: int = 0) -> Case:
 
 
 def _reference(c: Case) -> Callable[[], Tensor]:
-    import fp8fx.ops  # noqa: F401  (registers torch.ops.fp8fx.linear)
+    return lambda: ops.linear_reference(c.x, c.w_fp8, c.w_scale, c.x_scale, None, FP8_MAX)
+
+
+def _fp8fx_op(c: Case) -> Callable[[], Tensor]:
     op = torch.ops.fp8fx.linear
     return lambda: op(c.x, c.w_fp8, c.w_scale, c.x_scale, None, FP8_MAX)
 
@@ -176,61 +190,30 @@ def _scaled_mm(c: Case) -> Callable[[], Tensor]:
                                     scale_b=c.w_scale, out_dtype=torch.bfloat16)
 
 
-def _deq_native(qdq: bool) -> Callable[[Case], Callable[[], Tensor]]:
+def _deq_native_qdq(c: Case) -> Callable[[], Tensor]:
+    return lambda: F.linear(qdq_activation(c.x, c.x_scale),
+                            c.w_fp8.to(torch.bfloat16) * c.w_scale)
+
+
+def _deq_bits_finite(c: Case) -> Callable[[], Tensor]:
+    if bool((c.w_fp8.view(torch.uint8) & 0x7F).eq(0x7F).any()):
+        raise ValueError("weight holds NaN codes; deq_bits_finite needs a NaN-free weight")
+    out = torch.empty(c.w_fp8.shape, dtype=torch.int16, device=c.device)
+    return lambda: F.linear(c.x, e4m3_to_bf16_bits(c.w_fp8, c.w_scale, out))
+
+
+def _op_call(x: Tensor, w: Tensor, w_scale: Tensor, x_scale: Tensor, bias: Optional[Tensor],
+             fp8_max: float) -> Tensor:
+    return torch.ops.fp8fx.linear(x, w, w_scale, x_scale, bias, fp8_max)
+
+
+def _compiled(fn: Callable[..., Tensor]) -> Callable[[Case], Callable[[], Tensor]]:
     def build(c: Case) -> Callable[[], Tensor]:
-        def fn() -> Tensor:
-            x = qdq_activation(c.x, c.x_scale) if qdq else c.x
-            return F.linear(x, c.w_fp8.to(torch.bfloat16) * c.w_scale)
-        return fn
-    return build
+        from fp8fx.backends import inductor
 
-
-def _deq_lut(c: Case) -> Callable[[], Tensor]:
-    table = bf16_table()
-    index = torch.empty(c.w_fp8.shape, dtype=torch.int32)
-    out = torch.empty(c.w_fp8.shape, dtype=torch.int16)
-
-    def fn() -> Tensor:
-        w = e4m3_to_bf16_lut(c.w_fp8, table, index, out).mul_(c.w_scale)
-        return F.linear(c.x, w)
-    return fn
-
-
-def _deq_bits(qdq: bool, reuse: bool, nan_codes: bool = True
-              ) -> Callable[[Case], Callable[[], Tensor]]:
-    def build(c: Case) -> Callable[[], Tensor]:
-        out = tmp = None
-        if not nan_codes and bool((c.w_fp8.view(torch.uint8) & 0x7F).eq(0x7F).any()):
-            raise ValueError("weight holds NaN codes; deq_bits_finite needs a NaN-free weight")
-        if reuse:
-            out = torch.empty(c.w_fp8.shape, dtype=torch.int16)
-            tmp = torch.empty(c.w_fp8.shape, dtype=torch.int16) if nan_codes else None
-
-        def fn() -> Tensor:
-            x = qdq_activation(c.x, c.x_scale) if qdq else c.x
-            return F.linear(x, e4m3_to_bf16_bits(c.w_fp8, c.w_scale, out, tmp, nan_codes))
-        return fn
-    return build
-
-
-def _inductor_deq(x: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
-    return F.linear(x, w.to(torch.bfloat16) * w_scale)
-
-
-def _inductor_deq_qdq(x: Tensor, w: Tensor, w_scale: Tensor, x_scale: Tensor) -> Tensor:
-    return F.linear(qdq_activation(x, x_scale), w.to(torch.bfloat16) * w_scale)
-
-
-def _inductor_gemv_qdq(x: Tensor, w: Tensor, w_scale: Tensor, x_scale: Tensor) -> Tensor:
-    xq = qdq_activation(x, x_scale).float()
-    return ((xq[:, None, :] * w.float()).sum(-1) * w_scale).to(torch.bfloat16)
-
-
-def _compiled(fn: Callable[..., Tensor], with_x_scale: bool) -> Callable[[Case], Callable]:
-    def build(c: Case) -> Callable[[], Tensor]:
+        inductor.register_lowering()
         compiled = torch.compile(fn, dynamic=False, fullgraph=True)
-        args = (c.x, c.w_fp8, c.w_scale) + ((c.x_scale,) if with_x_scale else ())
-        return lambda: compiled(*args)
+        return lambda: compiled(c.x, c.w_fp8, c.w_scale, c.x_scale, None, FP8_MAX)
     return build
 
 
@@ -247,20 +230,14 @@ class Candidate:
 CPU_CANDIDATES: tuple[Candidate, ...] = (
     Candidate("bf16", lambda c: (lambda: F.linear(c.x, c.w_bf16)), False, 0),
     Candidate("reference", _reference, temp_bytes_per_elem=4),
+    Candidate("fp8fx_op", _fp8fx_op, temp_bytes_per_elem=0),
     Candidate("scaled_mm", _scaled_mm),
-    Candidate("deq_native", _deq_native(False), temp_bytes_per_elem=2),
-    Candidate("deq_native+qdq", _deq_native(True), temp_bytes_per_elem=2),
-    Candidate("deq_lut", _deq_lut, temp_bytes_per_elem=6),
-    Candidate("deq_bits", _deq_bits(False, True), temp_bytes_per_elem=4),
-    Candidate("deq_bits_finite", _deq_bits(False, True, False), temp_bytes_per_elem=2),
-    Candidate("deq_bits_alloc", _deq_bits(False, False), temp_bytes_per_elem=4),
-    Candidate("deq_bits+qdq", _deq_bits(True, True), temp_bytes_per_elem=4),
-    Candidate("inductor_deq", _compiled(_inductor_deq, False), temp_bytes_per_elem=2,
+    Candidate("deq_native+qdq", _deq_native_qdq, temp_bytes_per_elem=2),
+    Candidate("deq_bits_finite", _deq_bits_finite, temp_bytes_per_elem=2),
+    Candidate("lowering_before", _compiled(previous_lowering), temp_bytes_per_elem=None,
               compiled=True),
-    Candidate("inductor_deq+qdq", _compiled(_inductor_deq_qdq, True), temp_bytes_per_elem=2,
+    Candidate("inductor_op", _compiled(_op_call), temp_bytes_per_elem=None,
               compiled=True),
-    Candidate("inductor_gemv+qdq", _compiled(_inductor_gemv_qdq, True), temp_bytes_per_elem=0,
-              compiled=True, max_m=1),
 )
 
 
@@ -272,15 +249,20 @@ CPU_CANDIDATES: tuple[Candidate, ...] = (
 # rounds once ``--budget`` seconds per candidate have passed.
 
 class CpuSampler:
-    """Wall-clock time of one call, in ms."""
+    """Time of one call, in ms: wall clock, or (``clock="thread"``, one thread only) the CPU
+    time of the calling thread, which a shared machine's other processes do not inflate by
+    descheduling it (they still share its caches and memory bandwidth)."""
+
+    def __init__(self, clock: str = "wall") -> None:
+        self.now = time.thread_time if clock == "thread" else time.perf_counter
 
     def calibrate(self, fn: Callable[[], Any]) -> int:
         return 1
 
     def sample(self, fn: Callable[[], Any], inner: int) -> float:
-        t0 = time.perf_counter()
+        t0 = self.now()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        return (self.now() - t0) * 1e3
 
 
 class CudaSampler:
@@ -358,9 +340,11 @@ def run_row(cands: tuple[Candidate, ...], shape: str, M: int, args: argparse.Nam
         if rnd >= 2 and time.perf_counter() - start > args.budget * max(len(live), 1):
             break
     for row in rows:
-        if "error" not in row and times.get(id(row)):
-            row.update(median_ms=round(statistics.median(times[id(row)]), 4),
-                       repeats=len(times[id(row)]))
+        ts = times.get(id(row))
+        if "error" not in row and ts:
+            q1, _, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (ts[0], 0, ts[0])
+            row.update(median_ms=round(statistics.median(ts), 4), q1_ms=round(q1, 4),
+                       q3_ms=round(q3, 4), repeats=len(ts))
     rank = {cd.name: i for i, cd in enumerate(cands)}
     rows.sort(key=lambda r: rank[r["candidate"]])
     base = next((r.get("median_ms") for r in rows if r["candidate"] == "bf16"), None)
@@ -454,7 +438,7 @@ def cuda_candidates() -> tuple[Candidate, ...]:
     return (
         Candidate("bf16", lambda c: (lambda: F.linear(c.x, c.w_bf16)), False, 0),
         Candidate("reference", _reference, temp_bytes_per_elem=4),
-        Candidate("deq_native+qdq", _deq_native(True), temp_bytes_per_elem=2),
+        Candidate("deq_native+qdq", _deq_native_qdq, temp_bytes_per_elem=2),
         Candidate("scaled_mm", _cuda_scaled_mm(True)),
         Candidate("scaled_mm_prequant", _cuda_scaled_mm(False)),
         Candidate("torchao_f8dyn_pertensor",
@@ -572,7 +556,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="all",
-                   help="'all', 'small' (4096x4096 only) or a comma list of KxN names")
+                   help="'all', 'llama' (the three Llama-3-8B shapes), 'small' (4096x4096 "
+                        "only) or a comma list of KxN names")
     p.add_argument("--m", default=",".join(map(str, DEFAULT_M)), help="comma list of M")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: --shapes small --m 1,16, 1 warmup, 3 repeats")
@@ -590,6 +575,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, default=20.0,
                    help="seconds to wait, before each row, for other processes to go quiet")
     p.add_argument("--threads", type=int, default=0, help="0: the number of usable cores")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="CPU rows: wall clock, or the thread's CPU time (needs --threads 1)")
     p.add_argument("--json-out", default="", help="also write the JSON lines to this file")
     p.add_argument("--no-table", action="store_true")
     args = p.parse_args(argv)
@@ -599,11 +586,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.shapes_list = list(SHAPES)
     elif args.shapes == "small":
         args.shapes_list = list(SMALL_SHAPES)
+    elif args.shapes == "llama":
+        args.shapes_list = list(LLAMA_SHAPES)
     else:
         args.shapes_list = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in args.shapes_list if s not in SHAPES]
     if unknown:
-        p.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}, 'all' or 'small'")
+        p.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}, 'all', 'llama' "
+                "or 'small'")
     try:
         args.m_list = [int(m) for m in args.m.split(",") if m.strip()]
     except ValueError:
@@ -616,6 +606,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error(f"--candidates: unknown {sorted(args.candidates_set - names)}; "
                 f"choose from {sorted(names)}")
     args.candidates_set.add("bf16")  # every ratio needs the baseline
+    if args.clock == "thread" and args.threads != 1:
+        p.error("--clock thread measures the calling thread only: use it with --threads 1")
     return args
 
 
@@ -644,7 +636,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             for shape in args.shapes_list:
                 for m in args.m_list:
                     rows += emit_all(run_row_checked(CPU_CANDIDATES, shape, m, args,
-                                                     CpuSampler(), "cpu"))
+                                                     CpuSampler(args.clock), "cpu"))
         if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
             if not torch.cuda.is_available():
                 print("--device cuda: CUDA is not available in this torch build/machine; "

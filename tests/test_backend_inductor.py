@@ -9,6 +9,7 @@ the realistic case.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -136,6 +137,104 @@ def test_compiled_model_matches_reference(model: Variants, dynamic: bool) -> Non
         with torch.no_grad():
             _check_outputs(compiled(*inputs), model(*inputs))
         assert counters["stats"]["unique_graphs"] == graphs
+
+
+def _same_bits(got: Tensor, want: Tensor) -> bool:
+    eq = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    return bool(eq.all())
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+def test_bit_conversion_is_exact_for_all_256_codes(fmt: torch.dtype) -> None:
+    """The weight conversion the CPU lowering uses, eager and compiled, flushed denormals too:
+    subnormal codes never pass through a float32 denormal."""
+    codes = torch.arange(256, dtype=torch.uint8).view(fmt).reshape(16, 16)
+    want = codes.to(torch.float32)
+    compiled = torch.compile(inductor._fp8_to_float32, dynamic=False, fullgraph=True)
+    assert _same_bits(inductor._fp8_to_float32(codes), want)
+    assert _same_bits(compiled(codes), want)
+    if torch.set_flush_denormal(True):
+        try:
+            assert _same_bits(compiled(codes), want)
+        finally:
+            torch.set_flush_denormal(False)
+
+
+def _reduction_bodies(code: str) -> list[str]:
+    """The inner loops of Inductor's CPU reductions (accumulator init to final reduce)."""
+    return re.findall(r"tmp_acc0 = 0;(.*?)out_ptr\d+\[", code, re.S)
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+def test_decode_reduction_reads_fp8_bytes_without_casts(fmt: torch.dtype) -> None:
+    """``M == 1``: one reduction over the FP8 bytes; the activation is quantized once, outside
+    it (no FP8 cast in the loop: neither the activation's nor the weight's)."""
+    from torch._inductor.utils import run_and_get_code
+
+    inductor.register_lowering()
+    layer = fp8_linear(64, 40, fmt, True, True, torch.bfloat16, seed=7).eval()
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    compiled = torch.compile(layer, dynamic=False, fullgraph=True)
+    with torch.no_grad():
+        got, codes = run_and_get_code(compiled, x)
+        want = layer(x)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0.0)
+    bodies = [b for code in codes for b in _reduction_bodies(code)]
+    assert len(bodies) == 1, "expected exactly one reduction (the GEMV)"
+    loads = re.findall(r"auto (tmp\d+) = [^;]*Float8[^;]*loadu", bodies[0])
+    assert loads  # it reads the FP8 weight bytes themselves ...
+    for var in loads:  # ... and reinterprets them as integers: no FP8 -> float cast
+        assert not re.search(rf"convert<[^>]*>\({var}\)", bodies[0]), var
+    assert not re.search(r"convert<[^>]*Float8", bodies[0])  # no cast to FP8 either ...
+    assert " / " not in bodies[0]  # ... nor x / s_x: the activation is quantized once
+    assert not [line for line in _code_lines(codes) if "extern_kernels.mm(" in line]
+
+
+def test_decode_reduction_is_split_below_the_cascade_threshold() -> None:
+    """A long ``K`` is summed in equal parts (Inductor's cascade helper is slow); numerics stay
+    the reference's up to summation order."""
+    from torch._inductor.utils import run_and_get_code
+
+    inductor.register_lowering()
+    layer = fp8_linear(768, 8, E5M2, False, True, torch.float32, seed=9).eval()
+    x = torch.randn(1, 768)
+    assert inductor._reduction_parts(768) == 1 and inductor._reduction_parts(14336) == 4
+    with mock.patch.object(inductor, "_MAX_REDUCTION", 256), \
+            torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, dynamic=False, fullgraph=True)
+        with torch.no_grad():
+            got, codes = run_and_get_code(compiled, x)
+            want = layer(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    assert not [line for line in _code_lines(codes) if "CascadeSumHelper" in line]
+    assert any(re.search(r"x\d+<static_cast<int64_t>\(256L\)", code) for code in codes)
+
+
+def test_gemm_path_converts_the_weight_in_groups() -> None:
+    """``M > 1``: the weight is converted and multiplied in row groups (an uneven last one),
+    never as one weight-sized temporary; the groups' outputs are the reference's columns."""
+    from torch._inductor.utils import run_and_get_code
+
+    inductor.register_lowering()
+    layer = fp8_linear(24, 40, E4M3, True, True, torch.bfloat16, seed=8).eval()
+    x = torch.randn(5, 24).to(torch.bfloat16)
+    # the group size is not part of the compile cache key: compile this graph afresh
+    with mock.patch.object(inductor, "_GROUP_ELEMS", 24 * 16), \
+            torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, dynamic=False, fullgraph=True)
+        with torch.no_grad():
+            got, codes = run_and_get_code(compiled, x)
+            want = layer(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7,
+                               atol=2**-7 * float(want.float().abs().max()))
+    mms = [line for line in _code_lines(codes) if "extern_kernels.mm(" in line]
+    assert len(mms) == 3  # 40 rows in groups of 14, 14, 12
 
 
 def test_register_is_idempotent_and_tags_the_cache() -> None:

@@ -5,7 +5,7 @@
 AOTAutograd then traces ``torch.ops.fp8fx.linear.default`` into plain aten ops while it builds
 the graph, so ``torch.compile(model)`` with the default Inductor backend generates kernels for
 the FP8 linear itself (activation quantization fused into one pointwise kernel, a GEMM or a
-reduction, a fused epilogue) instead of calling the op's eager reference kernel. Nothing happens
+reduction, a fused epilogue) instead of calling the op's eager kernel. Nothing happens
 at import: callers call ``register_lowering()`` (idempotent) before their first compile. Dynamo
 keeps what it compiled in-process, so a model compiled before the call keeps the eager op until
 ``torch._dynamo.reset()``.
@@ -16,8 +16,8 @@ registration. ``register_lowering()`` therefore appends a tag naming this module
 to ``torch.compiler.config.cache_key_tag`` (documented for breaking caches); that tag is its
 only change to global configuration.
 
-Numerics (reference: ``fp8fx.ops.linear``)
-------------------------------------------
+Numerics (reference: ``fp8fx.ops.linear_reference``)
+----------------------------------------------------
 Every path quantizes the activation exactly as the reference does (float32 ``x / s_x``, clamp
 to ``±fp8_max``, round-to-nearest-even cast to the weight's FP8 dtype) and applies the scales,
 the bias and the cast to ``x.dtype`` in a float32 epilogue: ``y = acc * (s_x * s_w) + b``. FP8
@@ -25,11 +25,11 @@ values are exact in bfloat16 and float32, so the GEMM operands are exactly the r
 only the GEMM differs:
 
 =====================================  =========================================================
-CPU, ``M == 1`` (static)               ``(q_x * q_w).sum(-1)`` in float32: Inductor fuses it
-                                       into one reduction that reads the FP8 bytes (and redoes
-                                       the activation quantization per row); float32
-                                       accumulation (equal to the reference up to summation
-                                       order)
+CPU, ``M == 1`` (static)               ``(q_x * q_w).sum(-1)`` in float32: one reduction that
+                                       reads the FP8 bytes; ``q_x`` is computed once into a
+                                       buffer (``_materialized``), not per output row; float32
+                                       accumulation, equal to the reference up to summation
+                                       order
 CPU, bfloat16 ``x``, ``M > 1`` or      ``mm`` of bfloat16 operands (oneDNN accumulates in
 dynamic, CPU with AVX512-BF16/AMX      float32, then rounds the product to bfloat16 before the
                                        float32 epilogue): within about one bfloat16 ulp of the
@@ -41,39 +41,41 @@ CUDA, sm89+, E4M3, ``K, N % 16 == 0``  ``torch._scaled_mm`` with float32 output:
 CUDA, sm89+, other shapes/E5M2         float32 ``mm`` of the dequantized operands
 =====================================  =========================================================
 
-CPU choice, by measurement
---------------------------
-Inductor-compiled candidates (``dynamic=False``), per-tensor E4M3 weight, bfloat16 ``x``; the
-fastest of 30 calls after warmup, in ms, with one thread / two threads (the 2-core host was
-shared with other jobs, so single-thread numbers are the steadier ones). "bf16 eager" is
-``F.linear`` on a bfloat16 weight, "ref op" the eager reference kernel.
+CPU kernels, by measurement
+---------------------------
+Ratios below are ``benchmarks/linear.py`` times over a bfloat16 ``F.linear`` on the original
+weight (two threads, quiet machine; Llama-3-8B's three Linear shapes, then SmolLM2-135M's
+two), against ``lowering_before``, the previous form of this decomposition, in the same run.
 
-``K = N = 2048``:
+The weight is converted by integer ops (``_fp8_to_float32``), never by an FP8 cast: Inductor's
+vectorized FP8 -> float32 conversion handles subnormal and NaN codes with masks and branches
+and made the ``M == 1`` reduction 1.5x slower (4096 x 4096, one thread); a shorter bit trick
+that maps subnormal codes to float32 denormals was faster still but wrong with flushed
+denormals. The integer form is exact for all 256 codes of both formats and forms no float32
+denormal (a test runs it with denormals flushed).
 
-=====  ===========  ===========  =============  =============  ============  ===========
-``M``  bf16 eager   ref op       dequant->fp32  dequant->bf16  _scaled_mm    reduction
-=====  ===========  ===========  =============  =============  ============  ===========
-1      0.71 / 0.87  13.8 / 8.4   1.42 / 1.83    2.24 / 2.55    16.2 / --     3.77 / 2.80
-4      0.71 / --    14.5 / --    2.16 / --      2.87 / --      28.4 / --     --
-16     0.93 / 0.81  16.0 / 9.7   3.33 / 3.40    2.99 / 2.44    24.7 / --     --
-64     1.78 / --    19.7 / --    7.25 / --      3.76 / --      22.1 / --     --
-256    5.35 / 3.35  37.8 / 23.6  24.1 / 15.1    7.62 / 5.20    40.2 / --     --
-=====  ===========  ===========  =============  =============  ============  ===========
+* ``M == 1``: the reduction streams the FP8 bytes (1 byte per weight against bfloat16's 2):
+  0.81x and 0.90x bfloat16 at 4096 x 4096 and 4096 x 14336; 1.26x at ``K = 14336`` (likely
+  because ``q_x``, 56 KiB in float32, no longer fits L1 and is re-read from L2 for every
+  row) and 1.34-1.36x at SmolLM2's cache-resident weights, where the ~20 instructions per 16
+  weights of the conversion are the cost. Inductor sums more than 4096 float32 elements
+  through a cascade helper that keeps its partial sums in a heap vector per output (2.03x
+  instead of 1.44x at ``K = 14336``, one thread), so long rows are summed in equal parts
+  (``_reduction_parts``). The previous form cast the FP8 bytes and let Inductor inline the
+  activation quantization into the reduction (two more FP8 casts per weight element):
+  5.6-6.1x and 4.5-4.9x.
+* ``M > 1``: the weight is converted into float32 in row groups of ``_GROUP_ELEMS`` and each
+  group is multiplied as soon as it is converted. A weight-sized temporary comes from ``mmap``
+  and page-faults on every call (about 15 ms per 32 MB, more than the conversion itself), and a
+  conversion fused with the cast to bfloat16 runs at Inductor's 32-lane width, ten times slower
+  than the 16-lane float32 one; ``_materialized`` keeps the two apart. ``M = 16``: 1.9-2.2x
+  and 2.1-2.4x (previous form 8.5-8.9x and 3.8x); ``M = 256``: 1.16-1.32x and 1.33-1.40x
+  (2.1-2.3x, 1.6-1.7x); ``M = 2048``: 1.04-1.30x and 1.15-1.37x (1.18-1.24x, 1.21-1.44x),
+  where the GEMM dominates and both forms are within noise of each other.
+* ``torch._scaled_mm`` runs on CPU (oneDNN) but was the slowest candidate everywhere (12-63x
+  bfloat16 at ``M = 1``), so it is not used on CPU.
 
-``K = N = 4096`` (the weight no longer fits the caches, as in LLM layers), two threads:
-``M = 1``: reduction 7.8, dequant->bf16 15.9, dequant->fp32 26.0 (bf16 eager 1.6); ``M = 16``:
-dequant->bf16 17.3, dequant->fp32 33.0. One thread, ``K = 4096, N = 14336, M = 1``: reduction
-68, dequant->bf16 116. Hence: ``M == 1`` (decode) takes the reduction, which is exact and wins
-once the weight is LLM-sized (it loses to a GEMM while the float32 weight copy stays in
-cache); larger ``M`` takes the bfloat16 GEMM for bfloat16 models. ``torch._scaled_mm`` runs on
-CPU (oneDNN) but was the slowest everywhere and not exact (up to 2.5e-3 relative error with a
-float32 output), so it is not used on CPU. Every CPU path converts the FP8 weight on each call,
-which is why all of them stay several times slower than a bfloat16 weight: FP8 on CPU saves
-memory, not time.
-
-The bfloat16 operands are made through float32 (``w.float().to(bfloat16)``): Inductor's direct
-FP8 -> bfloat16 vector conversion took 8.8 ms for a 2048 x 2048 weight, FP8 -> float32 ->
-bfloat16 1.35 ms.
+Per-shape numbers, the command and the machine: ``benchmarks/README.md``.
 
 Inductor fuses a cast to bfloat16 with the float32 math that follows and skips the rounding
 (``torch._inductor.config.emulate_precision_casts`` is off by default). An activation that a
@@ -137,13 +139,83 @@ def _epilogue(acc: Tensor, scale: Optional[Tensor], bias: Optional[Tensor],
     return y.to(dtype)
 
 
-def _dequant_mm(qx: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """``q_x @ q_wᵀ`` with both operands converted (exactly) to ``dtype`` through float32."""
-    a = qx.to(torch.float32)
-    b = weight.to(torch.float32)
-    if dtype != torch.float32:
-        a, b = a.to(dtype), b.to(dtype)
-    return torch.mm(a, b.t())
+# (mantissa bits, exponent bias, has inf) per FP8 format
+_FP8_LAYOUT = {torch.float8_e4m3fn: (3, 7, False), torch.float8_e5m2: (2, 15, True)}
+_SIGN_BIT = -(2**31)
+_MAX_REDUCTION = 4096  # Inductor's CPU cascade-sum threshold (codegen/cpp.py, chunk_size)
+_GROUP_ELEMS = 1 << 22  # weight elements converted per group on the M > 1 path (16 MiB fp32)
+
+
+def _fp8_to_float32(weight: Tensor) -> Tensor:
+    """``weight.to(float32)`` by integer ops that Inductor fuses and vectorizes (no FP8 cast).
+
+    The 7 magnitude bits shift into float32's exponent and mantissa fields and the bias
+    difference is added to the exponent: exact for normal codes. Subnormal codes (exponent
+    field 0) are ``magnitude * 2**(1 - bias - mantissa bits)`` by an int -> float conversion,
+    so no float32 denormal is ever formed (the result does not depend on the denormal mode);
+    NaN (and E5M2's inf) codes are selected; the sign bit is ORed in last.
+    """
+    mbits, bias, has_inf = _FP8_LAYOUT[weight.dtype]
+    code = weight.view(torch.int8).to(torch.int32)  # sign-extended: bit 31 is the sign
+    mag = code & 0x7F
+    normal = ((mag << (23 - mbits)) + ((127 - bias) << 23)).view(torch.float32)
+    subnormal = mag.to(torch.float32) * 2.0 ** (1 - bias - mbits)
+    value = torch.where(mag < (1 << mbits), subnormal, normal)
+    if has_inf:
+        top = 0x7F & ~((1 << mbits) - 1)  # exponent field all ones
+        special = torch.where(mag == top, float("inf"), float("nan"))
+        value = torch.where(mag >= top, special, value)
+    else:
+        value = torch.where(mag == 0x7F, float("nan"), value)
+    return (value.view(torch.int32) | (code & _SIGN_BIT)).view(torch.float32)
+
+
+def _materialized(t: Tensor) -> Tensor:
+    """``t``, computed once into a buffer: Inductor realizes the input of ``as_strided``.
+
+    Without it Inductor inlines the activation quantization into the ``M == 1`` reduction and
+    recomputes it for every output row (``N`` times); a test checks the generated code.
+    """
+    return t.as_strided(t.shape, t.stride())
+
+
+def _dequant_mm(qx: Tensor, weight: Tensor) -> Tensor:
+    """``q_x @ q_wᵀ`` in float32 with both operands cast (exactly) to float32 (GPUs)."""
+    return torch.mm(qx.to(torch.float32), weight.to(torch.float32).t())
+
+
+def _cpu_dequant_mm(qx: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``q_x @ q_wᵀ`` in ``dtype`` (both operands exact in it) for ``M > 1`` on CPU.
+
+    The weight is converted by ``_fp8_to_float32`` into a float32 buffer (``_materialized``:
+    fused with the cast to bfloat16, the conversion runs at Inductor's 32-lane bfloat16 width
+    and takes 10x longer) in row groups of ``_GROUP_ELEMS`` elements, each multiplied as soon
+    as it is converted: a weight-sized temporary comes from ``mmap`` and page-faults on every
+    call (15 ms per 32 MB on the measured host, more than the conversion itself).
+    """
+    n, k = weight.shape
+    a = qx.to(torch.float32).to(dtype)
+    static = isinstance(n, int) and isinstance(k, int)  # weights are static unless forced
+    groups = max(1, -(-n * k // _GROUP_ELEMS)) if static else 1
+    rows = -(-n // groups)
+    parts = []
+    for r0 in range(0, n, rows):
+        b = _materialized(_fp8_to_float32(weight[r0:r0 + rows]))
+        parts.append(torch.mm(a, b.to(dtype).t()))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _reduction_parts(k: int) -> int:
+    """In how many equal parts to sum ``k`` products: Inductor's CPU sum over more than
+    ``_MAX_REDUCTION`` float32 elements uses a cascade (pairwise) helper that keeps its partial
+    sums in a heap vector per output, 2.5x slower here; smaller sums of equal length avoid it.
+    1 when no divisor of ``k`` gives parts of at least 256 (then the cascade it is)."""
+    if not isinstance(k, int):
+        return 1
+    parts = -(-k // _MAX_REDUCTION)
+    while parts > 1 and k % parts and k // parts >= 256:
+        parts += 1
+    return parts if k % parts == 0 and k // parts >= 256 else 1
 
 
 def _is_one(size: object) -> bool:
@@ -163,11 +235,15 @@ def _cpu_linear(x2d: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: 
                 bias: Optional[Tensor], fp8_max: float) -> Tensor:
     qx = _quantize_activation(x2d, input_scale, weight.dtype, fp8_max)
     if _is_one(x2d.shape[0]):
-        acc = (qx.to(torch.float32) * weight.to(torch.float32)).sum(dim=-1).unsqueeze(0)
+        n, k = weight.shape
+        qx32 = _materialized(qx.to(torch.float32))
+        parts = _reduction_parts(k)
+        prod = qx32.reshape(1, parts, k // parts) * _fp8_to_float32(weight).reshape(n, parts, -1)
+        acc = prod.sum(dim=-1).sum(dim=-1).unsqueeze(0)
     elif x2d.dtype == torch.bfloat16 and _cpu_has_bf16():
-        acc = _dequant_mm(qx, weight, torch.bfloat16)
+        acc = _cpu_dequant_mm(qx, weight, torch.bfloat16)
     else:
-        acc = _dequant_mm(qx, weight, torch.float32)
+        acc = _cpu_dequant_mm(qx, weight, torch.float32)
     return _epilogue(acc, input_scale * weight_scale, bias, x2d.dtype)
 
 
@@ -183,7 +259,7 @@ def _cuda_linear(x2d: Tensor, weight: Tensor, weight_scale: Tensor, input_scale:
     n, k = weight.shape
     if (weight.dtype != torch.float8_e4m3fn or k % _SCALED_MM_ALIGNMENT != 0
             or n % _SCALED_MM_ALIGNMENT != 0):
-        acc = _dequant_mm(qx, weight, torch.float32)
+        acc = _dequant_mm(qx, weight)
         return _epilogue(acc, input_scale * weight_scale, bias, x2d.dtype)
     if weight_scale.numel() == 1:
         scale_b, post_scale = weight_scale.reshape(()), None

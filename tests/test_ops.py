@@ -1,0 +1,258 @@
+"""fp8fx.ops: the fast CPU kernel of ``fp8fx::linear`` against its reference.
+
+The conversions are exact by construction, so they are compared bit for bit: every one of the
+256 codes of both FP8 formats (hypothesis draws tensors of them too, in any layout), every FP8
+rounding midpoint and its float32 neighbours for the activation quantization. The GEMM may sum
+in another order (float32 GEMM) or round once more (bfloat16 GEMM, more than
+``_EXACT_MAX_M`` rows of bfloat16 ``x``); those comparisons use the bound the module docstring
+states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from fp8fx import ops
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+FORMATS = (E4M3, E5M2)
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def all_codes(fmt: torch.dtype) -> Tensor:
+    return torch.arange(256, dtype=torch.uint8).view(fmt)
+
+
+def same_bits(got: Tensor, want: Tensor) -> Tensor:
+    """Elementwise: identical float32 bit patterns, or both NaN."""
+    got, want = got.float(), want.float()
+    return (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+
+
+@contextlib.contextmanager
+def flush_denormal():
+    """Denormals flushed to zero (FTZ/DAZ), as some libraries leave the process."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+# ---- weight conversion ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("flush", [False, True])
+def test_fp8_to_float32_is_exact_for_all_256_codes(fmt, flush) -> None:
+    codes = all_codes(fmt)
+    with flush_denormal() if flush else contextlib.nullcontext():
+        got = ops.fp8_to_float32(codes)
+    want = codes.to(torch.float32)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert bool(same_bits(got, want).all())
+    assert int(got.isnan().sum()) == (2 if fmt == E4M3 else 6)  # E5M2: 0x7D-0x7F, 0xFD-0xFF
+    # subnormal codes are part of the sweep: the tests above would fail if any were flushed
+    sub = want[(want != 0) & (want.abs() < torch.finfo(fmt).smallest_normal)]
+    assert sub.numel() == (14 if fmt == E4M3 else 6)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_half_bits_times_factor_is_the_value(fmt) -> None:
+    """The kernel's own conversion: exact for every non-NaN code; E4M3's NaN codes -> ±1.875."""
+    codes = all_codes(fmt)
+    half, factor = ops.fp8_to_half_bits(codes)
+    got = half.to(torch.float32) * factor
+    want = codes.to(torch.float32)
+    finite_or_inf = ~want.isnan()
+    assert bool(same_bits(got[finite_or_inf], want[finite_or_inf]).all())
+    if fmt == E4M3:
+        assert half[want.isnan()].float().abs().eq(1.875).all()
+        assert ops.has_nan_codes(codes)
+    else:
+        assert half[want.isnan()].isnan().all()
+
+
+@SETTINGS
+@given(data=st.data(), fmt=st.sampled_from(FORMATS), rows=st.integers(1, 9),
+       cols=st.integers(1, 40), transposed=st.booleans())
+def test_fp8_to_float32_property(data, fmt, rows, cols, transposed) -> None:
+    raw = data.draw(st.lists(st.integers(0, 255), min_size=rows * cols, max_size=rows * cols))
+    w = torch.tensor(raw, dtype=torch.uint8).view(fmt).reshape(rows, cols)
+    if transposed:
+        w = w.t()
+    got = ops.fp8_to_float32(w)
+    assert bool(same_bits(got, w.to(torch.float32)).all())
+    has_nan = bool(w.to(torch.float32).isnan().any()) and fmt == E4M3
+    assert ops.has_nan_codes(w) is has_nan
+
+
+@pytest.mark.parametrize("code", [0x7F, 0xFF])
+def test_nan_code_rows(code) -> None:
+    w = torch.zeros(5, 7, dtype=torch.uint8)
+    w[3, 6] = code
+    assert ops._nan_code_rows(w.view(E4M3)).tolist() == [False, False, False, True, False]
+
+
+# ---- activation quantization ---------------------------------------------------------------
+
+
+def _grid_probe(fmt: torch.dtype) -> Tensor:
+    """Every finite code, every midpoint between neighbours and the float32 values around each."""
+    vals = all_codes(fmt).to(torch.float32)
+    vals = vals[vals.isfinite()].unique()
+    mids = (vals[1:] + vals[:-1]) / 2
+    up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+    special = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1e-45, -1e-45,
+                            1e-40, 3e38, -3e38])
+    return torch.cat([vals, mids, mids.nextafter(up), mids.nextafter(down), special])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fp8_max", [None, 240.0, 3.0])
+def test_quantize_activation_fast_hits_every_midpoint(fmt, fp8_max) -> None:
+    fp8_max = fp8_max or float(torch.finfo(fmt).max)
+    x = _grid_probe(fmt)
+    for scale in (1.0, 0.75, 2.0**-20):
+        s = torch.tensor(scale)
+        want = ops.quantize_activation(x * scale, s, fmt, fp8_max).to(torch.float32)
+        got = ops.quantize_activation_fast(x * scale, s, fmt, fp8_max)
+        bad = ~same_bits(got, want)
+        assert not bool(bad.any()), (scale, x[bad][:5].tolist(), got[bad][:5].tolist())
+
+
+@SETTINGS
+@given(fmt=st.sampled_from(FORMATS),
+       xs=st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True),
+                   min_size=1, max_size=64),
+       scale=st.floats(2.0**-27, 2.0**13, width=32), bf16=st.booleans())
+def test_quantize_activation_fast_property(fmt, xs, scale, bf16) -> None:
+    x = torch.tensor(xs, dtype=torch.float32)
+    if bf16:
+        x = x.to(torch.bfloat16)
+    s = torch.tensor(scale, dtype=torch.float32)
+    fp8_max = float(torch.finfo(fmt).max)
+    want = ops.quantize_activation(x, s, fmt, fp8_max).to(torch.float32)
+    assert bool(same_bits(ops.quantize_activation_fast(x, s, fmt, fp8_max), want).all())
+
+
+# ---- the linear kernel ---------------------------------------------------------------------
+
+
+def _layer(fmt, n, k, per_channel, bias_dtype, seed, special=()):
+    g = torch.Generator().manual_seed(seed)
+    fp8_max = float(torch.finfo(fmt).max)
+    w = (torch.randn(n, k, generator=g) * fp8_max / 4).clamp(-fp8_max, fp8_max).to(fmt)
+    for (r, c), code in special:  # raw codes: NaN, inf, subnormals
+        w.view(torch.uint8)[r, c] = code
+    ws = (torch.rand(n, generator=g) + 0.5) * 1e-3 if per_channel else torch.tensor(7e-4)
+    b = None if bias_dtype is None else torch.randn(n, generator=g).to(bias_dtype)
+    return w, ws, torch.tensor(3.0 / fp8_max), b, fp8_max
+
+
+def _check(got: Tensor, want: Tensor, x: Tensor, w, ws, xs, rows: int) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous()
+    assert bool((got.isnan() == want.isnan()).all())
+    ok = ~want.isnan()
+    if x.dtype == torch.bfloat16 and rows > ops._EXACT_MAX_M and ops._cpu_has_bf16():
+        # one extra rounding of acc * s to bfloat16 (half an ulp: <= 2**-8 relative) before
+        # the bias; the final roundings of both results add up to one ulp of y
+        acc = ops.linear_reference(x.float(), w, ws, xs, None, float(torch.finfo(w.dtype).max))
+        bound = 2.0**-8 * acc.abs() + 2.0**-7 * want.float().abs()
+        assert bool(((got.float() - want.float()).abs()[ok] <= bound[ok] + 1e-30).all())
+    elif want.dtype == torch.float32:  # float32 GEMM: only the summation order differs
+        atol = 1e-6 * float(want[ok].abs().max())
+        torch.testing.assert_close(got[ok], want[ok], rtol=1e-5, atol=atol)
+    else:  # float32 GEMM, output rounded to bfloat16: at most one bfloat16 ulp apart
+        torch.testing.assert_close(got[ok].float(), want[ok].float(), rtol=2.0**-7, atol=0.0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 96])
+def test_linear_fast_matches_reference(fmt, dtype, rows) -> None:
+    # k, n not multiples of anything; blocks of 8 weight rows: 5 blocks, the last one short
+    k, n = 70, 37
+    for per_channel, bias in ((False, None), (True, dtype)):
+        w, ws, xs, b, fp8_max = _layer(fmt, n, k, per_channel, bias, seed=rows)
+        x = (torch.randn(rows, k) * 2).to(dtype)  # |x| above 3 saturates
+        with mock.patch.object(ops, "_BLOCK_ELEMS", 8 * k), \
+                mock.patch.object(ops, "_MIN_GEMM_ROWS", 8):
+            got = ops.linear_fast(x, w, ws, xs, b, fp8_max)
+        want = ops.linear_reference(x, w, ws, xs, b, fp8_max)
+        _check(got, want, x, w, ws, xs, rows)
+
+
+def test_linear_fast_3d_input_and_fast_activation_path() -> None:
+    w, ws, xs, b, fp8_max = _layer(E4M3, 24, 64, True, torch.float32, seed=1)
+    x = torch.randn(2, ops._FAST_QUANT_MIN_NUMEL // 64 + 5, 64)
+    with mock.patch.object(ops, "_BLOCK_ELEMS", 4 * 64 * 100):  # activation blocks of 100 rows
+        got = ops.linear_fast(x, w, ws, xs, b, fp8_max)
+    want = ops.linear_reference(x, w, ws, xs, b, fp8_max)
+    _check(got, want, x, w, ws, xs, rows=x.shape[0] * x.shape[1])
+
+
+@pytest.mark.parametrize("rows", [1, 9])
+def test_nan_codes_give_nan_output_columns(rows) -> None:
+    special = [((2, 5), 0x7F), ((6, 0), 0xFF)]
+    w, ws, xs, b, fp8_max = _layer(E4M3, 8, 16, False, None, seed=2, special=special)
+    x = torch.randn(rows, 16).to(torch.bfloat16)
+    got = ops.linear_fast(x, w, ws, xs, b, fp8_max)
+    want = ops.linear_reference(x, w, ws, xs, b, fp8_max)
+    assert got.isnan().any(0).tolist() == want.isnan().any(0).tolist()
+    assert got.isnan().any(0).tolist() == [i in (2, 6) for i in range(8)]
+    _check(got, want, x, w, ws, xs, rows)
+
+
+def test_e5m2_inf_and_nan_codes_follow_the_reference() -> None:
+    special = [((1, 3), 0x7C), ((4, 4), 0xFC), ((5, 2), 0x7E)]  # +inf, -inf, NaN
+    w, ws, xs, b, fp8_max = _layer(E5M2, 6, 8, False, None, seed=3, special=special)
+    x = torch.randn(2, 8)
+    got = ops.linear_fast(x, w, ws, xs, b, fp8_max)
+    want = ops.linear_reference(x, w, ws, xs, b, fp8_max)
+    assert bool(((got == want) | (got.isnan() & want.isnan())).all()) or bool(
+        torch.isclose(got, want, rtol=1e-5, equal_nan=True).all())
+    assert not bool(want[:, [1, 4, 5]].isfinite().any())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_subnormal_codes_survive_flushed_denormals(fmt) -> None:
+    sub = [((r, r), code) for r, code in enumerate((0x01, 0x07, 0x81, 0x03))]
+    w, ws, xs, b, fp8_max = _layer(fmt, 4, 8, False, None, seed=4, special=sub)
+    w.view(torch.uint8)[:, 4:] = 0
+    x = torch.randn(1, 8)
+    want = ops.linear_reference(x, w, ws, xs, b, fp8_max)
+    with flush_denormal():
+        got = ops.linear_fast(x, w, ws, xs, b, fp8_max)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
+
+
+def test_op_runs_the_fast_kernel_and_falls_back_where_it_must() -> None:
+    w, ws, xs, b, fp8_max = _layer(E4M3, 5, 12, False, None, seed=5)
+    x = torch.randn(3, 12)
+    with mock.patch.object(ops, "linear_reference", wraps=ops.linear_reference) as ref:
+        torch.ops.fp8fx.linear(x, w, ws, xs, b, fp8_max)
+        assert ref.call_count == 0
+        # fp8_max above the format's max: the reference's own cast decides what 460 becomes
+        got = torch.ops.fp8fx.linear(x * 1e3, w, ws, xs, b, 460.0)
+        empty = torch.ops.fp8fx.linear(x[:0], w, ws, xs, b, fp8_max)
+        assert ref.call_count == 2
+    assert empty.shape == (0, 5)
+    want = ops.linear_reference(x * 1e3, w, ws, xs, b, 460.0)
+    assert bool(same_bits(got, want).all())
+
+
+def test_weight_must_be_fp8() -> None:
+    from fp8fx.errors import QuantizationError
+
+    with pytest.raises(QuantizationError, match="float8_e4m3fn or float8_e5m2"):
+        ops.linear_fast(torch.randn(1, 4), torch.randn(2, 4), torch.tensor(1.0),
+                        torch.tensor(1.0), None, 448.0)
