@@ -190,17 +190,12 @@ def test_decode_reduction_reads_fp8_bytes_without_casts(fmt: torch.dtype) -> Non
     assert not [line for line in _code_lines(codes) if "extern_kernels.mm(" in line]
 
 
-def test_decode_reduction_is_split_below_the_cascade_threshold() -> None:
-    """A long ``K`` is summed in equal parts (Inductor's cascade helper is slow); numerics stay
-    the reference's up to summation order."""
+def _compile_afresh(layer, x, attr: str, value):
+    """(compiled output, generated code, eager output) with ``inductor.<attr>`` patched: a value
+    that is not part of the compile cache key, so the graph is compiled afresh, caches off."""
     from torch._inductor.utils import run_and_get_code
 
-    inductor.register_lowering()
-    layer = fp8_linear(768, 8, E5M2, False, True, torch.float32, seed=9).eval()
-    x = torch.randn(1, 768)
-    assert inductor._reduction_parts(768) == 1 and inductor._reduction_parts(14336) == 4
-    with mock.patch.object(inductor, "_MAX_REDUCTION", 256), \
-            torch._inductor.config.patch(fx_graph_cache=False), \
+    with mock.patch.object(inductor, attr, value), torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
         torch._dynamo.reset()
         compiled = torch.compile(layer, dynamic=False, fullgraph=True)
@@ -208,6 +203,17 @@ def test_decode_reduction_is_split_below_the_cascade_threshold() -> None:
             got, codes = run_and_get_code(compiled, x)
             want = layer(x)
     torch._dynamo.reset()
+    return got, codes, want
+
+
+def test_decode_reduction_is_split_below_the_cascade_threshold() -> None:
+    """A long ``K`` is summed in equal parts (Inductor's cascade helper is slow); numerics stay
+    the reference's up to summation order."""
+    inductor.register_lowering()
+    layer = fp8_linear(768, 8, E5M2, False, True, torch.float32, seed=9).eval()
+    x = torch.randn(1, 768)
+    assert inductor._reduction_parts(768) == 1 and inductor._reduction_parts(14336) == 4
+    got, codes, want = _compile_afresh(layer, x, "_MAX_REDUCTION", 256)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
     assert not [line for line in _code_lines(codes) if "CascadeSumHelper" in line]
     assert any(re.search(r"x\d+<static_cast<int64_t>\(256L\)", code) for code in codes)
@@ -216,21 +222,11 @@ def test_decode_reduction_is_split_below_the_cascade_threshold() -> None:
 def test_gemm_path_converts_the_weight_in_groups() -> None:
     """``M > 1``: the weight is converted and multiplied in row groups (an uneven last one),
     never as one weight-sized temporary; the groups' outputs are the reference's columns."""
-    from torch._inductor.utils import run_and_get_code
-
     inductor.register_lowering()
     layer = fp8_linear(24, 40, E4M3, True, True, torch.bfloat16, seed=8).eval()
     x = torch.randn(5, 24).to(torch.bfloat16)
     # the group size is not part of the compile cache key: compile this graph afresh
-    with mock.patch.object(inductor, "_GROUP_ELEMS", 24 * 16), \
-            torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        torch._dynamo.reset()
-        compiled = torch.compile(layer, dynamic=False, fullgraph=True)
-        with torch.no_grad():
-            got, codes = run_and_get_code(compiled, x)
-            want = layer(x)
-    torch._dynamo.reset()
+    got, codes, want = _compile_afresh(layer, x, "_GROUP_ELEMS", 24 * 16)
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7,
                                atol=2**-7 * float(want.float().abs().max()))
     mms = [line for line in _code_lines(codes) if "extern_kernels.mm(" in line]
