@@ -372,8 +372,7 @@ def fp8_kv_cache(cache: Any, model: nn.Module, cfg: FP8Config | dict | str | Non
         return fp8_cache(cache, kv_layers(model, state.attention))
     qcfg = _quantize_config(cfg, None)
     meas = _load_measurements(qcfg)
-    names = [n for n in (meas.nodes if meas is not None else {}) if n.rsplit(".", 1)[-1].startswith("kv_cache_")]
-    pairs = kv_layer_names(model, names)
+    pairs = kv_layer_names(model, list(meas.nodes) if meas is not None else [])
     if not pairs:
         raise MeasurementError(
             f"no KV-cache measurements for {type(model).__name__} in {qcfg.dump_stats_path!r}: calibrate "

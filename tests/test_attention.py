@@ -162,8 +162,11 @@ def test_missing_attention_measurement_names_the_node(tmp_path):
     qcfg = cfg.replace(mode="QUANTIZE")
     with pytest.raises(MeasurementError, match=r"model\.layers\.1\.self_attn\.sdpa_0"):
         fp8fx.convert(reference, qcfg, example_kwargs={"input_ids": torch.randint(0, 128, (1, 5))})
-    assert fp8fx.report(fp8fx.convert(reference, qcfg.replace(blocklist={"types": ["sdpa"]}),
-                                      example_kwargs={"input_ids": torch.randint(0, 128, (1, 5))}))
+    # blocklisting the unmeasured kind converts the rest
+    blocked = fp8fx.report(fp8fx.convert(reference, qcfg.replace(blocklist={"types": ["sdpa"]}),
+                                         example_kwargs={"input_ids": torch.randint(0, 128, (1, 5))}))
+    assert "sdpa" not in blocked["nodes_quantized"] and blocked["nodes_skipped"]["sdpa"] == 2
+    assert blocked["nodes_quantized"]["kv_cache"] == 4
 
 
 def test_compiled_backend_matches_the_converted_model(tmp_path):

@@ -33,13 +33,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import numerics
 from ..capture import CapturedGraph
 from ..config import FP8Config
-from ..errors import MeasurementError
+from ..errors import MeasurementError, QuantizationError
 from ..formats.inc import Measurements
 from ..modules import Fp8Experts, Fp8Linear
 from .annotate import Decision
 from .match import _ADDMM_FNS, _LINEAR_FNS, Match, OpKind, _is_fn
 
-__all__ = ["LinearQuant", "weight_quant", "input_scale", "linear_quant", "quantize_linears",
+__all__ = ["LinearQuant", "measured_amax", "weight_quant", "input_scale", "linear_quant", "quantize_linears",
            "rewrite_linears_in_graph", "oriented_weight"]
 
 
@@ -54,21 +54,24 @@ def _source(meas: Measurements | None) -> str:
     return f" in {meas.source}" if meas is not None and meas.source else ""
 
 
-def _input_amax(name: str, meas: Measurements | None) -> torch.Tensor:
+def measured_amax(name: str, meas: Measurements | None, role: str = "inputs", i: int = 0) -> torch.Tensor:
+    """The measured max-abs of ``inputs[i]`` or ``outputs[i]`` of a node, as a 0-d float32 tensor;
+    a missing, unusable or non-finite measurement raises naming the node and the file."""
     if meas is None or name not in meas.nodes:
         raise MeasurementError(
             f"no measurement for node {name!r}{_source(meas)}. Run calibration (MEASURE mode, then "
             "fp8fx.finalize_calibration) on this model with this allowlist/blocklist, or blocklist "
             "the node, or use scale_method 'unit_scale' which needs no measurement.")
+    node = meas.nodes[name]
     try:
-        amax = meas.nodes[name].input_maxabs(0)
-    except (IndexError, KeyError, TypeError, ValueError) as exc:
-        raise MeasurementError(f"measurement of node {name!r}{_source(meas)} has no usable input 0 "
+        amax = node.input_maxabs(i) if role == "inputs" else node.output_maxabs(i)
+    except (IndexError, KeyError, TypeError, ValueError, MeasurementError) as exc:
+        raise MeasurementError(f"measurement of node {name!r}{_source(meas)} has no usable {role}[{i}] "
                                f"({exc}); re-run calibration.") from exc
     t = torch.tensor(float(amax), dtype=torch.float32)
     if not bool(torch.isfinite(t)):
-        raise MeasurementError(f"measurement of node {name!r}{_source(meas)} is not finite ({amax}); "
-                               "re-run calibration on finite inputs or blocklist the node.")
+        raise MeasurementError(f"measurement of node {name!r}{_source(meas)} {role}[{i}] is not finite "
+                               f"({amax}); re-run calibration on finite inputs or blocklist the node.")
     return t
 
 
@@ -106,7 +109,7 @@ def input_scale(name: str, type_name: str, cfg: FP8Config, meas: Measurements | 
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """The static activation scale (0-d float32) of one Linear, from its measured input maxabs."""
     sm = cfg.scale_method_for(name, type_name)
-    amax = _input_amax(name, meas) if sm.needs_measurement else torch.ones((), dtype=torch.float32)
+    amax = measured_amax(name, meas) if sm.needs_measurement else torch.ones((), dtype=torch.float32)
     input_backoff, _ = cfg.backoffs_for(name, type_name)
     x_scale = numerics.activation_scale(amax, sm.value, fp8_dtype=cfg.fp8_dtype, target=cfg.target.value,
                                         backoff=input_backoff, where=f"node {name!r}")
@@ -181,7 +184,8 @@ def _weight_node(node: fx.Node, cg: CapturedGraph, weight: str) -> fx.Node:
         for cand in (a, *a.all_input_nodes):
             if cg.param_name(cand) == weight:
                 return cand
-    raise MeasurementError(f"node {node.name!r}: its weight {weight!r} is not an input of the graph")
+    raise QuantizationError(f"node {node.name!r}: its weight {weight!r} is not an input of the graph, so it "
+                            f"cannot be rewritten; leave it in high precision with blocklist names [{weight.rsplit('.', 1)[0]!r}]")
 
 
 # FP8 [in, out] casts (cached by the caller) -> their [out, in] copy, made once per cast

@@ -39,6 +39,7 @@ from ..errors import MeasurementError, QuantizationError
 from ..formats.inc import Measurements
 from .annotate import Decision
 from .match import OpKind, sdpa_arguments
+from .rewrite import measured_amax
 
 __all__ = ["GRAPH_KINDS", "AttentionQuant", "attention_quant", "plan_attention", "rewrite_attention_in_graph"]
 
@@ -56,24 +57,6 @@ class AttentionQuant:
     fp8_max: float
 
 
-def _amax(name: str, meas: Measurements | None, role: str, i: int) -> float:
-    where = f" in {meas.source}" if meas is not None and meas.source else ""
-    if meas is None or name not in meas.nodes:
-        raise MeasurementError(
-            f"no measurement for node {name!r}{where}. Run calibration (MEASURE mode, then "
-            "fp8fx.finalize_calibration) on this model with this allowlist/blocklist, or blocklist "
-            "the node, or use scale_method 'unit_scale' which needs no measurement.")
-    node = meas.nodes[name]
-    try:
-        value = node.input_maxabs(i) if role == "inputs" else node.output_maxabs(i)
-    except MeasurementError as exc:
-        raise MeasurementError(f"measurement of node {name!r}{where}: {exc}") from exc
-    if not torch.isfinite(torch.tensor(value)):
-        raise MeasurementError(f"measurement of node {name!r}{where} {role}[{i}] is not finite ({value}); "
-                               "re-run calibration on finite inputs or blocklist the node.")
-    return value
-
-
 def attention_quant(name: str, kind: OpKind, type_name: str, cfg: FP8Config,
                     meas: Measurements | None) -> AttentionQuant:
     """Scales of one matmul/softmax/sdpa/kv_cache node from its measurement (INC semantics)."""
@@ -85,7 +68,7 @@ def attention_quant(name: str, kind: OpKind, type_name: str, cfg: FP8Config,
                OpKind.KV_CACHE: [("inputs", 0)]}[kind]
     scales = []
     for role, i in entries:
-        amax = torch.tensor(_amax(name, meas, role, i)) if method.needs_measurement else None
+        amax = measured_amax(name, meas, role, i) if method.needs_measurement else None
         s = numerics.activation_scale(amax, method.value, fp8_dtype=fp8_dtype, target=cfg.target.value,
                                       backoff=backoff, where=f"node {name!r} {role}[{i}]")
         scales.append(float(s))
