@@ -64,6 +64,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import QuantizationError
 
@@ -137,12 +138,28 @@ def fp8_to_half_bits(weight: Tensor, out: Optional[Tensor] = None) -> tuple[Tens
     return bits.view(torch.float16), factor
 
 
+# weight -> (its _version when scanned, whether it holds a NaN code): a weight is read once for
+# this, not on every call (identity keys: tensors compare elementwise)
+_NAN_SCANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def has_nan_codes(weight: Tensor) -> bool:
-    """Whether an E4M3 ``weight`` holds a NaN code (``0x7F`` is int8's max, ``0xFF`` uint8's)."""
+    """Whether an E4M3 ``weight`` holds a NaN code (``0x7F`` is int8's max, ``0xFF`` uint8's).
+    Remembered per weight tensor until it changes in place (its version counter moves)."""
     if weight.dtype != torch.float8_e4m3fn or weight.numel() == 0:
         return False
-    return (bool(weight.view(torch.int8).amax() == 127)
-            or bool(weight.view(torch.uint8).amax() == 255))
+    try:
+        version = weight._version
+    except RuntimeError:  # an inference tensor has no version counter: scan it every time
+        version = None
+    seen = _NAN_SCANS.get(weight) if version is not None else None
+    if seen is not None and seen[0] == version:
+        return seen[1]
+    found = (bool(weight.view(torch.int8).amax() == 127)
+             or bool(weight.view(torch.uint8).amax() == 255))
+    if version is not None:
+        _NAN_SCANS[weight] = (version, found)
+    return found
 
 
 def _nan_code_rows(weight: Tensor) -> Tensor:

@@ -71,6 +71,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import numerics
 from .errors import Fp8fxError
 
 __all__ = ["assert_quantized", "assert_close", "sqnr", "default_min_sqnr_db", "KINDS",
@@ -236,12 +237,7 @@ def _check_pair(actual: Any, expected: Any, check_dtype: bool) -> list[str]:
 
 
 def _sqnr(actual: Tensor, expected: Tensor) -> float:
-    ref = expected.detach().to(torch.float64)
-    noise = float((ref - actual.detach().to(torch.float64)).square().sum())
-    if noise == 0.0:
-        return math.inf
-    signal = float(ref.square().sum())
-    return 10.0 * math.log10(signal / noise) if signal > 0.0 else -math.inf
+    return numerics.sqnr_db(expected, actual)  # the project's one definition (reference first)
 
 
 def sqnr(actual: Tensor, expected: Tensor) -> float:

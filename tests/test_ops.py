@@ -95,6 +95,13 @@ def test_fp8_to_float32_property(data, fmt, rows, cols, transposed) -> None:
     assert ops.has_nan_codes(w) is has_nan
 
 
+def test_nan_scan_is_remembered_until_the_weight_changes() -> None:
+    w = torch.zeros(4, 8, dtype=E4M3)
+    assert ops.has_nan_codes(w) is False and ops.has_nan_codes(w) is False
+    w.view(torch.uint8)[2, 3] = 0x7F  # an in-place write bumps the version counter
+    assert ops.has_nan_codes(w) is True
+
+
 @pytest.mark.parametrize("code", [0x7F, 0xFF])
 def test_nan_code_rows(code) -> None:
     w = torch.zeros(5, 7, dtype=torch.uint8)
