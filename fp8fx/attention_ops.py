@@ -32,21 +32,22 @@ import math
 import torch
 from torch import Tensor
 
+from . import numerics
 from .errors import QuantizationError
+from .fp8 import FP8_DTYPES  # noqa: F401  (re-exported: fp8fx.attention_ops.FP8_DTYPES)
 
 __all__ = ["FP8_DTYPES", "attention_probs", "quantize", "qdq"]
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
 
 def quantize(x: Tensor, scale: float, fp8_max: float, fp8_dtype: torch.dtype) -> Tensor:
-    """``saturate(x / scale)`` cast to ``fp8_dtype`` (computed in float32)."""
-    return (x.float() / scale).clamp(-fp8_max, fp8_max).to(fp8_dtype)
+    """``saturate(x / scale)`` cast to ``fp8_dtype`` (computed in float32): the ops' argument
+    order for :func:`fp8fx.numerics.quantize_fp32`."""
+    return numerics.quantize_fp32(x, scale, fp8_dtype, fp8_max)
 
 
 def qdq(x: Tensor, scale: float, fp8_max: float, fp8_dtype: torch.dtype) -> Tensor:
     """The float32 value of ``x`` after an FP8 round trip."""
-    return quantize(x, scale, fp8_max, fp8_dtype).float() * scale
+    return numerics.dequantize(quantize(x, scale, fp8_max, fp8_dtype), scale)
 
 
 _lib = torch.library.Library("fp8fx", "FRAGMENT")
@@ -123,7 +124,7 @@ def _kv_index_copy_op(cache: Tensor, dim: int, index: Tensor, new: Tensor, scale
 
 
 def _dequant_op(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
-    return (x.float() * scale).to(dtype)
+    return numerics.dequantize(x, scale, dtype)
 
 
 _define("qdq(Tensor x, float scale, float fp8_max, ScalarType fp8_dtype) -> Tensor", _qdq_op)

@@ -66,6 +66,13 @@ def kv_layer_names(model: nn.Module, kv_names: list[str]) -> dict[int, tuple[str
     return out
 
 
+def _read(layer: Any, key_dtype: torch.dtype, value_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """A cache read: the whole FP8 cache of ``layer`` dequantized with its scales."""
+    q = layer.fp8fx
+    return (torch.ops.fp8fx.dequant(layer.keys, q.scale_k, key_dtype),
+            torch.ops.fp8fx.dequant(layer.values, q.scale_v, value_dtype))
+
+
 def _layer_classes():
     from transformers.cache_utils import DynamicLayer, StaticLayer
 
@@ -80,8 +87,7 @@ def _layer_classes():
                 self.lazy_initialization(key_states, value_states)
             self.keys = torch.ops.fp8fx.kv_append(self.keys, key_states, q.scale_k, q.fp8_max, q.fp8_dtype)
             self.values = torch.ops.fp8fx.kv_append(self.values, value_states, q.scale_v, q.fp8_max, q.fp8_dtype)
-            return (torch.ops.fp8fx.dequant(self.keys, q.scale_k, key_states.dtype),
-                    torch.ops.fp8fx.dequant(self.values, q.scale_v, value_states.dtype))
+            return _read(self, key_states.dtype, value_states.dtype)
 
     class Fp8StaticLayer(StaticLayer):
         """A StaticLayer whose preallocated key and value buffers are FP8."""
@@ -106,8 +112,7 @@ def _layer_classes():
             torch.ops.fp8fx.kv_index_copy_(self.keys, 2, cache_position, key_states, q.scale_k, q.fp8_max, q.fp8_dtype)
             torch.ops.fp8fx.kv_index_copy_(self.values, 2, cache_position, value_states, q.scale_v, q.fp8_max,
                                            q.fp8_dtype)
-            return (torch.ops.fp8fx.dequant(self.keys, q.scale_k, key_states.dtype),
-                    torch.ops.fp8fx.dequant(self.values, q.scale_v, value_states.dtype))
+            return _read(self, key_states.dtype, value_states.dtype)
 
     return {DynamicLayer: Fp8DynamicLayer, StaticLayer: Fp8StaticLayer}
 

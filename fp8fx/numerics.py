@@ -11,12 +11,19 @@ A scale ``s`` is a *dequantization multiplier*::
     x ~= q.to(hp) * s               # dequantize
 
 This is the convention of every file format fp8fx reads and writes (INC scale files, vLLM and
-compressed-tensors checkpoints). Scales are float32 tensors: 0-d for a per-tensor scale, ``[C]``
-for a per-output-channel weight scale (``quantize_weight`` reshapes it to ``[C, 1, ...]``).
+compressed-tensors checkpoints). ``saturate_cast``, ``quantize`` (``quantize_fp32``: the ops'
+float32 form) and ``dequantize`` are the one implementation of it; the fast kernels
+(:mod:`fp8fx.kernels`) specialize it and are tested bit for bit against it. Format facts
+(max, bias, mantissa bits, NaN codes, Gaudi2's E4M3 range) come from :mod:`fp8fx.fp8`.
+
+Scales are float32 tensors: 0-d for a per-tensor scale, ``[C]`` for a per-output-channel weight
+scale (``quantize_weight`` reshapes it to ``[C, 1, ...]``).
 
 Scale methods (the INC names)
 -----------------------------
-``s = maxabs / (fp8_max * backoff)`` then a rounding step:
+The list of methods and each one's (granularity, value type, rounding) for weights and
+activations is :class:`fp8fx.scale_methods.ScaleMethod`; here each static one gets its
+computation, ``s = maxabs / (fp8_max * backoff)`` then a rounding step:
 
 * ``maxabs_arbitrary``  no rounding;
 * ``maxabs_pow2``       ``2 ** ceil(log2 s)`` (rounded *up*, so the measured range still fits);
@@ -58,27 +65,28 @@ import torch
 from torch import Tensor
 
 from fp8fx.errors import ConfigError, Fp8fxError, MeasurementError, QuantizationError
+from fp8fx.fp8 import E4M3, E5M2, FORMATS, FP8_DTYPES
+from fp8fx.scale_methods import ScaleMethod, ScaleSpec
 
 # --------------------------------------------------------------------------------------------
-# Formats and targets
+# Formats and targets (the format facts themselves: fp8fx.fp8)
 # --------------------------------------------------------------------------------------------
 
-E4M3_MAX = 448.0
-E4M3_GAUDI2_MAX = 240.0
-E5M2_MAX = 57344.0
+E4M3_MAX = E4M3.max
+E4M3_GAUDI2_MAX = E4M3.gaudi2_max
+E5M2_MAX = E5M2.max
 SCALE_FLOOR = 2.0**-126  # smallest normal float32 (== bfloat16 tiny)
 
 TARGETS = frozenset({"cpu", "cuda", "gaudi2", "gaudi3"})
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
-# Exponent biases each Gaudi supports per FP8 dtype; a bias b gives the scale 2**(default - b).
+# Exponent biases each Gaudi supports per FP8 dtype; a bias b gives the scale 2**(default - b),
+# the default being the format's own bias (fp8fx.fp8).
 _GAUDI_EXP_BIASES: dict[tuple[str, torch.dtype], tuple[int, ...]] = {
     ("gaudi2", torch.float8_e4m3fn): (3, 7, 11, 15),
     ("gaudi2", torch.float8_e5m2): (15,),
     ("gaudi3", torch.float8_e4m3fn): tuple(range(63)),
     ("gaudi3", torch.float8_e5m2): tuple(range(63)),
 }
-_DEFAULT_EXP_BIAS = {torch.float8_e4m3fn: 7, torch.float8_e5m2: 15}
 
 
 def _check_target(target: str) -> str:
@@ -88,7 +96,7 @@ def _check_target(target: str) -> str:
 
 
 def _check_fp8_dtype(fp8_dtype: torch.dtype) -> torch.dtype:
-    if fp8_dtype not in FP8_DTYPES:
+    if fp8_dtype not in FORMATS:
         raise ConfigError(
             f"unsupported FP8 dtype {fp8_dtype}: use torch.float8_e4m3fn (E4M3) or "
             "torch.float8_e5m2 (E5M2)"
@@ -98,19 +106,20 @@ def _check_fp8_dtype(fp8_dtype: torch.dtype) -> torch.dtype:
 
 def fp8_max(fp8_dtype: torch.dtype, target: str = "cpu") -> float:
     """Largest finite value of ``fp8_dtype`` on ``target`` (E4M3 on Gaudi2 is clamped to 240)."""
-    _check_fp8_dtype(fp8_dtype)
-    if _check_target(target) == "gaudi2" and fp8_dtype == torch.float8_e4m3fn:
-        return E4M3_GAUDI2_MAX
-    return float(torch.finfo(fp8_dtype).max)
+    fmt = FORMATS[_check_fp8_dtype(fp8_dtype)]
+    return fmt.gaudi2_max if _check_target(target) == "gaudi2" else fmt.max
 
 
 # --------------------------------------------------------------------------------------------
-# Casts
+# Casts: the one saturate/quantize family (kernels that specialize it are tested bit-exact)
 # --------------------------------------------------------------------------------------------
 
 
-def _as_fp32(x: Tensor) -> Tensor:
-    """Upcast to at least float32 (a 0-d fp32 scale would not promote a bf16 tensor)."""
+def _as_fp32(x: Tensor | float) -> Tensor | float:
+    """Upcast to at least float32 (a 0-d fp32 scale would not promote a bf16 tensor); a Python
+    float (a scale that is a graph constant) is used as it is."""
+    if not isinstance(x, Tensor):
+        return x
     return x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
 
 
@@ -121,18 +130,26 @@ def saturate_cast(x: Tensor, fp8_dtype: torch.dtype, max_value: float | None = N
     input stays visible instead of silently becoming a finite number.
     """
     _check_fp8_dtype(fp8_dtype)
-    limit = float(torch.finfo(fp8_dtype).max) if max_value is None else float(max_value)
+    limit = FORMATS[fp8_dtype].max if max_value is None else float(max_value)
     return _as_fp32(x).clamp(-limit, limit).to(fp8_dtype)
 
 
 def quantize(
-    x: Tensor, scale: Tensor, fp8_dtype: torch.dtype, max_value: float | None = None
+    x: Tensor, scale: Tensor | float, fp8_dtype: torch.dtype, max_value: float | None = None
 ) -> Tensor:
-    """``saturate_cast(x / scale)``; ``scale`` broadcasts (0-d per tensor, ``[C, 1]`` per row)."""
+    """``saturate_cast(x / scale)``; ``scale`` broadcasts (0-d per tensor, ``[C, 1]`` per row)
+    or is a Python float. Computed in float32, or float64 for a float64 ``x``."""
     return saturate_cast(_as_fp32(x) / _as_fp32(scale), fp8_dtype, max_value)
 
 
-def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+def quantize_fp32(
+    x: Tensor, scale: Tensor | float, fp8_dtype: torch.dtype, max_value: float | None = None
+) -> Tensor:
+    """``quantize`` with the division in float32 whatever ``x``'s dtype: the fp8fx ops' form."""
+    return quantize(x.to(torch.float32), scale, fp8_dtype, max_value)
+
+
+def dequantize(q: Tensor, scale: Tensor | float, dtype: torch.dtype = torch.float32) -> Tensor:
     """``q * scale`` computed in float32, returned as ``dtype``."""
     return (q.to(torch.float32) * _as_fp32(scale)).to(dtype)
 
@@ -236,7 +253,7 @@ def hw_scales(target: str, fp8_dtype: torch.dtype) -> Tensor | None:
     biases = _GAUDI_EXP_BIASES.get((_check_target(target), fp8_dtype))
     if biases is None:
         return None
-    default = _DEFAULT_EXP_BIAS[fp8_dtype]
+    default = FORMATS[fp8_dtype].bias
     return torch.tensor(sorted(2.0 ** (default - b) for b in biases), dtype=torch.float32)
 
 
@@ -316,30 +333,31 @@ class _Rule:
     candidates: tuple[float, ...] | None = None  # opt: absolute scales (per tensor) or multipliers
 
 
-_UNIT = _Rule("unit")
-_SINGLE = _Rule("single")
-_MAXABS_HW = _Rule("maxabs", "hw")
-_MAXABS_POW2 = _Rule("maxabs", "pow2")
-_PCS_POW2 = _Rule("maxabs", "pow2", per_channel=True)
-_OPT_HW = _Rule("opt", "hw")  # candidates: the target's HW set
-_OPT_POW2 = _Rule("opt", "pow2", candidates=tuple(2.0**e for e in range(-10, 10)))
-_PCS_OPT_POW2 = _Rule(
-    "opt", "pow2", per_channel=True, candidates=tuple(2.0**e for e in range(-3, 5))
-)
+# INC's candidates for the least-error (opt) weight scales: absolute per-tensor scales, and
+# multipliers of the per-channel maxabs-pow2 scale
+_OPT_POW2_CANDIDATES = tuple(2.0**e for e in range(-10, 10))
+_PCS_OPT_POW2_MULTIPLIERS = tuple(2.0**e for e in range(-3, 5))
+_ROUNDING = {"IDENTITY": "identity", "POW2": "pow2", "HW_ALIGNED": "hw"}
 
-# method -> (weight rule, activation rule)
+
+def _rule(spec: ScaleSpec) -> _Rule:
+    """The computation behind one of INC's (granularity, value type, rounding) triples."""
+    if spec.value_type == "FIXED_VALUE":
+        return _Rule("unit" if spec.rounding == "SCALE_UNIT" else "single")
+    per_channel = spec.granularity == "PCS"
+    candidates = None  # opt with HW rounding: the target's HW set
+    if spec.value_type == "OPT" and spec.rounding == "POW2":
+        candidates = _PCS_OPT_POW2_MULTIPLIERS if per_channel else _OPT_POW2_CANDIDATES
+    return _Rule(spec.value_type.lower(), _ROUNDING[spec.rounding], per_channel, candidates)
+
+
+# method -> (weight rule, activation rule), read off the one method table (fp8fx.scale_methods).
+# Methods with per-channel activation scales compute those at run time (dynamic quantization),
+# so they have no static activation scale here.
 _METHODS: dict[str, tuple[_Rule, _Rule]] = {
-    "unit_scale": (_UNIT, _UNIT),
-    "hw_aligned_single_scale": (_SINGLE, _SINGLE),
-    "maxabs_hw": (_MAXABS_HW, _MAXABS_HW),
-    "maxabs_pow2": (_MAXABS_POW2, _MAXABS_POW2),
-    "maxabs_arbitrary": (_Rule("maxabs"), _Rule("maxabs")),
-    "maxabs_hw_opt_weight": (_OPT_HW, _MAXABS_HW),
-    "maxabs_pow2_opt_weight": (_OPT_POW2, _MAXABS_POW2),
-    "act_maxabs_hw_weights_pcs_maxabs_pow2": (_PCS_POW2, _MAXABS_HW),
-    "act_maxabs_pow2_weights_pcs_maxabs_pow2": (_PCS_POW2, _MAXABS_POW2),
-    "act_maxabs_hw_weights_pcs_opt_pow2": (_PCS_OPT_POW2, _MAXABS_HW),
-    "act_maxabs_pow2_weights_pcs_opt_pow2": (_PCS_OPT_POW2, _MAXABS_POW2),
+    m.value: (_rule(m.weight_spec), _rule(m.activation_spec))
+    for m in ScaleMethod
+    if not m.dynamic_only
 }
 
 SCALE_METHODS: frozenset[str] = frozenset(_METHODS)
@@ -348,8 +366,19 @@ SCALE_METHODS: frozenset[str] = frozenset(_METHODS)
 def _rules(method: str) -> tuple[_Rule, _Rule]:
     rules = _METHODS.get(method.lower()) if isinstance(method, str) else None
     if rules is None:
-        raise ConfigError(f"unknown scale_method {method!r}: use one of {sorted(SCALE_METHODS)}")
+        dynamic = isinstance(method, str) and method.lower() in {m.value for m in ScaleMethod}
+        what = "computes activation scales at run time, so it has no static scale" if dynamic \
+            else "is unknown"
+        raise ConfigError(f"scale_method {method!r} {what}: use one of {sorted(SCALE_METHODS)}")
     return rules
+
+
+def _checked_rule(method: str, kind: int, target: str, fp8_dtype: torch.dtype) -> _Rule:
+    """``method``'s rule for weights (``kind`` 0) or activations (1), target and dtype checked."""
+    rule = _rules(method)[kind]
+    _check_target(target)
+    _check_fp8_dtype(fp8_dtype)
+    return rule
 
 
 def weight_is_per_channel(method: str) -> bool:
@@ -397,9 +426,7 @@ def activation_scale(
     ``amax`` may hold several measurements (reduced by max) and may be ``None`` for methods that
     need no measurement (``unit_scale``, ``hw_aligned_single_scale``).
     """
-    rule = _rules(method)[1]
-    _check_target(target)
-    _check_fp8_dtype(fp8_dtype)
+    rule = _checked_rule(method, 1, target, fp8_dtype)
     if rule.value != "maxabs":
         return _fixed_scale(rule, method, target, fp8_dtype)
     at = f" at {where}" if where else ""
@@ -428,9 +455,7 @@ def weight_scale_from_maxabs(
     ``amax`` is 0-d (per tensor) or ``[C]`` (per output channel; reduced by max for per-tensor
     methods). The ``*_opt_*`` methods need the weight itself: use ``weight_scale``.
     """
-    rule = _rules(method)[0]
-    _check_target(target)
-    _check_fp8_dtype(fp8_dtype)
+    rule = _checked_rule(method, 0, target, fp8_dtype)
     if rule.value in ("unit", "single"):
         return _fixed_scale(rule, method, target, fp8_dtype)
     at = f" for {where}" if where else ""
@@ -464,9 +489,7 @@ def weight_scale(
     where: str = "",
 ) -> Tensor:
     """The float32 scale of ``weight`` (``[out, ...]``): 0-d, or ``[out]`` per channel."""
-    rule = _rules(method)[0]
-    _check_target(target)
-    _check_fp8_dtype(fp8_dtype)
+    rule = _checked_rule(method, 0, target, fp8_dtype)
     _check_backoff(backoff)
     if rule.value in ("unit", "single"):
         return _fixed_scale(rule, method, target, fp8_dtype)
@@ -507,7 +530,7 @@ def _opt_candidates(
     if allowed is not None:
         return sorted(allowed.tolist(), reverse=True)
     plain = pow2_ceil(scale_from_maxabs(amax, fp8_max(fp8_dtype, target), backoff, what="weight"))
-    pool = set(_OPT_POW2.candidates or ()) | {float(plain)}
+    pool = set(rule.candidates or ()) | {float(plain)}
     return sorted(pool)
 
 
@@ -579,6 +602,7 @@ __all__ = [
     "needs_measurement",
     "pow2_ceil",
     "quantize",
+    "quantize_fp32",
     "quantize_weight",
     "saturate_cast",
     "scale_from_maxabs",

@@ -73,6 +73,7 @@ from torch import Tensor, nn
 
 from . import numerics
 from .errors import Fp8fxError
+from .fp8 import FP8Format, format_of
 
 __all__ = ["assert_quantized", "assert_close", "sqnr", "default_min_sqnr_db", "KINDS",
            "activations", "shapes"]
@@ -80,7 +81,6 @@ __all__ = ["assert_quantized", "assert_close", "sqnr", "default_min_sqnr_db", "K
 #: The op kinds fp8fx matches, as ``expect`` keys (the values of ``OpKind``).
 KINDS = ("linear", "matmul", "softmax", "sdpa", "kv_cache")
 
-_MANTISSA_BITS = {"e4m3": 3, "e5m2": 2}
 _LISTED = 20  # nodes listed per kind in a failure message
 
 
@@ -184,21 +184,18 @@ def assert_quantized(model: nn.Module, expect: Mapping[str, int] | None = None, 
 
 
 # --------------------------------------------------------------------------- sqnr / assert_close
-def _fmt_name(fmt: Any) -> str:
-    if isinstance(fmt, torch.dtype):
-        key = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}.get(fmt)
-    else:
-        key = str(getattr(fmt, "value", fmt)).lower()
-    if key not in _MANTISSA_BITS:
+def _fmt(fmt: Any) -> FP8Format:
+    found = format_of(fmt)
+    if found is None:
         raise Fp8fxError(f"fp8fx.testing: unknown FP8 format {fmt!r}; use 'e4m3' or 'e5m2' (or "
                          "fp8fx.Fp8Format, torch.float8_e4m3fn, torch.float8_e5m2)")
-    return key
+    return found
 
 
 def default_min_sqnr_db(fmt: Any = "e4m3") -> float:
     """The worst-case SQNR of one round-to-nearest cast to ``fmt``: ``6.02 * (mantissa bits + 1)``
     dB (24.08 dB for E4M3, 18.06 dB for E5M2); the module docstring derives it."""
-    return 20.0 * math.log10(2.0) * (_MANTISSA_BITS[_fmt_name(fmt)] + 1)
+    return 20.0 * math.log10(2.0) * (_fmt(fmt).mantissa_bits + 1)
 
 
 def _nonfinite(t: Tensor, what: str) -> str | None:
@@ -310,7 +307,7 @@ def assert_close(actual: Any, expected: Any, *, min_sqnr_db: float | None = None
         worst = min(worst, value)
         if value < threshold:
             failures.append(f"{where}SQNR {value:.2f} dB < min_sqnr_db {threshold:.2f} dB"
-                            f"{' (default for ' + _fmt_name(fmt) + ')' if min_sqnr_db is None else ''}"
+                            f"{' (default for ' + _fmt(fmt).name + ')' if min_sqnr_db is None else ''}"
                             f"{_worst_element(a, e)}")
     if failures:
         head = (msg + "\n") if msg else ""

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from fp8fx import numerics as nx
 from fp8fx.errors import ConfigError, Fp8fxError, MeasurementError, QuantizationError
+from fp8fx.fp8 import FORMATS as FORMAT_TABLE
+from fp8fx.fp8 import FP8_DTYPES, format_of
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -61,6 +63,44 @@ def test_fp8_max_per_target():
         nx.fp8_max(E4M3, "hpu")
     with pytest.raises(ConfigError, match="float8_e4m3fn"):
         nx.fp8_max(torch.bfloat16)
+
+
+@pytest.mark.parametrize("fmt", list(FORMAT_TABLE.values()), ids=lambda f: f.name)
+def test_format_table_matches_torch_over_all_256_codes(fmt):
+    """Every fact of the one format table (fp8fx.fp8) against torch's decoding of each code."""
+    values = torch.arange(256, dtype=torch.uint8).view(fmt.dtype).to(torch.float32)
+    finfo = torch.finfo(fmt.dtype)
+    assert fmt.dtype in FP8_DTYPES and fmt.exponent_bits + fmt.mantissa_bits == 7
+    assert fmt.max == finfo.max == float(values[values.isfinite()].max())
+    assert fmt.smallest_normal == finfo.smallest_normal == 2.0 ** (1 - fmt.bias)
+    assert finfo.eps == 2.0 ** -fmt.mantissa_bits
+    assert 2.0 ** fmt.max_exponent <= fmt.max < 2.0 ** (fmt.max_exponent + 1)
+    assert fmt.nan_codes == tuple(torch.nonzero(values.isnan()).flatten().tolist())
+    assert fmt.inf_codes == tuple(torch.nonzero(values.isinf()).flatten().tolist())
+    assert fmt.has_inf == bool(fmt.inf_codes)
+    magnitudes = torch.arange(128)
+    assert bool((values[:128].isnan() == (magnitudes >= fmt.nan_magnitude)).all())
+    if fmt.has_inf:
+        assert bool(values[fmt.inf_magnitude].isinf())
+    assert format_of(fmt.dtype) is format_of(fmt.name.upper()) is fmt
+    assert nx.fp8_max(fmt.dtype, "gaudi2") == fmt.gaudi2_max <= fmt.max
+
+
+def test_one_fp8_dtypes_and_one_scale_method_table():
+    from fp8fx import attention_ops, ops
+    from fp8fx.scale_methods import ScaleMethod
+
+    assert nx.FP8_DTYPES is ops.FP8_DTYPES is attention_ops.FP8_DTYPES is FP8_DTYPES
+    assert format_of(torch.bfloat16) is None and format_of("e3m4") is None
+    static = {m.value for m in ScaleMethod if not m.dynamic_only}
+    assert nx.SCALE_METHODS == static and len(static) == 11
+    for m in ScaleMethod:
+        if m.value in static:
+            assert nx.weight_is_per_channel(m.value) == m.weight_per_channel
+            assert nx.needs_measurement(m.value) == m.needs_measurement
+        else:
+            with pytest.raises(ConfigError, match="run time"):
+                nx.needs_measurement(m.value)
 
 
 # ------------------------------------------------------------------------------------ casts
@@ -118,6 +158,34 @@ def test_quantize_is_idempotent(dtype, scale, values):
     q = nx.quantize(torch.tensor(values), s, dtype)
     again = nx.quantize(nx.dequantize(q, s), s, dtype)
     assert torch.equal(q.view(torch.uint8), again.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+@SETTINGS
+@given(
+    scale=scales,
+    values=st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1, max_size=32),
+    hp=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+    qmax=st.sampled_from([None, 240.0, 3.0]),
+)
+def test_quantize_family_is_one_computation(dtype, scale, values, hp, qmax):
+    """The ops' float32 form, a Python-float scale and the attention ops' argument order are the
+    same quantization (bit for bit) as ``quantize``; float64 ``x`` is divided in float32 there."""
+    from fp8fx import attention_ops
+    from fp8fx.kernels import linear
+
+    x = torch.tensor(values, dtype=torch.float32).to(hp)
+    s = torch.tensor(scale, dtype=torch.float32)
+    want = nx.quantize(x.float(), s, dtype, qmax).view(torch.uint8)
+    assert torch.equal(nx.quantize_fp32(x, s, dtype, qmax).view(torch.uint8), want)
+    assert linear.quantize_activation is nx.quantize_fp32
+    limit = qmax or nx.fp8_max(dtype)
+    as_float = float(s)  # exactly the float32 scale
+    assert torch.equal(attention_ops.quantize(x, as_float, limit, dtype).view(torch.uint8), want)
+    if hp != torch.float64:
+        assert torch.equal(nx.quantize(x, s, dtype, qmax).view(torch.uint8), want)
+    deq = attention_ops.qdq(x, as_float, limit, dtype)
+    assert bool(((deq == nx.dequantize(want.view(dtype), s)) | deq.isnan()).all())
 
 
 def test_dequantize_dtype_and_per_channel_weight_round_trip():

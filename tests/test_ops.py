@@ -1,4 +1,5 @@
-"""fp8fx.ops: the fast CPU kernel of ``fp8fx::linear`` against its reference.
+"""fp8fx.ops and fp8fx.kernels.linear: the fast CPU kernel of ``fp8fx::linear`` against its
+reference.
 
 The conversions are exact by construction, so they are compared bit for bit: every one of the
 256 codes of both FP8 formats (hypothesis draws tensors of them too, in any layout), every FP8
@@ -19,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
-from fp8fx import ops
+from fp8fx import ops  # registers torch.ops.fp8fx.linear
+from fp8fx.kernels import linear as K
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FORMATS = (E4M3, E5M2)
@@ -55,7 +57,7 @@ def flush_denormal():
 def test_fp8_to_float32_is_exact_for_all_256_codes(fmt, flush) -> None:
     codes = all_codes(fmt)
     with flush_denormal() if flush else contextlib.nullcontext():
-        got = ops.fp8_to_float32(codes)
+        got = K.fp8_to_float32(codes)
     want = codes.to(torch.float32)
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert bool(same_bits(got, want).all())
@@ -69,14 +71,14 @@ def test_fp8_to_float32_is_exact_for_all_256_codes(fmt, flush) -> None:
 def test_half_bits_times_factor_is_the_value(fmt) -> None:
     """The kernel's own conversion: exact for every non-NaN code; E4M3's NaN codes -> ±1.875."""
     codes = all_codes(fmt)
-    half, factor = ops.fp8_to_half_bits(codes)
+    half, factor = K.fp8_to_half_bits(codes)
     got = half.to(torch.float32) * factor
     want = codes.to(torch.float32)
     finite_or_inf = ~want.isnan()
     assert bool(same_bits(got[finite_or_inf], want[finite_or_inf]).all())
     if fmt == E4M3:
         assert half[want.isnan()].float().abs().eq(1.875).all()
-        assert ops.has_nan_codes(codes)
+        assert K.has_nan_codes(codes)
     else:
         assert half[want.isnan()].isnan().all()
 
@@ -89,24 +91,24 @@ def test_fp8_to_float32_property(data, fmt, rows, cols, transposed) -> None:
     w = torch.tensor(raw, dtype=torch.uint8).view(fmt).reshape(rows, cols)
     if transposed:
         w = w.t()
-    got = ops.fp8_to_float32(w)
+    got = K.fp8_to_float32(w)
     assert bool(same_bits(got, w.to(torch.float32)).all())
     has_nan = bool(w.to(torch.float32).isnan().any()) and fmt == E4M3
-    assert ops.has_nan_codes(w) is has_nan
+    assert K.has_nan_codes(w) is has_nan
 
 
 def test_nan_scan_is_remembered_until_the_weight_changes() -> None:
     w = torch.zeros(4, 8, dtype=E4M3)
-    assert ops.has_nan_codes(w) is False and ops.has_nan_codes(w) is False
+    assert K.has_nan_codes(w) is False and K.has_nan_codes(w) is False
     w.view(torch.uint8)[2, 3] = 0x7F  # an in-place write bumps the version counter
-    assert ops.has_nan_codes(w) is True
+    assert K.has_nan_codes(w) is True
 
 
 @pytest.mark.parametrize("code", [0x7F, 0xFF])
 def test_nan_code_rows(code) -> None:
     w = torch.zeros(5, 7, dtype=torch.uint8)
     w[3, 6] = code
-    assert ops._nan_code_rows(w.view(E4M3)).tolist() == [False, False, False, True, False]
+    assert K._nan_code_rows(w.view(E4M3)).tolist() == [False, False, False, True, False]
 
 
 # ---- activation quantization ---------------------------------------------------------------
@@ -130,8 +132,8 @@ def test_quantize_activation_fast_hits_every_midpoint(fmt, fp8_max) -> None:
     x = _grid_probe(fmt)
     for scale in (1.0, 0.75, 2.0**-20):
         s = torch.tensor(scale)
-        want = ops.quantize_activation(x * scale, s, fmt, fp8_max).to(torch.float32)
-        got = ops.quantize_activation_fast(x * scale, s, fmt, fp8_max)
+        want = K.quantize_activation(x * scale, s, fmt, fp8_max).to(torch.float32)
+        got = K.quantize_activation_fast(x * scale, s, fmt, fp8_max)
         bad = ~same_bits(got, want)
         assert not bool(bad.any()), (scale, x[bad][:5].tolist(), got[bad][:5].tolist())
 
@@ -147,8 +149,8 @@ def test_quantize_activation_fast_property(fmt, xs, scale, bf16) -> None:
         x = x.to(torch.bfloat16)
     s = torch.tensor(scale, dtype=torch.float32)
     fp8_max = float(torch.finfo(fmt).max)
-    want = ops.quantize_activation(x, s, fmt, fp8_max).to(torch.float32)
-    assert bool(same_bits(ops.quantize_activation_fast(x, s, fmt, fp8_max), want).all())
+    want = K.quantize_activation(x, s, fmt, fp8_max).to(torch.float32)
+    assert bool(same_bits(K.quantize_activation_fast(x, s, fmt, fp8_max), want).all())
 
 
 # ---- the linear kernel ---------------------------------------------------------------------
@@ -169,10 +171,10 @@ def _check(got: Tensor, want: Tensor, x: Tensor, w, ws, xs, rows: int) -> None:
     assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous()
     assert bool((got.isnan() == want.isnan()).all())
     ok = ~want.isnan()
-    if x.dtype == torch.bfloat16 and rows > ops._EXACT_MAX_M and ops._cpu_has_bf16():
+    if x.dtype == torch.bfloat16 and rows > K._EXACT_MAX_M and K.cpu_has_bf16():
         # one extra rounding of acc * s to bfloat16 (half an ulp: <= 2**-8 relative) before
         # the bias; the final roundings of both results add up to one ulp of y
-        acc = ops.linear_reference(x.float(), w, ws, xs, None, float(torch.finfo(w.dtype).max))
+        acc = K.linear_reference(x.float(), w, ws, xs, None, float(torch.finfo(w.dtype).max))
         bound = 2.0**-8 * acc.abs() + 2.0**-7 * want.float().abs()
         assert bool(((got.float() - want.float()).abs()[ok] <= bound[ok] + 1e-30).all())
     elif want.dtype == torch.float32:  # float32 GEMM: only the summation order differs
@@ -191,19 +193,19 @@ def test_linear_fast_matches_reference(fmt, dtype, rows) -> None:
     for per_channel, bias in ((False, None), (True, dtype)):
         w, ws, xs, b, fp8_max = _layer(fmt, n, k, per_channel, bias, seed=rows)
         x = (torch.randn(rows, k) * 2).to(dtype)  # |x| above 3 saturates
-        with mock.patch.object(ops, "_BLOCK_ELEMS", 8 * k), \
-                mock.patch.object(ops, "_MIN_GEMM_ROWS", 8):
-            got = ops.linear_fast(x, w, ws, xs, b, fp8_max)
-        want = ops.linear_reference(x, w, ws, xs, b, fp8_max)
+        with mock.patch.object(K, "_BLOCK_ELEMS", 8 * k), \
+                mock.patch.object(K, "_MIN_GEMM_ROWS", 8):
+            got = K.linear_fast(x, w, ws, xs, b, fp8_max)
+        want = K.linear_reference(x, w, ws, xs, b, fp8_max)
         _check(got, want, x, w, ws, xs, rows)
 
 
 def test_linear_fast_3d_input_and_fast_activation_path() -> None:
     w, ws, xs, b, fp8_max = _layer(E4M3, 24, 64, True, torch.float32, seed=1)
-    x = torch.randn(2, ops._FAST_QUANT_MIN_NUMEL // 64 + 5, 64)
-    with mock.patch.object(ops, "_BLOCK_ELEMS", 4 * 64 * 100):  # activation blocks of 100 rows
-        got = ops.linear_fast(x, w, ws, xs, b, fp8_max)
-    want = ops.linear_reference(x, w, ws, xs, b, fp8_max)
+    x = torch.randn(2, K._FAST_QUANT_MIN_NUMEL // 64 + 5, 64)
+    with mock.patch.object(K, "_BLOCK_ELEMS", 4 * 64 * 100):  # activation blocks of 100 rows
+        got = K.linear_fast(x, w, ws, xs, b, fp8_max)
+    want = K.linear_reference(x, w, ws, xs, b, fp8_max)
     _check(got, want, x, w, ws, xs, rows=x.shape[0] * x.shape[1])
 
 
@@ -212,8 +214,8 @@ def test_nan_codes_give_nan_output_columns(rows) -> None:
     special = [((2, 5), 0x7F), ((6, 0), 0xFF)]
     w, ws, xs, b, fp8_max = _layer(E4M3, 8, 16, False, None, seed=2, special=special)
     x = torch.randn(rows, 16).to(torch.bfloat16)
-    got = ops.linear_fast(x, w, ws, xs, b, fp8_max)
-    want = ops.linear_reference(x, w, ws, xs, b, fp8_max)
+    got = K.linear_fast(x, w, ws, xs, b, fp8_max)
+    want = K.linear_reference(x, w, ws, xs, b, fp8_max)
     assert got.isnan().any(0).tolist() == want.isnan().any(0).tolist()
     assert got.isnan().any(0).tolist() == [i in (2, 6) for i in range(8)]
     _check(got, want, x, w, ws, xs, rows)
@@ -223,8 +225,8 @@ def test_e5m2_inf_and_nan_codes_follow_the_reference() -> None:
     special = [((1, 3), 0x7C), ((4, 4), 0xFC), ((5, 2), 0x7E)]  # +inf, -inf, NaN
     w, ws, xs, b, fp8_max = _layer(E5M2, 6, 8, False, None, seed=3, special=special)
     x = torch.randn(2, 8)
-    got = ops.linear_fast(x, w, ws, xs, b, fp8_max)
-    want = ops.linear_reference(x, w, ws, xs, b, fp8_max)
+    got = K.linear_fast(x, w, ws, xs, b, fp8_max)
+    want = K.linear_reference(x, w, ws, xs, b, fp8_max)
     assert bool(((got == want) | (got.isnan() & want.isnan())).all()) or bool(
         torch.isclose(got, want, rtol=1e-5, equal_nan=True).all())
     assert not bool(want[:, [1, 4, 5]].isfinite().any())
@@ -236,16 +238,16 @@ def test_subnormal_codes_survive_flushed_denormals(fmt) -> None:
     w, ws, xs, b, fp8_max = _layer(fmt, 4, 8, False, None, seed=4, special=sub)
     w.view(torch.uint8)[:, 4:] = 0
     x = torch.randn(1, 8)
-    want = ops.linear_reference(x, w, ws, xs, b, fp8_max)
+    want = K.linear_reference(x, w, ws, xs, b, fp8_max)
     with flush_denormal():
-        got = ops.linear_fast(x, w, ws, xs, b, fp8_max)
+        got = K.linear_fast(x, w, ws, xs, b, fp8_max)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
 
 
 def test_op_runs_the_fast_kernel_and_falls_back_where_it_must() -> None:
     w, ws, xs, b, fp8_max = _layer(E4M3, 5, 12, False, None, seed=5)
     x = torch.randn(3, 12)
-    with mock.patch.object(ops, "linear_reference", wraps=ops.linear_reference) as ref:
+    with mock.patch.object(K, "linear_reference", wraps=K.linear_reference) as ref:
         torch.ops.fp8fx.linear(x, w, ws, xs, b, fp8_max)
         assert ref.call_count == 0
         # fp8_max above the format's max: the reference's own cast decides what 460 becomes
@@ -253,7 +255,7 @@ def test_op_runs_the_fast_kernel_and_falls_back_where_it_must() -> None:
         empty = torch.ops.fp8fx.linear(x[:0], w, ws, xs, b, fp8_max)
         assert ref.call_count == 2
     assert empty.shape == (0, 5)
-    want = ops.linear_reference(x * 1e3, w, ws, xs, b, 460.0)
+    want = K.linear_reference(x * 1e3, w, ws, xs, b, 460.0)
     assert bool(same_bits(got, want).all())
 
 
@@ -261,5 +263,18 @@ def test_weight_must_be_fp8() -> None:
     from fp8fx.errors import QuantizationError
 
     with pytest.raises(QuantizationError, match="float8_e4m3fn or float8_e5m2"):
-        ops.linear_fast(torch.randn(1, 4), torch.randn(2, 4), torch.tensor(1.0),
+        K.linear_fast(torch.randn(1, 4), torch.randn(2, 4), torch.tensor(1.0),
                         torch.tensor(1.0), None, 448.0)
+
+
+def test_ops_registers_and_reexports_the_kernels() -> None:
+    """fp8fx.ops only registers the op; the kernels it names are fp8fx.kernels.linear's."""
+    for name in ("linear_reference", "linear_fast", "quantize_activation",
+                 "quantize_activation_fast", "fp8_to_float32", "fp8_to_half_bits", "has_nan_codes"):
+        assert getattr(ops, name) is getattr(K, name), name
+    assert ops._cpu_has_bf16 is K.cpu_has_bf16  # benchmarks/linear.py reads it here
+
+
+def test_nan_code_mask_is_exactly_the_nan_codes() -> None:
+    codes = all_codes(E4M3)
+    assert torch.equal(K._nan_code_mask(codes), codes.to(torch.float32).isnan())

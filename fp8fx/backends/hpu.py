@@ -94,15 +94,14 @@ from torch import Tensor
 
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.fp8fx.*)
 from ..errors import QuantizationError
+from ..fp8 import E4M3, FP8_DTYPES
+from ..numerics import quantize_fp32
 
 __all__ = ["habana_available", "gaudi_e4m3_max", "lower_to_hpu", "HPU_OPS"]
 
 # the Gaudi ops this lowering emits; looked up in torch.ops.<_HPU_NAMESPACE> at lowering time
 HPU_OPS = ("cast_to_fp8_v2", "fp8_gemm_v2")
 _HPU_NAMESPACE = "hpu"
-_E4M3 = torch.float8_e4m3fn
-_E4M3_MAX = 448.0
-_GAUDI2_E4M3_MAX = 240.0
 _LINEAR_ARGS = ("x", "weight", "weight_scale", "input_scale", "bias", "fp8_max")
 # metadata keys that describe a node's value; the rest (module stack, stack trace, fp8fx
 # annotations) is copied onto the nodes that replace it
@@ -134,7 +133,7 @@ def gaudi_e4m3_max() -> float | None:
         gaudi2 = htexp._get_device_type() == htexp.synDeviceType.synDeviceGaudi2
     except Exception:  # noqa: BLE001 (no bridge, no device, or an older bridge API)
         return None
-    return _GAUDI2_E4M3_MAX if gaudi2 else _E4M3_MAX
+    return E4M3.gaudi2_max if gaudi2 else E4M3.max
 
 
 def _missing_hpu_ops() -> list[str]:
@@ -296,9 +295,9 @@ class _Lowering:
         if key not in self.requant_cache:
             w, s = values
             ratio = fp8_max / self.e4m3_max
-            codes = (w.detach().to(torch.float32) / ratio).clamp_(-self.e4m3_max, self.e4m3_max)
+            codes = quantize_fp32(w.detach(), ratio, w.dtype, self.e4m3_max)
             new_s = s.detach().to(torch.float32) * ratio
-            self.requant_cache[key] = (_new_buffer(self.gm, key[0], codes.to(w.dtype)),
+            self.requant_cache[key] = (_new_buffer(self.gm, key[0], codes),
                                        _new_buffer(self.gm, key[1], new_s))
         self.replaced.update(dict.fromkeys((weight, weight_scale)))
         w_name, s_name = self.requant_cache[key]
@@ -313,7 +312,7 @@ class _Lowering:
                 f"node {node.name!r}: fp8_max must be a constant number, got {fp8_max!r}; "
                 "re-capture the model with its Fp8Linear modules unchanged")
         fp8_dtype = _static_dtype(self.gm, weight)
-        if fp8_dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        if fp8_dtype not in FP8_DTYPES:
             raise QuantizationError(
                 f"node {node.name!r}: cannot tell the FP8 dtype of its weight "
                 f"{getattr(weight, 'name', weight)!r} (got {fp8_dtype}). The weight must be a "
@@ -327,7 +326,7 @@ class _Lowering:
                 "with dynamo or torch.export, run torch.fx.passes.shape_prop.ShapeProp(gm)"
                 ".propagate(*example_inputs) first, or pass out_dtype= to lower_to_hpu")
         requantize = None
-        if fp8_dtype == _E4M3 and float(fp8_max) > self.e4m3_max:
+        if fp8_dtype == E4M3.dtype and float(fp8_max) > self.e4m3_max:
             w, s = _constant_attr(self.gm, weight), _constant_attr(self.gm, args["weight_scale"])
             if w is None or s is None:
                 raise QuantizationError(
@@ -398,8 +397,8 @@ def lower_to_hpu(
         return 0
     _require_hpu_ops(nodes)
     if e4m3_max is None:
-        e4m3_max = gaudi_e4m3_max() or _E4M3_MAX
-    if not 0 < float(e4m3_max) <= _E4M3_MAX:
+        e4m3_max = gaudi_e4m3_max() or E4M3.max
+    if not 0 < float(e4m3_max) <= E4M3.max:
         raise QuantizationError(
             f"e4m3_max={e4m3_max!r} is not a Gaudi E4M3 range: use 240.0 (Gaudi2) or 448.0 "
             "(Gaudi3)")

@@ -12,12 +12,13 @@ keeps what it compiled in-process, so a model compiled before the call keeps the
 
 On-disk caches: AOTAutograd's cache keys on the graph *before* decompositions, so an artifact
 compiled without this decomposition (or with an older version of it) would be served after
-registration. ``register_lowering()`` therefore appends a tag naming this module's source hash
-to ``torch.compiler.config.cache_key_tag`` (documented for breaking caches); that tag is its
+registration. ``register_lowering()`` therefore appends a tag naming the hash of this module's
+source and of the modules the decomposition calls into (``_cache_tag``) to
+``torch.compiler.config.cache_key_tag`` (documented for breaking caches); that tag is its
 only change to global configuration.
 
-Numerics (reference: ``fp8fx.ops.linear_reference``)
-----------------------------------------------------
+Numerics (reference: ``fp8fx.kernels.linear.linear_reference``)
+----------------------------------------------------------------
 Every path quantizes the activation exactly as the reference does (float32 ``x / s_x``, clamp
 to ``±fp8_max``, round-to-nearest-even cast to the weight's FP8 dtype) and applies the scales,
 the bias and the cast to ``x.dtype`` in a float32 epilogue: ``y = acc * (s_x * s_w) + b``. FP8
@@ -41,41 +42,36 @@ CUDA, sm89+, E4M3, ``K, N % 16 == 0``  ``torch._scaled_mm`` with float32 output:
 CUDA, sm89+, other shapes/E5M2         float32 ``mm`` of the dequantized operands
 =====================================  =========================================================
 
-CPU kernels, by measurement
----------------------------
-Ratios below are ``benchmarks/linear.py`` times over a bfloat16 ``F.linear`` on the original
-weight (two threads, quiet machine; Llama-3-8B's three Linear shapes, then SmolLM2-135M's
-two), against ``lowering_before``, the previous form of this decomposition, in the same run.
+CPU kernels, and why
+--------------------
+Each choice below was picked by ``benchmarks/linear.py`` against a bfloat16 ``F.linear`` and
+against the previous form of this decomposition (``lowering_before``); the figures, the command
+and the machine are in ``benchmarks/README.md``.
 
 The weight is converted by integer ops (``_fp8_to_float32``), never by an FP8 cast: Inductor's
 vectorized FP8 -> float32 conversion handles subnormal and NaN codes with masks and branches
-and made the ``M == 1`` reduction 1.5x slower (4096 x 4096, one thread); a shorter bit trick
-that maps subnormal codes to float32 denormals was faster still but wrong with flushed
-denormals. The integer form is exact for all 256 codes of both formats and forms no float32
-denormal (a test runs it with denormals flushed).
+and made the ``M == 1`` reduction slower; a shorter bit trick that maps subnormal codes to
+float32 denormals was faster still but wrong with flushed denormals. The integer form is exact
+for all 256 codes of both formats and forms no float32 denormal (a test runs it with
+denormals flushed). Its shifts, biases and special codes come from the format table
+(:mod:`fp8fx.fp8`).
 
-* ``M == 1``: the reduction streams the FP8 bytes (1 byte per weight against bfloat16's 2):
-  0.81x and 0.90x bfloat16 at 4096 x 4096 and 4096 x 14336; 1.26x at ``K = 14336`` (likely
-  because ``q_x``, 56 KiB in float32, no longer fits L1 and is re-read from L2 for every
-  row) and 1.34-1.36x at SmolLM2's cache-resident weights, where the ~20 instructions per 16
-  weights of the conversion are the cost. Inductor sums more than 4096 float32 elements
-  through a cascade helper that keeps its partial sums in a heap vector per output (2.03x
-  instead of 1.44x at ``K = 14336``, one thread), so long rows are summed in equal parts
-  (``_reduction_parts``). The previous form cast the FP8 bytes and let Inductor inline the
-  activation quantization into the reduction (two more FP8 casts per weight element):
-  5.6-6.1x and 4.5-4.9x.
+* ``M == 1``: the reduction streams the FP8 bytes (1 byte per weight against bfloat16's 2),
+  which beats bfloat16 on LLM-sized weights; on small cache-resident weights the ~20
+  instructions per 16 weights of the conversion are the cost, and with a long ``K`` the
+  float32 ``q_x`` no longer fits L1. ``q_x`` is computed once (``_materialized``): inlined
+  into the reduction, Inductor would re-quantize it for every output row. Inductor sums more
+  than ``_MAX_REDUCTION`` float32 elements through a cascade helper that keeps its partial
+  sums in a heap vector per output, so long rows are summed in equal parts
+  (``_reduction_parts``).
 * ``M > 1``: the weight is converted into float32 in row groups of ``_GROUP_ELEMS`` and each
   group is multiplied as soon as it is converted. A weight-sized temporary comes from ``mmap``
-  and page-faults on every call (about 15 ms per 32 MB, more than the conversion itself), and a
-  conversion fused with the cast to bfloat16 runs at Inductor's 32-lane width, ten times slower
-  than the 16-lane float32 one; ``_materialized`` keeps the two apart. ``M = 16``: 1.9-2.2x
-  and 2.1-2.4x (previous form 8.5-8.9x and 3.8x); ``M = 256``: 1.16-1.32x and 1.33-1.40x
-  (2.1-2.3x, 1.6-1.7x); ``M = 2048``: 1.04-1.30x and 1.15-1.37x (1.18-1.24x, 1.21-1.44x),
-  where the GEMM dominates and both forms are within noise of each other.
-* ``torch._scaled_mm`` runs on CPU (oneDNN) but was the slowest candidate everywhere (12-63x
-  bfloat16 at ``M = 1``), so it is not used on CPU.
-
-Per-shape numbers, the command and the machine: ``benchmarks/README.md``.
+  and page-faults on every call (more than the conversion itself costs), and a conversion
+  fused with the cast to bfloat16 runs at Inductor's 32-lane width, much slower than the
+  16-lane float32 one; ``_materialized`` keeps the two apart. Where the GEMM dominates
+  (thousands of rows) the grouping is within noise of one conversion.
+* ``torch._scaled_mm`` runs on CPU (oneDNN) but was the slowest candidate everywhere, so it is
+  not used on CPU.
 
 Inductor fuses a cast to bfloat16 with the float32 math that follows and skips the rounding
 (``torch._inductor.config.emulate_precision_casts`` is off by default). An activation that a
@@ -108,8 +104,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fp8fx import ops
+from fp8fx import ops  # noqa: F401  (registers torch.ops.fp8fx.linear, which this lowers)
 from fp8fx.errors import QuantizationError
+from fp8fx.fp8 import FORMATS
+from fp8fx.kernels.linear import check_fp8_weight, cpu_has_bf16, quantize_activation
 
 __all__ = ["register_lowering"]
 
@@ -120,12 +118,6 @@ _SCALED_MM_ALIGNMENT = 16
 # --------------------------------------------------------------------------------------------
 # The decomposition
 # --------------------------------------------------------------------------------------------
-
-
-def _quantize_activation(x: Tensor, input_scale: Tensor, fp8_dtype: torch.dtype,
-                         fp8_max: float) -> Tensor:
-    """``saturate(x / s_x)`` in float32 cast to ``fp8_dtype``, as the reference kernel does."""
-    return (x.to(torch.float32) / input_scale).clamp(-fp8_max, fp8_max).to(fp8_dtype)
 
 
 def _epilogue(acc: Tensor, scale: Optional[Tensor], bias: Optional[Tensor],
@@ -139,8 +131,6 @@ def _epilogue(acc: Tensor, scale: Optional[Tensor], bias: Optional[Tensor],
     return y.to(dtype)
 
 
-# (mantissa bits, exponent bias, has inf) per FP8 format
-_FP8_LAYOUT = {torch.float8_e4m3fn: (3, 7, False), torch.float8_e5m2: (2, 15, True)}
 _SIGN_BIT = -(2**31)
 _MAX_REDUCTION = 4096  # Inductor's CPU cascade-sum threshold (codegen/cpp.py, chunk_size)
 _GROUP_ELEMS = 1 << 22  # weight elements converted per group on the M > 1 path (16 MiB fp32)
@@ -155,18 +145,19 @@ def _fp8_to_float32(weight: Tensor) -> Tensor:
     so no float32 denormal is ever formed (the result does not depend on the denormal mode);
     NaN (and E5M2's inf) codes are selected; the sign bit is ORed in last.
     """
-    mbits, bias, has_inf = _FP8_LAYOUT[weight.dtype]
+    fmt = FORMATS[weight.dtype]
+    mbits, bias = fmt.mantissa_bits, fmt.bias
     code = weight.view(torch.int8).to(torch.int32)  # sign-extended: bit 31 is the sign
     mag = code & 0x7F
     normal = ((mag << (23 - mbits)) + ((127 - bias) << 23)).view(torch.float32)
     subnormal = mag.to(torch.float32) * 2.0 ** (1 - bias - mbits)
     value = torch.where(mag < (1 << mbits), subnormal, normal)
-    if has_inf:
-        top = 0x7F & ~((1 << mbits) - 1)  # exponent field all ones
+    if fmt.has_inf:  # E5M2: the exponent field all ones is inf, then NaN
+        top = fmt.inf_magnitude
         special = torch.where(mag == top, float("inf"), float("nan"))
         value = torch.where(mag >= top, special, value)
-    else:
-        value = torch.where(mag == 0x7F, float("nan"), value)
+    else:  # E4M3fn: the one NaN magnitude
+        value = torch.where(mag == fmt.nan_magnitude, float("nan"), value)
     return (value.view(torch.int32) | (code & _SIGN_BIT)).view(torch.float32)
 
 
@@ -189,9 +180,9 @@ def _cpu_dequant_mm(qx: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
 
     The weight is converted by ``_fp8_to_float32`` into a float32 buffer (``_materialized``:
     fused with the cast to bfloat16, the conversion runs at Inductor's 32-lane bfloat16 width
-    and takes 10x longer) in row groups of ``_GROUP_ELEMS`` elements, each multiplied as soon
+    and is much slower) in row groups of ``_GROUP_ELEMS`` elements, each multiplied as soon
     as it is converted: a weight-sized temporary comes from ``mmap`` and page-faults on every
-    call (15 ms per 32 MB on the measured host, more than the conversion itself).
+    call, which costs more than the conversion itself (figures: ``benchmarks/README.md``).
     """
     n, k = weight.shape
     a = qx.to(torch.float32).to(dtype)
@@ -208,7 +199,7 @@ def _cpu_dequant_mm(qx: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
 def _reduction_parts(k: int) -> int:
     """In how many equal parts to sum ``k`` products: Inductor's CPU sum over more than
     ``_MAX_REDUCTION`` float32 elements uses a cascade (pairwise) helper that keeps its partial
-    sums in a heap vector per output, 2.5x slower here; smaller sums of equal length avoid it.
+    sums in a heap vector per output, much slower here; smaller sums of equal length avoid it.
     1 when no divisor of ``k`` gives parts of at least 256 (then the cascade it is)."""
     if not isinstance(k, int):
         return 1
@@ -225,22 +216,16 @@ def _is_one(size: object) -> bool:
     return bool(statically_known_true(size == 1))
 
 
-def _cpu_has_bf16() -> bool:
-    cpu = getattr(torch, "cpu", None)
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
-
-
 def _cpu_linear(x2d: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Tensor,
                 bias: Optional[Tensor], fp8_max: float) -> Tensor:
-    qx = _quantize_activation(x2d, input_scale, weight.dtype, fp8_max)
+    qx = quantize_activation(x2d, input_scale, weight.dtype, fp8_max)
     if _is_one(x2d.shape[0]):
         n, k = weight.shape
         qx32 = _materialized(qx.to(torch.float32))
         parts = _reduction_parts(k)
         prod = qx32.reshape(1, parts, k // parts) * _fp8_to_float32(weight).reshape(n, parts, -1)
         acc = prod.sum(dim=-1).sum(dim=-1).unsqueeze(0)
-    elif x2d.dtype == torch.bfloat16 and _cpu_has_bf16():
+    elif x2d.dtype == torch.bfloat16 and cpu_has_bf16():
         acc = _cpu_dequant_mm(qx, weight, torch.bfloat16)
     else:
         acc = _cpu_dequant_mm(qx, weight, torch.float32)
@@ -255,7 +240,7 @@ def _cuda_linear(x2d: Tensor, weight: Tensor, weight_scale: Tensor, input_scale:
             f"fp8fx::linear cannot run on {x2d.device} (compute capability {major}.{minor}): FP8 "
             "GEMMs need compute capability 8.9 or newer (Ada, Hopper, Blackwell). Run the "
             "converted model on such a GPU or on CPU, or keep this model in high precision")
-    qx = _quantize_activation(x2d, input_scale, weight.dtype, fp8_max)
+    qx = quantize_activation(x2d, input_scale, weight.dtype, fp8_max)
     n, k = weight.shape
     if (weight.dtype != torch.float8_e4m3fn or k % _SCALED_MM_ALIGNMENT != 0
             or n % _SCALED_MM_ALIGNMENT != 0):
@@ -274,7 +259,7 @@ def _cuda_linear(x2d: Tensor, weight: Tensor, weight_scale: Tensor, input_scale:
 def _decompose_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Tensor,
                       bias: Optional[Tensor], fp8_max: float) -> Tensor:
     """``fp8fx::linear`` in aten ops; the kernel is chosen by device (module docstring)."""
-    ops._check_weight(weight)
+    check_fp8_weight(weight)
     n, k = weight.shape
     x2d = x.reshape(-1, k)
     lower = _cuda_linear if x.device.type == "cuda" else _cpu_linear
@@ -304,11 +289,18 @@ def _decomposition_tables() -> list[dict]:
 
 
 def _cache_tag() -> str:
+    """A hash of the sources the decomposition is made of: this module, the quantization it
+    calls (``fp8fx.numerics``, ``fp8fx.kernels.linear``) and the format table (``fp8fx.fp8``)."""
+    from fp8fx import fp8, numerics
+    from fp8fx.kernels import linear
+
+    digest = hashlib.sha256()
     try:
-        digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-    except OSError:  # not a plain file (zip import): fall back to the decomposition's bytecode
-        digest = hashlib.sha256(_decompose_linear.__code__.co_code).hexdigest()[:16]
-    return f"fp8fx-inductor-{digest}"
+        for module in (__file__, numerics.__file__, linear.__file__, fp8.__file__):
+            digest.update(Path(module).read_bytes())
+    except (OSError, TypeError):  # not plain files (zip import): the decomposition's bytecode
+        digest = hashlib.sha256(_decompose_linear.__code__.co_code)
+    return f"fp8fx-inductor-{digest.hexdigest()[:16]}"
 
 
 def register_lowering() -> None:
