@@ -67,8 +67,10 @@ def test_round_trip_prefix_json_and_npz(tmp_path):
 def test_json_and_npz_layout_is_inc_layout(tmp_path):
     paths = inc.write_measurements(_sample(), tmp_path / "measure")
     doc = json.loads(paths[0].read_text())
-    assert list(doc) == ["GlobalRank", "LocalRank", "Mode", "Nodes"]
+    assert list(doc) == ["GlobalRank", "LocalRank", "Mode", "WriteId", "Nodes"]
     assert doc["Mode"] == "DynamicRange" and doc["GlobalRank"] is None and doc["LocalRank"] is None
+    uid, digest = doc["WriteId"].split("-")                   # one write id, stamped in both files
+    assert len(uid) == 32 and len(digest) == 16
     assert doc["Nodes"]["model.layers.0.self_attn.q_proj"] == {
         "inputs": [[[4.71875]]], "params": {"weight": [[0.091796875]]}}
     assert doc["Nodes"]["model.layers.0.self_attn.matmul_qk"] == {
@@ -78,6 +80,10 @@ def test_json_and_npz_layout_is_inc_layout(tmp_path):
     # the npz is the same dict pickled as a 0-d object array 'arr_0' (how INC loads it)
     d = np.load(paths[1], allow_pickle=True)["arr_0"].item()
     assert d["Mode"] == "DynamicRange" and set(d["Nodes"]) == set(doc["Nodes"])
+    assert d["WriteId"] == doc["WriteId"]
+    assert inc.write_measurements(_sample(), tmp_path / "again")[0].read_text().count(
+        doc["WriteId"].split("-")[1]) == 1                    # same content: same digest, new uuid
+    assert json.loads((tmp_path / "again_hooks_maxabs.json").read_text())["WriteId"] != doc["WriteId"]
     w = d["Nodes"]["model.layers.0.mlp.down_proj"]["params"]["weight"]
     assert isinstance(w, np.ndarray) and w.dtype == np.float32 and w.shape == (4, 1)
 
@@ -176,8 +182,9 @@ def test_interrupted_write_keeps_previous_files(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "savez", failing_savez)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(MeasurementError, match="could not write .*No space left") as ei:
         inc.write_measurements(changed, prefix)
+    assert isinstance(ei.value.__cause__, OSError)
     assert {p: p.read_bytes() for p in paths} == before      # json, npz, mod_list all intact
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)   # no temp files left
     _assert_same(_sample(), inc.read_measurements(prefix))
@@ -393,3 +400,31 @@ def test_scales_bad_values(tmp_path):
         inc.write_scales({"x": {"inputs": [float("nan")]}}, tmp_path / "m",
                          scale_method="maxabs_pow2")
     assert os.listdir(tmp_path) == []
+
+
+def test_atomic_paths_rolls_back_an_interrupted_renaming(tmp_path, monkeypatch):
+    a, b, c = tmp_path / "a.json", tmp_path / "b.npz", tmp_path / "c.json"
+    a.write_text("old a")                                     # b and c do not exist yet
+    real_replace = os.replace
+
+    def third_fails(src, dst):
+        if Path(dst) == c:
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")          # a file system without hard links
+
+    monkeypatch.setattr(os, "replace", third_fails)
+    monkeypatch.setattr(os, "link", no_links)
+    with pytest.raises(OSError, match="Input/output"):
+        with fileio.atomic_paths(a, b, c) as tmps:
+            for t in tmps:
+                t.write_text("new")
+    assert a.read_text() == "old a"                           # restored from its (copied) backup
+    assert sorted(os.listdir(tmp_path)) == ["a.json"]         # b removed, no temp/backup left
+    monkeypatch.undo()
+    with fileio.atomic_paths(a, b) as (ta, tb):
+        ta.write_text("A")
+        tb.write_text("B")
+    assert (a.read_text(), b.read_text()) == ("A", "B") and len(os.listdir(tmp_path)) == 2

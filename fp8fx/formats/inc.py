@@ -37,26 +37,58 @@ Choices made here:
 
 * Reading: INC's QUANTIZE mode loads only the ``.npz``. :func:`read_measurements` mirrors that
   and reads the ``.npz`` when it exists, else the ``.json`` (for example when only the JSON was
-  copied, or edited by a merge script). The two are never compared.
+  copied, or edited by a merge script). Naming a ``.json``/``.npz`` file reads that file alone.
+* A measurement set is written and read as a set. :func:`write_measurements` stamps the
+  ``.json`` and the ``.npz`` of one write with the same top-level ``"WriteId"``:
+  ``"<uuid4 hex>-<digest>"``, the digest being the first 16 hex digits of the SHA-256 of the
+  document without its ``WriteId`` (canonical JSON: sorted keys, float32 values as lists).
+  INC's loader looks only at ``Nodes``, so it still reads these files. The ``_mod_list.json``
+  stays a plain list of names (INC's layout; a list has no room for a key); it is tied to the
+  set by its content instead: its names must be the ``Nodes`` of the set.
+  When :func:`read_measurements` is given a prefix and finds both files, it compares them:
+
+  - neither has a ``WriteId`` (written by INC, by a script, or by fp8fx before write ids):
+    read exactly as before: the ``.npz``, the ``.json`` and the module list are not compared;
+  - both have the same ``WriteId``: each file's content must still match the digest (a
+    ``.json`` edited after the write would otherwise be ignored silently for the ``.npz``),
+    and the module list, when present, must name the same modules;
+  - different ids, or only one of the pair has an id: the files come from different writes
+    (a crash between two renames, or one file rewritten by INC or a script), and no rule can
+    tell which is right: :class:`MeasurementError` naming both files and what to do.
+
+  A stamped file whose partner is absent is read as it is (its module list is still checked):
+  the digest only compares a pair, so a lone ``.json`` edited by a merge script is accepted.
+  Comparing costs one more parse (the ``.json``) and two hashes per read of a stamped set.
 * The ``.npz`` is a pickle. It is read with an unpickler that resolves only numpy's array
   reconstruction globals, so a hostile file cannot run code; anything else is refused.
 * Every value is checked (structure, finiteness, sign) and every error names the file, the node
   and the key, and says what to do. INC itself fails late (or silently: its writer swallows
   write errors), so these checks are the user's first line of defence.
-* Writes are atomic (:mod:`fp8fx.fileio`): all files of one call are written to temporary files
-  first and replaced together, so an interrupted run keeps the previous files.
+* Writes are atomic (:func:`fp8fx.fileio.atomic_paths`): all files of one call are written to
+  temporary files before any is renamed, and an interrupted renaming is rolled back, so an
+  interrupted run keeps the previous set; a write that fails raises :class:`MeasurementError`
+  naming the file. Scale files are written the same way but carry no write id: they are a
+  cache that INC and :func:`read_scales` read one file at a time.
+* Only maxabs layouts are accepted: every measured value is 2-D with one column ((1, 1) or
+  (C, 1)), as all of INC's DynamicRange observers write; anything else is refused.
+* Every error raised here is an :class:`~fp8fx.errors.Fp8fxError` (``MeasurementError``, or
+  ``ConfigError`` for bad arguments) naming the file, node and key; decoding errors of json,
+  zip and pickle are wrapped, never leaked.
 * Multi-card measurements are merged by :func:`merge_measurements` (elementwise max), which INC
   leaves to external scripts.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import os
 import pickle
 import re
+import struct
+import uuid
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,12 +97,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, MeasurementError
-from ..fileio import atomic_path
+from ..fileio import atomic_paths
 
 __all__ = [
     "NodeMeasurement", "Measurements", "measurement_file_paths", "mod_list_path",
     "write_measurements", "read_measurements", "merge_measurements", "write_scales",
-    "read_scales", "MEASURE_MODE", "SCALE_MODE",
+    "read_scales", "MEASURE_MODE", "SCALE_MODE", "WRITE_ID_KEY",
 ]
 
 MEASURE_MODE = "DynamicRange"
@@ -79,6 +111,10 @@ SHAPE_MODE = "Shape"
 _NODE_KEYS = ("inputs", "outputs", "params")
 _LEGACY_KEYS = {"input": "inputs", "output": "outputs"}
 _WORKER_RE = re.compile(r"_(\d+)_(\d+)$")
+WRITE_ID_KEY = "WriteId"
+_WRITE_ID_RE = re.compile(r"[0-9a-f]{32}-[0-9a-f]{16}")
+_RERUN = ("re-run calibration (fp8fx.prepare in MEASURE mode, the calibration batches, then "
+          "fp8fx.finalize_calibration) to write a fresh set")
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,7 +129,7 @@ def _float_array(value: Any, where: str) -> np.ndarray:
                                f"{type(value).__name__} {str(value)[:60]!r}; fix or regenerate the file.")
     try:
         arr = np.asarray(value, dtype=np.float64)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise MeasurementError(f"{where}: expected a number or a nested list of numbers, got "
                                f"{str(value)[:60]!r} ({e}); fix or regenerate the file.") from None
     if arr.size == 0:
@@ -200,7 +236,7 @@ def mod_list_path(prefix: str | os.PathLike[str], observer: str = "maxabs",
     return json_path.with_name(json_path.stem + "_mod_list.json")
 
 
-def _existing_with_prefix(prefix: Path) -> str:
+def _existing_with_prefix(prefix: Path, rank_given: bool = False) -> str:
     directory = prefix.parent if str(prefix.parent) else Path(".")
     if prefix.is_dir():
         directory, base = prefix, ""
@@ -219,7 +255,10 @@ def _existing_with_prefix(prefix: Path) -> str:
     shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
     hint = ""
     if any(_WORKER_RE.search(Path(n).stem.replace("_mod_list", "")) for n in names):
-        hint = (" Some are per-rank files (suffix _{rank}_{world_size}): pass rank= and "
+        hint = (" Other ranks' files exist but not this rank's: every rank writes its own files "
+                "at finalize_calibration, so re-run calibration on every rank (same world size)."
+                if rank_given else
+                " Some are per-rank files (suffix _{rank}_{world_size}): pass rank= and "
                 "world_size=, or read each and combine them with merge_measurements().")
     return f"files in {directory} starting with '{base}': {shown}.{hint}"
 
@@ -265,7 +304,9 @@ def _load_npz(path: Path) -> Any:
                 elif version == (2, 0):
                     _, _, dtype = np.lib.format.read_array_header_2_0(fp)
                 else:
-                    raise ValueError(f"unsupported .npy format version {version}")
+                    raise MeasurementError(
+                        f"{path}: arr_0 uses .npy format version {version}, which INC never "
+                        "writes; regenerate the file with INC or fp8fx.")
                 if not dtype.hasobject:
                     raise MeasurementError(
                         f"{path}: arr_0 is a plain {dtype} array, not INC's pickled dict; "
@@ -273,8 +314,9 @@ def _load_npz(path: Path) -> Any:
                 obj = _NumpyOnlyUnpickler(fp, path).load()
     except MeasurementError:
         raise
-    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, ValueError, OSError, KeyError,
-            TypeError, AttributeError, IndexError) as e:
+    except (zipfile.BadZipFile, zlib.error, struct.error, EOFError, pickle.UnpicklingError,
+            ValueError, OSError, KeyError, TypeError, AttributeError, IndexError,
+            NotImplementedError, RecursionError) as e:
         raise MeasurementError(
             f"{path}: not a readable INC .npz file (truncated or corrupt: {type(e).__name__}: "
             f"{e}). Re-run calibration, or read the .json next to it.") from None
@@ -301,16 +343,23 @@ def _load_doc(path: Path, expected_mode: str) -> dict[str, Any]:
         try:
             with open(path, encoding="utf-8") as f:
                 doc = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except OSError as e:
+            raise MeasurementError(f"{path}: cannot be read ({e}); check its permissions, "
+                                   "or re-run calibration.") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, ...
             raise MeasurementError(
-                f"{path}: not valid JSON (truncated or corrupt: {e}). Re-run calibration, "
-                "restore the file, or read the .npz next to it.") from None
+                f"{path}: not valid JSON (truncated or corrupt: {type(e).__name__}: {e}). "
+                "Re-run calibration, restore the file, or read the .npz next to it.") from None
     if isinstance(doc, list) and path.name.endswith("_mod_list.json"):
         raise MeasurementError(f"{path}: this is INC's module list, not {expected_mode} data; "
                                "pass the file without the _mod_list suffix.")
-    if not isinstance(doc, dict) or "Nodes" not in doc:
+    if not isinstance(doc, dict):
         raise MeasurementError(f"{path}: expected an object with 'Mode' and 'Nodes' (INC's "
                                f"layout), got {type(doc).__name__}; is this an INC file?")
+    if "Nodes" not in doc:
+        raise MeasurementError(f"{path}: expected an object with 'Mode' and 'Nodes' (INC's "
+                               f"layout), but it has no 'Nodes' key (keys: "
+                               f"{sorted(map(str, doc))[:8]}); is this an INC file? Regenerate it.")
     mode = doc.get("Mode")
     if mode != expected_mode:
         what = {MEASURE_MODE: "measurements (MEASURE mode)", SCALE_MODE: "scales (QUANTIZE "
@@ -355,6 +404,11 @@ def _node_dict(name: str, entry: Any, where: str) -> dict[str, Any]:
 
 def _measured(value: Any, where: str) -> np.ndarray:
     arr = _float_array(value, where)
+    if arr.ndim != 2 or arr.shape[1] != 1:
+        raise MeasurementError(
+            f"{where}: shape {arr.shape}, but a measured max-abs is 2-D with one column: [[m]] "
+            "per tensor, [[c0], [c1], ...] per channel (a scale file stores bare numbers: pass "
+            "it to read_scales). Fix the nesting or measure again.")
     if np.any(arr < 0):
         raise MeasurementError(f"{where}: negative max-abs value {arr.min()}; max-abs is never "
                                "negative, so the file is corrupt. Measure again.")
@@ -388,26 +442,71 @@ def _observer_from_name(path: Path, default: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Measurements: write / read / merge
 # --------------------------------------------------------------------------------------------
+def _opt_int(value: Any, key: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise MeasurementError(f"measurements to write: '{key}' must be an integer or None, got "
+                               f"{value!r}; fix the Measurements object.")
+    return int(value)
+
+
 def _header(mode: str, global_rank: int | None, local_rank: int | None,
             num_samples: int | None) -> dict[str, Any]:
+    num_samples = _opt_int(num_samples, "NumSamples")
     head: dict[str, Any] = {"NumSamples": num_samples} if num_samples else {}
-    head.update({"GlobalRank": global_rank, "LocalRank": local_rank, "Mode": mode})
+    head.update({"GlobalRank": _opt_int(global_rank, "GlobalRank"),
+                 "LocalRank": _opt_int(local_rank, "LocalRank"), "Mode": mode})
     return head
+
+
+def _content_digest(doc: Mapping[str, Any]) -> str:
+    """16 hex digits of SHA-256 over the document without its write id (canonical JSON)."""
+    body = _to_lists({k: v for k, v in doc.items() if k != WRITE_ID_KEY})
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _write_id(doc: Mapping[str, Any], path: Path) -> str | None:
+    """The document's write id, None when it has none (INC's files); refuses a malformed one."""
+    wid = doc.get(WRITE_ID_KEY)
+    if wid is not None and not (isinstance(wid, str) and _WRITE_ID_RE.fullmatch(wid)):
+        raise MeasurementError(f"{path}: malformed '{WRITE_ID_KEY}' {str(wid)[:60]!r} (fp8fx "
+                               f"writes '<32 hex>-<16 hex>'); {_RERUN}.")
+    return wid
+
+
+def _write_files(files: Sequence[tuple[Path, Any]], what: str) -> None:
+    """Write ``[(path, writer(tmp_path))]`` as one set (see :func:`fp8fx.fileio.atomic_paths`)."""
+    paths = [p for p, _ in files]
+    try:
+        with atomic_paths(*paths) as tmps:
+            for tmp, (_, write) in zip(tmps, files):
+                write(tmp)
+    except OSError as e:
+        names = ", ".join(map(str, paths))
+        raise MeasurementError(
+            f"could not write the {what} {names} ({e}); the previous files, if any, are "
+            "unchanged. Free disk space or fix the directory's permissions, then write again "
+            "(fp8fx.finalize_calibration).") from e
 
 
 def write_measurements(m: Measurements, prefix: str | os.PathLike[str], *,
                        rank: int | None = None, world_size: int | None = None) -> list[Path]:
-    """Write ``m`` as INC does: ``.json``, ``.npz`` and ``_mod_list.json``, atomically.
+    """Write ``m`` as INC does: ``.json``, ``.npz`` and ``_mod_list.json``, as one set.
 
-    ``rank``/``world_size`` add INC's worker suffix; ``LocalRank`` is then ``rank``.
-    Returns the three paths (json, npz, mod_list).
+    The ``.json`` and ``.npz`` carry the same ``"WriteId"`` (see the module docstring); nothing
+    is replaced until all three files are written. ``rank``/``world_size`` add INC's worker
+    suffix; ``LocalRank`` is then ``rank``. Returns the three paths (json, npz, mod_list).
     """
     json_path, npz_path = measurement_file_paths(prefix, m.observer, rank, world_size)
     list_path = mod_list_path(prefix, m.observer, rank, world_size)
     arrays: dict[str, Any] = {}
-    lists: dict[str, Any] = {}
     for name, node in m.nodes.items():
         where = f"measurements to write: node '{name}' key"
+        if not isinstance(node, NodeMeasurement):
+            raise MeasurementError(f"measurements to write: node '{name}' is a "
+                                   f"{type(node).__name__}, not a NodeMeasurement.")
         ins = [None if x is None else _measured(x, f"{where} 'inputs[{i}]'")
                for i, x in enumerate(node.inputs)]
         a: dict[str, Any] = {"inputs": ins}
@@ -416,17 +515,16 @@ def write_measurements(m: Measurements, prefix: str | os.PathLike[str], *,
                             for i, x in enumerate(node.outputs)]
         if node.params:
             a["params"] = {k: _measured(v, f"{where} 'params.{k}'") for k, v in node.params.items()}
-        arrays[name] = a
-        lists[name] = _to_lists(a)
+        arrays[str(name)] = a
     local_rank = rank if rank is not None else m.local_rank
     head = _header(MEASURE_MODE, m.global_rank, local_rank, m.num_samples)
-    with contextlib.ExitStack() as stack:
-        tmp_npz = stack.enter_context(atomic_path(npz_path))
-        tmp_json = stack.enter_context(atomic_path(json_path))
-        tmp_list = stack.enter_context(atomic_path(list_path))
-        _save_npz(tmp_npz, {**head, "Nodes": arrays})
-        tmp_json.write_text(json.dumps({**head, "Nodes": lists}, indent=4, allow_nan=False))
-        tmp_list.write_text(json.dumps(list(m.nodes), indent=4))
+    head[WRITE_ID_KEY] = f"{uuid.uuid4().hex}-{_content_digest({**head, 'Nodes': arrays})}"
+    json_text = json.dumps({**head, "Nodes": _to_lists(arrays)}, indent=4, allow_nan=False)
+    list_text = json.dumps(list(arrays), indent=4)
+    _write_files([(npz_path, lambda t: _save_npz(t, {**head, "Nodes": arrays})),
+                  (json_path, lambda t: t.write_text(json_text, encoding="utf-8")),
+                  (list_path, lambda t: t.write_text(list_text, encoding="utf-8"))],
+                 "measurement files")
     return [json_path, npz_path, list_path]
 
 
@@ -435,9 +533,66 @@ def _to_lists(x: Any) -> Any:
         return {str(k): _to_lists(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_to_lists(v) for v in x]
-    if isinstance(x, np.ndarray):
+    if isinstance(x, (np.ndarray, np.generic)):
         return x.tolist()
     return x
+
+
+def _check_pair(doc: dict[str, Any], npz_path: Path, json_path: Path) -> None:
+    """Refuse a ``.npz`` and a ``.json`` beside it that do not come from one fp8fx write."""
+    npz_id = _write_id(doc, npz_path)
+    if not json_path.is_file():
+        return
+    try:
+        other = _load_doc(json_path, MEASURE_MODE)
+    except MeasurementError:
+        if npz_id is None:
+            return  # INC's files: the .json is not consulted, as INC does
+        raise
+    json_id = _write_id(other, json_path)
+    if npz_id is None and json_id is None:
+        return
+    if npz_id != json_id:
+        def show(wid: str | None) -> str:
+            return wid or "none (not written by this fp8fx: INC, a script or an older fp8fx)"
+        raise MeasurementError(
+            f"{json_path} and {npz_path} come from different writes ({WRITE_ID_KEY} "
+            f"{show(json_id)} vs {show(npz_id)}): a write of this measurement set was "
+            "interrupted between two renames, or one file was rewritten by another tool, so "
+            f"neither can be trusted. To fix: {_RERUN}; or, if you know which file is right, "
+            "delete the other one.")
+    digest = npz_id.rsplit("-", 1)[1]
+    for path, d in ((json_path, other), (npz_path, doc)):
+        if _content_digest(d) != digest:
+            raise MeasurementError(
+                f"{path}: its content no longer matches its {WRITE_ID_KEY} {npz_id} (it was "
+                f"changed after fp8fx wrote it, e.g. edited by hand or by a script), so "
+                f"{json_path.name} and {npz_path.name} disagree. To keep the edited file, read it "
+                "alone (read_measurements(path)) and write the set again with "
+                f"write_measurements; otherwise {_RERUN}.")
+
+
+def _check_mod_list(list_path: Path, nodes: Mapping[str, Any], source: Path) -> None:
+    """The module list of a stamped set must name exactly the measured nodes."""
+    if not list_path.is_file():
+        return
+    try:
+        names = json.loads(list_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise MeasurementError(f"{list_path}: unreadable module list ({type(e).__name__}: {e}) "
+                               f"next to {source}; {_RERUN}.") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise MeasurementError(f"{list_path}: a module list must be a JSON list of module names, "
+                               f"got {type(names).__name__}; {_RERUN}.")
+    measured = {str(n): None for n in nodes}
+    listed = set(names)
+    missing = [n for n in measured if n not in listed]
+    extra = [n for n in names if n not in measured]
+    if missing or extra:
+        raise MeasurementError(
+            f"{list_path} disagrees with {source}: measured but not listed: {missing[:5]}; "
+            f"listed but not measured: {extra[:5]}. The files come from different writes; "
+            f"{_RERUN}.")
 
 
 def read_measurements(prefix_or_path: str | os.PathLike[str], *, observer: str = "maxabs",
@@ -446,12 +601,15 @@ def read_measurements(prefix_or_path: str | os.PathLike[str], *, observer: str =
 
     Given a prefix, the file name is resolved like INC does (observer, worker suffix); the
     ``.npz`` is read when it exists (INC's QUANTIZE mode reads only that one), else the
-    ``.json``. Raises :class:`MeasurementError` naming the file, node and key on any problem.
+    ``.json``, and the files of the set are checked against each other (write ids, see the
+    module docstring). An explicit file is read alone. Raises :class:`MeasurementError`
+    naming the file, node and key on any problem.
     """
     p = Path(prefix_or_path)
     if p.suffix in (".json", ".npz"):
         path = p
         observer = _observer_from_name(p, observer)
+        doc = _load_doc(path, MEASURE_MODE)
     else:
         json_path, npz_path = measurement_file_paths(p, observer, rank, world_size)
         path = npz_path if npz_path.is_file() else json_path
@@ -459,10 +617,14 @@ def read_measurements(prefix_or_path: str | os.PathLike[str], *, observer: str =
             raise MeasurementError(
                 f"no INC measurement file for dump_stats_path '{p}' (observer '{observer}', "
                 f"rank {rank}, world_size {world_size}): neither {npz_path.name} nor "
-                f"{json_path.name} exists. {_existing_with_prefix(p)} Run calibration "
-                "(mode MEASURE) with this dump_stats_path, or point dump_stats_path at the "
-                "existing files.")
-    doc = _load_doc(path, MEASURE_MODE)
+                f"{json_path.name} exists. {_existing_with_prefix(p, rank is not None)} Run "
+                "calibration (mode MEASURE) with this dump_stats_path, or point dump_stats_path "
+                "at the existing files.")
+        doc = _load_doc(path, MEASURE_MODE)
+        if path == npz_path:
+            _check_pair(doc, npz_path, json_path)
+        if _write_id(doc, path) is not None:
+            _check_mod_list(mod_list_path(p, observer, rank, world_size), doc["Nodes"], path)
     nodes = {str(name): _parse_node(str(name), entry, path) for name, entry in doc["Nodes"].items()}
     num = doc.get("NumSamples")
     return Measurements(nodes=nodes, observer=observer, global_rank=doc.get("GlobalRank"),
@@ -578,12 +740,9 @@ def write_scales(scales: Mapping[str, Mapping[str, Any]], prefix: str | os.PathL
     arrays = {str(n): _parse_scales_entry(str(n), dict(e) if isinstance(e, Mapping) else e,
                                           "scales to write") for n, e in scales.items()}
     head = _header(SCALE_MODE, None, rank, None)
-    with contextlib.ExitStack() as stack:
-        tmp_npz = stack.enter_context(atomic_path(npz_path))
-        tmp_json = stack.enter_context(atomic_path(json_path))
-        _save_npz(tmp_npz, {**head, "Nodes": arrays})
-        tmp_json.write_text(json.dumps({**head, "Nodes": _to_lists(arrays)}, indent=4,
-                                       allow_nan=False))
+    json_text = json.dumps({**head, "Nodes": _to_lists(arrays)}, indent=4, allow_nan=False)
+    _write_files([(npz_path, lambda t: _save_npz(t, {**head, "Nodes": arrays})),
+                  (json_path, lambda t: t.write_text(json_text, encoding="utf-8"))], "scale files")
     return [json_path, npz_path]
 
 
