@@ -21,14 +21,17 @@ Two ways of capturing are used:
   instead of calibrating nothing.
 
 Dynamo hands the backend the parameters as graph inputs. :class:`CapturedGraph` maps those
-placeholders back to the model's qualified parameter names, which is how the matcher tells
-``linear(x, weight)`` from a matmul between two activations.
+placeholders back to the model's qualified parameter names *by identity* (the tensor objects
+against ``model.named_parameters()``), which is how the matcher tells ``linear(x, weight)``
+from a matmul between two activations; :class:`ModuleNames` names each node's owning module
+from the model's own ``named_modules()``. Dynamo's source strings (``L['self']._modules[...]``)
+are never parsed: their form changes between torch and transformers releases.
 """
 
 from __future__ import annotations
 
 import functools
-import re
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -38,69 +41,171 @@ import torch.fx as fx
 
 from .errors import CaptureError, Fp8fxError
 
-__all__ = ["CapturedGraph", "CompiledForward", "capture", "module_path_of", "normalize_module_path"]
+__all__ = ["CapturedGraph", "CompiledForward", "ModuleNames", "capture", "find_root"]
 
 
-# the root module as dynamo names it: L['self'] (a compiled bound forward) or
-# L['fn'].__self__ (the bound forward seen through fp8fx's trampoline)
-_SELF_PREFIX = re.compile(r"^L\['[^']+'\](?:\.__self__)?")
-_INDEX = re.compile(r"\[(\d+)\]")
-_QUOTED = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\['([^']+)'\]")
+def _type_key(typ: Any) -> str:
+    """A class as ``module.qualname`` (dynamo records the class object; older releases a string)."""
+    if isinstance(typ, type):
+        return f"{typ.__module__}.{typ.__qualname__}"
+    return str(typ)
 
 
-def normalize_module_path(raw: str) -> str:
-    """``"L['self'].model.layers[0].mlp"`` -> ``"model.layers.0.mlp"`` (the names INC files use)."""
-    path = _SELF_PREFIX.sub("", raw)
-    path = _QUOTED.sub(lambda m: "." + (m.group(1) or m.group(2)), path)
-    path = _INDEX.sub(lambda m: "." + m.group(1), path)
-    return path.strip(".")
+def _type_name(typ: Any) -> str:
+    return typ.__name__ if isinstance(typ, type) else str(typ).rsplit(".", 1)[-1]
 
 
-def module_path_of(node: fx.Node) -> tuple[str, str]:
-    """(qualified module path, module class name) of the innermost module that owns ``node``.
+class ModuleNames:
+    """Qualified names of a root module's submodules and parameters, by identity.
 
-    Nodes traced outside any submodule (directly in the root's forward) get ``("", "")``.
+    Parameters and buffers are named through ``root.named_parameters()`` / ``named_buffers()``
+    by object identity. A node's owning module comes from ``node.meta["nn_module_stack"]``,
+    whose entries are a path in dynamo's own notation (it changes between releases: ``L['self']``,
+    ``L['args'][0]``, ``L['fn'].__self__``, ...) and the module's class. An entry resolves to
+    the submodule of ``root`` *of exactly that class* whose qualified name (from
+    ``root.named_modules()``) ends the path: dynamo's prefix for the root is never parsed, and a
+    name is only ever one the model itself gives.
     """
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return "", ""
-    raw, typ = list(stack.values())[-1]
-    type_name = typ.__name__ if isinstance(typ, type) else str(typ).rsplit(".", 1)[-1]
-    return normalize_module_path(str(raw)), type_name
+
+    def __init__(self, root: torch.nn.Module) -> None:
+        self.root = root
+        self.tensors: dict[int, str] = {}
+        for name, t in root.named_buffers(remove_duplicate=False):
+            self.tensors.setdefault(id(t), name)
+        for name, t in root.named_parameters(remove_duplicate=False):
+            self.tensors[id(t)] = name  # a tied parameter: its last name, as before
+        self._by_type: dict[str, list[str]] = {}
+        for name, mod in root.named_modules(remove_duplicate=False):
+            self._by_type.setdefault(_type_key(type(mod)), []).append(name)
+        self._resolved: dict[tuple[str, str], str | None] = {}
+
+    def owns(self, t: Any) -> bool:
+        return id(t) in self.tensors
+
+    def entry(self, raw: str, typ: Any) -> str | None:
+        """The qualified name of the module an ``nn_module_stack`` entry stands for, or None
+        when no submodule of the root has that class and a name ending the path."""
+        key = (str(raw), _type_key(typ))
+        if key not in self._resolved:
+            names = [n for n in self._by_type.get(key[1], ()) if n and key[0].endswith("." + n)]
+            if names:
+                self._resolved[key] = max(names, key=len)
+            elif "" in self._by_type.get(key[1], ()):
+                self._resolved[key] = ""  # the root itself
+            else:
+                self._resolved[key] = None
+        return self._resolved[key]
+
+    def owner(self, node: fx.Node) -> tuple[str, str]:
+        """(qualified module path, class name) of the innermost module that owns ``node``;
+        ``("", "")`` for nodes of the root's own forward. A module called without being a
+        submodule of the root (a module held in a global, say) is named after its nearest
+        enclosing submodule."""
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            return "", ""
+        entries = list(stack.values())
+        type_name = _type_name(entries[-1][1])
+        for raw, typ in reversed(entries):
+            name = self.entry(raw, typ)
+            if name is not None:
+                return name, type_name
+        return "", type_name
+
+
+def _modules_in(value: Any) -> list[torch.nn.Module]:
+    """Modules held by a frame local: itself, or the items of a tuple/list/dict (``*args``)."""
+    if isinstance(value, torch.nn.Module):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    return [v for v in items if isinstance(v, torch.nn.Module)]
+
+
+def find_root(example_inputs: list[Any]) -> torch.nn.Module | None:
+    """The module whose graph dynamo is handing a backend, found by identity.
+
+    Candidates, in order: the module a ``torch.compile(module)`` wrapper compiled (an
+    ``OptimizedModule`` on the call stack), the modules among the locals of the frame dynamo
+    is compiling (``self``, ``args[0]``), then modules in the callers' locals, nearest first.
+    The first whose parameters include every parameter the graph takes wins; names are then
+    relative to it, as for ``fp8fx.prepare(that_module)``.
+    """
+    params = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
+    candidates: list[torch.nn.Module] = []
+    frames = []
+    frame = sys._getframe(1)
+    while frame is not None:
+        frames.append(frame)
+        frame = frame.f_back
+    from torch._dynamo.eval_frame import OptimizedModule
+
+
+    for f in frames:
+        obj = f.f_locals.get("self")
+        if isinstance(obj, OptimizedModule):
+            candidates.append(obj._orig_mod)
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        for value in tx.f_locals.values():
+            candidates.extend(_modules_in(value))
+    except Exception:  # noqa: BLE001 (not inside dynamo's tracing: the stack alone decides)
+        pass
+    for f in frames:
+        for value in f.f_locals.values():
+            candidates.extend(_modules_in(value))
+    seen: set[int] = set()
+    for mod in candidates:
+        mod = getattr(mod, "_orig_mod", mod)
+        if id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        if not params:
+            return mod
+        owned = {id(p) for _, p in mod.named_parameters(remove_duplicate=False)}
+        if all(id(p) in owned for p in params):
+            return mod
+    return None
 
 
 @dataclass
 class CapturedGraph:
-    """One dynamo graph and what its placeholders are."""
+    """One dynamo graph, the module it was captured from, and what its placeholders are."""
 
     gm: fx.GraphModule
     example_inputs: list[Any]
+    names: ModuleNames
     # placeholder node name -> qualified parameter/buffer name in the user's model
     param_names: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dynamo(cls, gm: fx.GraphModule, example_inputs: list[Any],
                     model: torch.nn.Module | None = None) -> "CapturedGraph":
-        """Map placeholders to parameter names: by identity with ``model``'s parameters, or, when
-        the model is unknown (a torch.compile backend), from the source dynamo recorded for each
-        ``nn.Parameter`` input (``L['self']._modules['fc']._parameters['weight']`` -> ``fc.weight``)."""
+        """Map placeholders to parameter names by identity with ``model``'s parameters. Without
+        ``model`` (a torch.compile backend) the module is found on the call stack
+        (:func:`find_root`)."""
+        if model is None:
+            model = find_root(example_inputs)
+            if model is None:
+                raise CaptureError(
+                    "the fp8fx backend could not tell which module this graph belongs to: none of the "
+                    "modules on the call stack owns all of its parameters. Compile the module itself "
+                    "(torch.compile(model, backend='fp8fx')) or name it: "
+                    "torch.compile(fn, backend='fp8fx', options={'model': model, ...})")
+        names = ModuleNames(model)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        names: dict[str, str] = {}
-        if model is not None:
-            by_id = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
-            by_id.update({id(t): n for n, t in model.named_buffers(remove_duplicate=False) if id(t) not in by_id})
-            for node, value in zip(placeholders, example_inputs):
-                if isinstance(value, torch.Tensor) and id(value) in by_id:
-                    names[node.name] = by_id[id(value)]
-        else:
-            for node, value in zip(placeholders, example_inputs):
-                arg = node.meta.get("grapharg")
-                source = getattr(getattr(arg, "source", None), "name", None)
-                if isinstance(value, torch.nn.Parameter) and callable(source):  # older torch: a method
-                    source = source()
-                if isinstance(value, torch.nn.Parameter) and isinstance(source, str):
-                    names[node.name] = normalize_module_path(source)
-        return cls(gm=gm, example_inputs=list(example_inputs), param_names=names)
+        param_names = {node.name: names.tensors[id(value)] for node, value in zip(placeholders, example_inputs)
+                       if isinstance(value, torch.Tensor) and names.owns(value)}
+        return cls(gm=gm, example_inputs=list(example_inputs), names=names, param_names=param_names)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.names.root
+
+    def module_path_of(self, node: fx.Node) -> tuple[str, str]:
+        """(qualified module path, class name) of the innermost module that owns ``node``."""
+        return self.names.owner(node)
 
     def param_name(self, node: Any) -> str | None:
         """Qualified parameter name when ``node`` is a model parameter, else None."""
@@ -210,13 +315,17 @@ def capture(
         if isinstance(exc, CaptureError):
             raise
         raise _capture_error(model, exc, args, kwargs) from exc
-    if not graphs:
+    # dynamo may keep this backend (and so this list) alive in its caches: hand the graphs to
+    # the caller and leave the list empty, so that no parameter outlives the caller's use of it
+    result = list(graphs)
+    graphs.clear()
+    if not result:
         raise CaptureError(
             f"dynamo produced no graph for {type(model).__name__}.forward{_describe_call(args, kwargs)}: "
             "the call ran without being traced (is torch.compile disabled, or was the recompile "
             "limit reached?). Set TORCH_LOGS=recompiles to see why."
         )
-    return graphs
+    return result
 
 
 class CompiledForward:
@@ -260,6 +369,9 @@ class CompiledForward:
         @functools.wraps(self._original)
         def forward(*args: Any, **kwargs: Any) -> Any:
             before = self.runs
+            if self._compiled is None:
+                raise Fp8fxError(f"this fp8fx forward of {type(model).__name__} was uninstalled (the model "
+                                 "was converted or reset); call the model itself, not a saved forward")
             try:
                 out = self._compiled(*args, **kwargs)
             except CaptureError:
@@ -288,8 +400,15 @@ class CompiledForward:
         self.model.forward = self.forward  # instance attribute shadows the class's forward
 
     def uninstall(self) -> None:
+        """Give the model its own forward back and drop every graph and dynamo cache entry this
+        forward made: a graph's example inputs are the model's parameters, so keeping them would
+        keep high-precision weights alive after ``convert`` replaced them."""
         if self.model.__dict__.get("forward") is self.forward:
             if self._had_forward_attr:
                 self.model.forward = self._original
             else:
                 del self.model.forward
+        for cg in self.graphs:
+            cg.example_inputs.clear()
+        self.graphs.clear()
+        self._compiled = None  # the private code object, and dynamo's cache on it, go with it

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fp8fx.capture import capture, normalize_module_path
+from fp8fx.capture import ModuleNames, capture
 from fp8fx.errors import CaptureError
 from fp8fx.passes.match import OpKind, find_matches
 from tiny_models import EagerAttention, GraphBreak, TwoLinear, tiny_llama
@@ -19,12 +19,46 @@ def kinds(matches) -> dict[str, int]:
     return dict(Counter(m.kind.value for m in matches))
 
 
-def test_normalize_module_path():
-    assert normalize_module_path("L['self'].model.layers.0.mlp") == "model.layers.0.mlp"
-    assert normalize_module_path("L['self'].model.layers[3].mlp") == "model.layers.3.mlp"
-    assert normalize_module_path("L['self']._modules['blocks']._modules['1']") == "blocks.1"
-    assert normalize_module_path("L['self']") == ""
-    assert normalize_module_path("L['fn'].__self__.model.norm") == "model.norm"
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Linear(4, 4)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+
+
+def test_module_names_resolve_by_class_and_the_models_own_names():
+    names = ModuleNames(_Net())
+    # whatever dynamo's notation for the root (it changed between releases), the name is the model's
+    for root in ("L['self']", "L['args'][0]", "L['fn'].__self__", "L['args'][0]._modules['x']"):
+        assert names.entry(f"{root}.blocks.1.mlp", nn.Linear) == "blocks.1.mlp"
+        assert names.entry(f"{root}.blocks.1", _Block) == "blocks.1"
+    assert names.entry("L['args'][0]", _Net) == ""
+    # a path whose class does not match the module of that name resolves to nothing
+    assert names.entry("L['self'].blocks.1", nn.Linear) is None
+    assert names.entry("L['self'].blocks.7.mlp", nn.Linear) is None
+
+
+def test_names_come_from_identity_whatever_the_frame_compiled():
+    """transformers 5.24 reaches forward through a wrapper (dynamo then names the root
+    ``L['args'][0]``); names must not change with that."""
+    import functools
+
+    m = TwoLinear()
+    original = type(m).forward
+
+    @functools.wraps(original)
+    def wrapped(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    m.forward = wrapped.__get__(m)
+    (cg,) = capture(m, (torch.randn(3, 32),))
+    assert sorted(cg.param_names.values()) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    assert sorted(x.name for x in find_matches(cg)) == ["fc1", "fc2", "softmax_0"]
 
 
 def test_two_linear_and_functional_softmax():

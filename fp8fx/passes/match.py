@@ -41,7 +41,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..capture import CapturedGraph, module_path_of
+from ..capture import CapturedGraph
 
 __all__ = ["OpKind", "Match", "INC_TYPE_NAMES", "find_matches", "owner_path", "sdpa_arguments"]
 
@@ -354,7 +354,7 @@ def find_matches(cg: CapturedGraph) -> list[Match]:
         uses = 1
         if d.get("weight") is not None:
             uses = d["uses"]
-        path, type_name = module_path_of(node)
+        path, type_name = cg.module_path_of(node)
         if kind is OpKind.LINEAR:
             weight = d["weight"]
             owner, _, leaf = weight.rpartition(".")
