@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from . import ops  # noqa: F401  (registers torch.ops.fp8fx.*)
 from .errors import QuantizationError
-from .ops import FP8_DTYPES, quantize_activation
+from .fp8 import FP8_DTYPES
+from .kernels.linear import quantize_activation
 
 __all__ = ["Fp8Linear", "Fp8Experts", "grouped_linear"]
 
@@ -48,6 +49,45 @@ def _keep_dtypes(module: nn.Module, tensors: list[Tensor | None], fn, recurse: b
     return nn.Module._apply(module, guarded, recurse)
 
 
+def _check_linear(weight: Tensor, weight_scale: Tensor, input_scale: Tensor, bias: Tensor | None,
+                  fp8_max: float) -> tuple[Tensor, Tensor]:
+    """Validate an Fp8Linear's tensors; returns the scales in this module's layout (float32,
+    ``weight_scale`` 0-d or ``[out]``, ``input_scale`` 0-d). Checkpoints store a per-tensor scale
+    as ``[1]`` and per-channel scales as ``[out, 1]`` (vLLM, compressed-tensors): both are taken."""
+    problems = []
+    if not isinstance(weight, Tensor) or weight.dtype not in FP8_DTYPES or weight.dim() != 2:
+        what = f"{weight.dtype} {tuple(weight.shape)}" if isinstance(weight, Tensor) else type(weight).__name__
+        raise QuantizationError(f"Fp8Linear: weight must be a 2-D float8 tensor [out, in] "
+                                f"({', '.join(map(str, FP8_DTYPES))}), got {what}")
+    out_f, in_f = weight.shape
+    for name, t in (("weight_scale", weight_scale), ("input_scale", input_scale)):
+        if not isinstance(t, Tensor) or not t.is_floating_point() or t.dtype in FP8_DTYPES:
+            raise QuantizationError(f"Fp8Linear: {name} must be a floating-point (not float8) tensor, got "
+                                    f"{getattr(t, 'dtype', type(t).__name__)}")
+    ws = weight_scale.detach().to(torch.float32)
+    if ws.numel() == 1 and ws.dim() <= 1 or ws.dim() == 2 and ws.shape == (1, 1):
+        ws = ws.reshape(())
+    elif ws.shape in ((out_f,), (out_f, 1)):
+        ws = ws.reshape(out_f)
+    else:
+        problems.append(f"weight_scale has shape {tuple(weight_scale.shape)}; expected () or [1] (per tensor) "
+                        f"or [{out_f}] / [{out_f}, 1] (per output channel)")
+    if input_scale.numel() != 1:
+        problems.append(f"input_scale has shape {tuple(input_scale.shape)}; a static activation scale is one "
+                        "value (() or [1])")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        problems.append(f"bias has shape {tuple(bias.shape)}, expected [{out_f}]")
+    if not float(fp8_max) > 0:
+        problems.append(f"fp8_max must be positive, got {fp8_max}")
+    if problems:
+        raise QuantizationError(f"Fp8Linear [{out_f}, {in_f}]: " + "; ".join(problems))
+    if not bool(torch.isfinite(ws).all()) or bool((ws <= 0).any()) or not bool(torch.isfinite(input_scale).all()) \
+            or not float(input_scale.reshape(())) > 0:
+        raise QuantizationError(f"Fp8Linear [{out_f}, {in_f}]: scales must be finite and positive (weight_scale "
+                                f"min {float(ws.min()):.4g}, input_scale {float(input_scale.reshape(())):.4g})")
+    return ws, input_scale.detach().to(torch.float32).reshape(())
+
+
 class Fp8Linear(nn.Linear):
     """A Linear with an FP8 weight and a static FP8 activation scale.
 
@@ -59,12 +99,37 @@ class Fp8Linear(nn.Linear):
     def __init__(self, weight: Tensor, weight_scale: Tensor, input_scale: Tensor,
                  bias: Tensor | None, fp8_max: float) -> None:
         nn.Module.__init__(self)  # nn.Linear.__init__ would allocate a high-precision weight
+        weight_scale, input_scale = _check_linear(weight, weight_scale, input_scale, bias, fp8_max)
         self.out_features, self.in_features = weight.shape
         self.fp8_max = float(fp8_max)
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.register_buffer("weight_scale", weight_scale.detach().to(torch.float32))
-        self.register_buffer("input_scale", input_scale.detach().to(torch.float32).reshape(()))
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach(), requires_grad=False))
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("input_scale", input_scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # noqa: ANN001
+                              unexpected_keys, error_msgs) -> None:
+        """Load FP8 tensors only: ``copy_`` of a high-precision weight into the float8 one would
+        cast it without a scale (a silently wrong model); scales in the checkpoints' layouts
+        (``[1]``, ``[out, 1]``) are reshaped to this module's."""
+        problems = []
+        w = state_dict.get(prefix + "weight")
+        if isinstance(w, Tensor) and w.dtype != self.weight.dtype:
+            problems.append(f"{prefix}weight is {w.dtype}, this Fp8Linear holds {self.weight.dtype}")
+        for key, mine in (("weight_scale", self.weight_scale), ("input_scale", self.input_scale)):
+            t = state_dict.get(prefix + key)
+            if isinstance(t, Tensor):
+                if t.numel() != mine.numel():
+                    problems.append(f"{prefix}{key} has shape {tuple(t.shape)}, expected {tuple(mine.shape)}")
+                else:
+                    state_dict[prefix + key] = t.reshape(mine.shape).to(torch.float32)
+        if problems:
+            raise QuantizationError(
+                "cannot load into an FP8 Linear: " + "; ".join(problems) + ". Load the high-precision "
+                "checkpoint into a fresh high-precision model and quantize it again (or load an FP8 "
+                "checkpoint with matching scales).")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
         """``.to(device)`` moves the FP8 weight and the scales; ``.to(dtype)``/``.half()`` leave

@@ -76,7 +76,61 @@ def test_quantize_through_compile_equals_eager_convert(tmp_path):
     fp8fx.convert(eager, fp8fx.FP8Config(**qcfg), x)
     with torch.no_grad():
         assert torch.equal(cq(x), eager(x))
-    assert fresh.fc1.weight.dtype == torch.float32  # the user's model is not modified
+        # the first call swapped the modules, as convert does; the next ones run the swapped model
+        assert isinstance(fresh.fc1, fp8fx.Fp8Linear) and fresh.fc1.weight.dtype == torch.float8_e4m3fn
+        assert torch.equal(cq(x), eager(x))
+        assert torch.equal(cq(x[:3]), eager(x[:3]))
+
+
+def test_keep_hp_weights_leaves_the_model_alone(tmp_path):
+    model, _ = _pair()
+    fp8fx.finalize_calibration(_calibrate_compiled(tmp_path, model))
+    fresh, eager = _pair()
+    fresh.load_state_dict(model.state_dict())
+    eager.load_state_dict(model.state_dict())
+    qcfg = {"mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m")}
+    cq = torch.compile(fresh, backend="fp8fx", options={"config": qcfg, "inductor": False, "keep_hp_weights": True})
+    x = torch.randn(7, 32)
+    fp8fx.convert(eager, fp8fx.FP8Config(**qcfg), x)
+    with torch.no_grad():
+        assert torch.equal(cq(x), eager(x))
+    assert fresh.fc1.weight.dtype == torch.float32 and type(fresh.fc1) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "copy_"])
+def test_weights_changed_in_place_are_never_run_stale(tmp_path, change):
+    """keep_hp_weights: the graph's FP8 constants would be stale (with the new bias): it raises."""
+    model, other = _pair()
+    fp8fx.finalize_calibration(_calibrate_compiled(tmp_path, model))
+    qcfg = {"mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m")}
+    cq = torch.compile(model, backend="fp8fx", options={"config": qcfg, "inductor": False, "keep_hp_weights": True})
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        cq(x)
+        if change == "load_state_dict":
+            model.load_state_dict(other.state_dict())
+        else:
+            model.fc2.weight.copy_(other.fc2.weight)
+        with pytest.raises(fp8fx.QuantizationError, match="changed in place.*torch._dynamo.reset"):
+            cq(x)
+        torch._dynamo.reset()  # what the message says: recast from the new weights
+        expected = fp8fx.convert(other, fp8fx.FP8Config(**qcfg), x)(x) if change == "load_state_dict" else None
+        out = cq(x)
+    if expected is not None:
+        assert torch.equal(out, expected)
+
+
+def test_swapped_model_refuses_high_precision_state_dicts(tmp_path):
+    """Default mode: the FP8 weights live on the model, so loading a bf16/fp32 checkpoint into them
+    would cast without a scale; it is refused, naming the key."""
+    model, other = _pair()
+    fp8fx.finalize_calibration(_calibrate_compiled(tmp_path, model))
+    qcfg = {"mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m")}
+    cq = torch.compile(model, backend="fp8fx", options={"config": qcfg, "inductor": False})
+    with torch.no_grad():
+        cq(torch.randn(3, 32))
+    with pytest.raises(fp8fx.QuantizationError, match="fc1.weight"):
+        model.load_state_dict(other.state_dict())
 
 
 def test_weights_are_cast_once(tmp_path, monkeypatch):
@@ -87,7 +141,8 @@ def test_weights_are_cast_once(tmp_path, monkeypatch):
     real = numerics.quantize_weight
     monkeypatch.setattr(numerics, "quantize_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
     cq = torch.compile(model, backend="fp8fx", dynamic=False,
-                       options={"config": {"mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m")}, "inductor": False})
+                       options={"config": {"mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m")}, "inductor": False,
+                                "keep_hp_weights": True})
     with torch.no_grad():
         for n in (2, 3, 4, 2, 3):  # three static shapes: three graphs, five calls
             cq(torch.randn(n, 32))
@@ -159,8 +214,25 @@ def test_quantize_graph_refuses_another_models_parameters(tmp_path):
     cm = _calibrate_compiled(tmp_path, model)
     fp8fx.finalize_calibration(cm)
     qcfg = {"mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m")}
-    fn = torch.compile(lambda m, x: m(x), backend="fp8fx", options={"config": qcfg, "inductor": False})
+    fn = torch.compile(lambda m, x: m(x), backend="fp8fx",
+                       options={"config": qcfg, "inductor": False, "keep_hp_weights": True})
     with torch.no_grad():
         fn(model, torch.randn(3, 32))
         with pytest.raises(Exception, match="torch._dynamo.reset"):
             fn(other, torch.randn(3, 32))  # same shapes and dtypes: dynamo would reuse the graph
+
+
+def test_swapping_backend_quantizes_each_model_it_is_given(tmp_path):
+    model, other = _pair()
+    fp8fx.finalize_calibration(_calibrate_compiled(tmp_path, model))
+    other.fc1.weight.data.mul_(3)
+    qcfg = {"mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m")}
+    reference = _pair()[0]
+    reference.load_state_dict(other.state_dict())
+    x = torch.randn(3, 32)
+    fp8fx.convert(reference, fp8fx.FP8Config(**qcfg), x)
+    fn = torch.compile(lambda m, x: m(x), backend="fp8fx", options={"config": qcfg, "inductor": False})
+    with torch.no_grad():
+        fn(model, x)
+        assert torch.equal(fn(other, x), reference(x))  # its own FP8 weights, not the first model's
+        assert torch.equal(fn(other, x), reference(x))

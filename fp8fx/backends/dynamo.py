@@ -43,7 +43,8 @@ from ..errors import ConfigError, QuantizationError
 from ..formats.inc import Measurements
 from ..passes.annotate import annotate
 from ..passes.match import Match, find_matches
-from ..passes.rewrite import LinearQuant, input_scale, rewrite_linears_in_graph, weight_quant
+from ..passes.rewrite import (LinearQuant, input_scale, quantize_linears, rewrite_linears_in_graph,
+                              swapped_quant, weight_quant)
 from ..passes.rewrite_attention import plan_attention, rewrite_attention_in_graph
 
 __all__ = ["fp8fx_backend", "state_of", "OPTIONS"]
@@ -51,6 +52,11 @@ __all__ = ["fp8fx_backend", "state_of", "OPTIONS"]
 OPTIONS = {
     "config": "an FP8Config, a dict of INC keys or a JSON path (default: QUANT_CONFIG)",
     "inductor": "compile the QUANTIZE graph with Inductor (default True); False runs it eagerly",
+    "keep_hp_weights": "False (default): the first QUANTIZE compile swaps the model's decided Linears "
+                       "for FP8 modules, as fp8fx.convert does, so each weight is held once, in FP8; "
+                       "True leaves the model untouched and keeps FP8 copies as graph constants",
+    "model": "the nn.Module whose graphs these are (default: found on the call stack by identity); "
+             "needed only when compiling a plain function that calls the model",
 }
 
 # parameter -> (its _version when cast, {cast key: (FP8 weight, weight scale)})
@@ -67,6 +73,7 @@ def _options(options: dict | None) -> dict:
         valid = "; ".join(f"{k!r}: {v}" for k, v in OPTIONS.items())
         raise ConfigError(f"unknown torch.compile option(s) {unknown} for backend 'fp8fx'; valid: {valid}")
     opts.setdefault("inductor", True)
+    opts.setdefault("keep_hp_weights", False)
     return opts
 
 
@@ -165,32 +172,56 @@ def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
     opts = _options(options)
     cfg = _resolve_config(opts.get("config"), "compile")
     _check_supported(cfg)
-    cg = CapturedGraph.from_dynamo(gm, example_inputs)
+    model = opts.get("model")
+    if model is not None and not isinstance(model, nn.Module):
+        raise ConfigError(f"torch.compile option 'model' of backend 'fp8fx' must be an nn.Module, got "
+                          f"{type(model).__name__}")
+    cg = CapturedGraph.from_dynamo(gm, example_inputs, model)
     measure = cfg.mode is Mode.MEASURE or (cfg.mode is Mode.AUTO and not _measurement_exists(cfg))
     if measure:
         return instrument(cg, _measure_state(cg, cfg if cfg.mode is Mode.MEASURE else cfg.replace(mode="MEASURE")))
     if cfg.mode is not Mode.QUANTIZE:
         cfg = cfg.replace(mode="QUANTIZE")
-    decisions = annotate(gm, find_matches(cg), cfg)
+    model = cg.model
+    decisions = annotate(gm, find_matches(cg), cfg, model)  # the rule prepare/convert use
     meas = _measurements(cfg)
-    quants: list[LinearQuant] = []
-
-    def quantize(weight: Tensor, m: Match) -> LinearQuant:
-        x_scale = input_scale(m.name, m.module_type, cfg, meas, weight.device)
-        w_q, w_scale = cached_weight_quant(weight, m, cfg)
-        quants.append(LinearQuant(w_q, w_scale, x_scale))
-        return quants[-1]
-
     plan = plan_attention(decisions, cfg, meas)  # attention-path scales first: a missing one raises
-    rewrite_linears_in_graph(cg, decisions, cfg, meas, quantize=quantize)
+    if opts["keep_hp_weights"]:
+        quants: list[LinearQuant] = []
+
+        def quantize(weight: Tensor, m: Match) -> LinearQuant:
+            x_scale = input_scale(m.name, m.module_type, cfg, meas, weight.device)
+            w_q, w_scale = cached_weight_quant(weight, m, cfg)
+            quants.append(LinearQuant(w_q, w_scale, x_scale))
+            return quants[-1]
+
+        rewrite_linears_in_graph(cg, decisions, cfg, meas, quantize=quantize)
+        sources = [cg.example_inputs[i] for i in _quantized_inputs(cg, decisions)]
+        skip: set[int] = set()
+    else:
+        # swap the modules (all-or-nothing, as fp8fx.convert): the model then holds each weight
+        # once, in FP8, and the high-precision ones are freed. This graph reads the swapped
+        # modules' own FP8 tensors as constants (no copy). Dynamo either recompiles the next call
+        # on the new modules (float8 parameters fail this graph's dtype guards) or, where it
+        # builds its guards after the backend returns, keeps this graph: both are the same model.
+        quants, sources = [], []
+        swapped = quantize_linears(model, decisions, cfg, meas)
+        owners = {d.match.weight.rpartition(".")[0] for d in decisions if d.match.name in swapped}
+        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        skip = {i for i, name in enumerate(placeholders)
+                if cg.param_names.get(name, "").rpartition(".")[0] in owners}  # replaced by the swap
+        if swapped:
+            rewrite_linears_in_graph(cg, decisions, cfg, meas, oriented=True,
+                                     quantize=lambda _w, m: quants.append(swapped_quant(model, m)) or quants[-1])
     rewrite_attention_in_graph(gm, decisions, plan)
+    cg.example_inputs.clear()
     if cfg.target.value in ("gaudi2", "gaudi3"):
         from .hpu import lower_to_hpu
 
         lower_to_hpu(gm)
-        return _bound_to_parameters(gm, example_inputs)
+        return _bound_to_parameters(gm, example_inputs, sources, skip)
     if not opts["inductor"]:
-        return _bound_to_parameters(gm, example_inputs)
+        return _bound_to_parameters(gm, example_inputs, sources, skip)
     from torch._inductor.compile_fx import compile_fx
 
     from .inductor import register_lowering
@@ -198,17 +229,30 @@ def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
     register_lowering()
     compiled = compile_fx(gm, example_inputs,
                           config_patches={"post_grad_custom_post_pass": _cache_pass(_digest(cfg, quants))})
-    return _bound_to_parameters(compiled, example_inputs)
+    return _bound_to_parameters(compiled, example_inputs, sources, skip)
 
 
-def _bound_to_parameters(fn: Callable, example_inputs: list[Any]) -> Callable:
-    """Refuse to run a QUANTIZE graph on parameters other than the ones it was built from.
+def _quantized_inputs(cg: CapturedGraph, decisions: list) -> list[int]:
+    """Positions of the graph inputs that are weights cast to FP8 graph constants."""
+    weights = {d.match.weight for d in decisions if d.quantize and d.match.weight is not None}
+    placeholders = [n.name for n in cg.gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, name in enumerate(placeholders) if cg.param_names.get(name) in weights]
 
-    The graph holds FP8 copies of these parameters, but dynamo guards parameters by shape and
-    dtype only (and matches backends by object id), so it can serve this graph to another
-    instance of the same model class: that would silently compute with the wrong weights.
+
+def _bound_to_parameters(fn: Callable, example_inputs: list[Any], sources: list[Tensor],
+                         replaced: set[int] = frozenset()) -> Callable:
+    """Refuse to run a QUANTIZE graph on parameters other than the ones it was built from, or on
+    weights that changed since they were cast.
+
+    The graph holds FP8 copies of ``sources``, but dynamo guards parameters by shape and dtype
+    only (and matches backends by object id), so it can serve this graph to another instance of
+    the same model class, or after ``load_state_dict``/an optimizer step changed the weights in
+    place: that would silently compute with the old FP8 weights (and the new biases). Inputs at
+    ``replaced`` positions are parameters of modules the backend swapped for FP8 ones.
     """
-    checks = [(i, weakref.ref(t)) for i, t in enumerate(example_inputs) if isinstance(t, nn.Parameter)]
+    checks = [(i, weakref.ref(t)) for i, t in enumerate(example_inputs)
+              if isinstance(t, nn.Parameter) and i not in replaced]
+    versions = [(weakref.ref(t), t._version) for t in sources]
 
     def run(*args: Any) -> Any:
         for i, ref in checks:
@@ -217,6 +261,14 @@ def _bound_to_parameters(fn: Callable, example_inputs: list[Any]) -> Callable:
                     "dynamo reused an fp8fx QUANTIZE graph for different parameters (another model "
                     "instance of the same class): its FP8 weights belong to the first model. Call "
                     "torch._dynamo.reset() before compiling the other model.")
+        for ref, version in versions:
+            t = ref()
+            if t is not None and t._version != version:
+                raise QuantizationError(
+                    "a weight that the fp8fx QUANTIZE graph cast to FP8 was changed in place since "
+                    "(load_state_dict, an optimizer step, copy_): the graph still holds the old FP8 "
+                    "weights. Call torch._dynamo.reset() and call the compiled model again to recast, "
+                    "or compile without keep_hp_weights so the FP8 weights live on the model.")
         return fn(*args)
 
     return run

@@ -39,7 +39,7 @@ from ..modules import Fp8Experts, Fp8Linear
 from .annotate import Decision
 from .match import _ADDMM_FNS, _LINEAR_FNS, Match, OpKind, _is_fn
 
-__all__ = ["LinearQuant", "measured_amax", "weight_quant", "input_scale", "linear_quant", "quantize_linears",
+__all__ = ["LinearQuant", "swapped_quant", "measured_amax", "weight_quant", "input_scale", "linear_quant", "quantize_linears",
            "rewrite_linears_in_graph", "oriented_weight"]
 
 
@@ -168,6 +168,22 @@ def quantize_linears(model: nn.Module, decisions: list[Decision], cfg: FP8Config
     return done
 
 
+def swapped_quant(model: nn.Module, m: Match) -> LinearQuant:
+    """The ``[out, in]`` FP8 weight and scales that :func:`quantize_linears` put on ``model`` for
+    match ``m`` (an Fp8Linear, or one projection of an Fp8Experts)."""
+    if m.experts:
+        path, _, leaf = m.weight.rpartition(".")
+        module = model.get_submodule(path)
+        scale = getattr(module, f"{leaf}_weight_scale", None) if isinstance(module, Fp8Experts) else None
+        if scale is None:
+            raise QuantizationError(f"node {m.name!r}: {path!r} is not an FP8 experts module after convert")
+        return LinearQuant(getattr(module, leaf), scale, getattr(module, f"{leaf}_input_scale"))
+    module = model.get_submodule(m.name)
+    if not isinstance(module, Fp8Linear):
+        raise QuantizationError(f"node {m.name!r}: {m.name!r} is a {type(module).__name__}, not an Fp8Linear, after convert")
+    return LinearQuant(module.weight, module.weight_scale, module.input_scale)
+
+
 def _declare_constant(gm: fx.GraphModule, name: str) -> None:
     """Tell AOTAutograd where a new graph attribute comes from: a dynamo graph lists the source
     of every lifted parameter/buffer (``_param_name_to_source``) and refuses unknown ones."""
@@ -193,11 +209,11 @@ _TRANSPOSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _graph_quant(param: torch.Tensor, m: Match, cfg: FP8Config, meas: Measurements | None,
-                 quantize: Callable[[torch.Tensor, Match], LinearQuant] | None) -> LinearQuant:
+                 quantize: Callable[[torch.Tensor, Match], LinearQuant] | None, oriented: bool) -> LinearQuant:
     if quantize is None:
         return linear_quant(oriented_weight(param, m), m.name, m.module_type, cfg, meas)
     q = quantize(param, m)  # the caller casts the parameter as stored (and caches it per parameter)
-    if not m.weight_transposed:
+    if oriented or not m.weight_transposed:
         return q
     if q.weight_scale.dim() == 0:  # a per-tensor scale does not depend on the orientation
         w = _TRANSPOSED.get(q.weight)
@@ -218,7 +234,8 @@ def _bias_arg(node: fx.Node):  # noqa: ANN202
 
 def rewrite_linears_in_graph(cg: CapturedGraph, decisions: list[Decision], cfg: FP8Config,
                              meas: Measurements | None,
-                             quantize: Callable[[torch.Tensor, Match], LinearQuant] | None = None) -> int:
+                             quantize: Callable[[torch.Tensor, Match], LinearQuant] | None = None,
+                             oriented: bool = False) -> int:
     """The graph form of :func:`quantize_linears`, for ``torch.compile(backend="fp8fx")``.
 
     Each ``linear(x, W, b)`` / ``addmm(b, x, W)`` / ``x @ W`` decided ``quantize`` becomes
@@ -228,8 +245,9 @@ def rewrite_linears_in_graph(cg: CapturedGraph, decisions: list[Decision], cfg: 
     is left unused. ``quantize(parameter, match)`` lets the caller cache casts across graphs
     (default: :func:`linear_quant`): it gets the parameter *as stored* and returns its cast in
     that layout; a Conv1D weight (``[in, out]``) is then transposed here (per-tensor scales) or
-    re-cast per output channel. Returns the number of nodes rewritten; all of them are computed
-    before the graph changes.
+    re-cast per output channel; with ``oriented`` it returns the ``[out, in]`` cast (the FP8
+    module that replaced the Linear holds it) and nothing is recast. Returns the number of nodes
+    rewritten; all of them are computed before the graph changes.
     """
     gm = cg.gm
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -242,7 +260,7 @@ def rewrite_linears_in_graph(cg: CapturedGraph, decisions: list[Decision], cfg: 
         node = nodes[m.node]
         w_node = _weight_node(node, cg, m.weight)
         param = values[w_node.name] if w_node.op == "placeholder" else gm.get_parameter(str(w_node.target))
-        planned.append((node, m, _graph_quant(param, m, cfg, meas, quantize)))
+        planned.append((node, m, _graph_quant(param, m, cfg, meas, quantize, oriented)))
     for i, (node, m, q) in enumerate(planned):
         prefix = f"fp8fx_q{i}_"
         for suffix, t in (("weight", q.weight), ("weight_scale", q.weight_scale), ("input_scale", q.input_scale)):
