@@ -37,6 +37,7 @@ from torch import nn
 
 from .capture import CapturedGraph, CompiledForward, capture
 from .config import FP8Config, Mode
+from .fp8 import FP8_DTYPES
 from .errors import ConfigError, Fp8fxError, MeasurementError, QuantizationError
 from .formats.inc import Measurements, NodeMeasurement, measurement_file_paths, read_measurements, write_measurements
 from .observers import NodeObserver
@@ -141,6 +142,11 @@ def _check_supported(cfg: FP8Config) -> None:
         raise QuantizationError(
             "dynamic_quantization=True (per-token activation scales computed at run time) is not "
             "supported by this version of fp8fx; use static scales (dynamic_quantization=False)")
+    if cfg.mode in (Mode.LOAD, Mode.SHAPE):
+        raise ConfigError(
+            f"mode {cfg.mode.value!r} is not supported by this version of fp8fx (INC's LOAD reads a model "
+            "that was quantized and saved before; SHAPE records shapes only): fp8fx cannot load FP8 "
+            "checkpoints yet. Use QUANTIZE with the measurement files (dump_stats_path), or MEASURE")
     if cfg.observer.value not in ("maxabs", "maxabs_per_channel"):
         raise ConfigError(f"observer {cfg.observer.value!r} is not supported by fp8fx; use 'maxabs' "
                           "or 'maxabs_per_channel'")
@@ -150,6 +156,24 @@ def _check_supported(cfg: FP8Config) -> None:
     if changed:
         warnings.warn(f"FP8Config keys {changed} have no effect in this version of fp8fx (FP8 weights "
                       "are always stored as FP8 and scales computed at convert)", UserWarning, stacklevel=3)
+
+
+def check_hp_dtype(model: nn.Module, cfg: FP8Config) -> None:
+    """``hp_dtype`` is the dtype of the non-FP8 ops and of the outputs, which run in the model's
+    own parameters' dtype: a model whose high-precision parameters have another dtype is refused
+    (fp8fx never casts a model behind the user's back)."""
+    want = cfg.hp_torch_dtype
+    if want is None:
+        return
+    wrong = [(n, p.dtype) for n, p in model.named_parameters()
+             if p.is_floating_point() and p.dtype not in FP8_DTYPES and p.dtype != want]
+    if wrong:
+        listing = ", ".join(f"{n} ({str(d).replace('torch.', '')})" for n, d in wrong[:3])
+        raise ConfigError(
+            f"hp_dtype is {cfg.hp_dtype.value!r} but {len(wrong)} parameter(s) of {type(model).__name__} are "
+            f"not {str(want).replace('torch.', '')}: {listing}{' ...' if len(wrong) > 3 else ''}. Cast the "
+            f"model first (model.to({want})), set hp_dtype to the model's dtype, or leave hp_dtype unset "
+            "to follow the model")
 
 
 def _capture_model(model: nn.Module, args: tuple, kwargs: dict) -> list[CapturedGraph]:
@@ -181,6 +205,7 @@ def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
     if cfg.mode is Mode.QUANTIZE or (cfg.mode is Mode.AUTO and _measurement_exists(cfg)):
         return convert(model, cfg, example_inputs, example_kwargs)  # convert checks the config
     _check_supported(cfg)
+    check_hp_dtype(model, cfg)
     if cfg.mode not in (Mode.MEASURE, Mode.AUTO):
         raise ConfigError(f"fp8fx.prepare: mode {cfg.mode.value!r} is not supported; use MEASURE, "
                           "QUANTIZE or AUTO")
@@ -307,6 +332,7 @@ def _check_names(model: nn.Module, decisions: list[Decision], meas: Measurements
 def _apply(model: nn.Module, state: Fp8fxState, decisions: dict[str, Decision],
            meas: Measurements | None, cfg: FP8Config) -> None:
     """Check everything, then swap the modules; the state changes only when all succeeded."""
+    check_hp_dtype(model, cfg)
     unmeasured = _check_names(model, list(decisions.values()), meas, cfg)
     decisions = dict(decisions)
     for name in unmeasured:

@@ -10,7 +10,10 @@ Keys (INC names), defaults and accepted values::
 
     mode                 "AUTO"      AUTO | MEASURE | QUANTIZE | SHAPE | LOAD
     fp8_config           "E4M3"      E4M3 | E5M2
-    hp_dtype             "bf16"      bf16 | fp16 | fp32: dtype of non-FP8 ops and of outputs
+    hp_dtype             None        bf16 | fp16 | fp32: dtype of non-FP8 ops and of outputs; the
+                                     model's high-precision parameters must have it (checked at
+                                     prepare/convert: fp8fx never casts a model); None (INC:
+                                     "bf16") follows the model
     observer             "maxabs"    maxabs | maxabs_per_channel | shape | save
     allowlist            {"names": [], "types": []}   empty: every supported op
     blocklist            {"names": [], "types": []}   names: regexes, re.search on module path
@@ -145,25 +148,14 @@ class MeasureExclude(_StrEnum):
         return self.value not in (kind.upper(), "ALL")
 
 
-#: Method used when ``scale_method`` is None. Gaudi follows INC (maxabs_hw); cpu/cuda have no
-#: hardware scale set worth snapping to, so they default to unrounded maxabs scales.
-DEFAULT_SCALE_METHOD: dict[Target, ScaleMethod] = {
-    Target.CPU: ScaleMethod.MAXABS_ARBITRARY,
-    Target.CUDA: ScaleMethod.MAXABS_ARBITRARY,
-    Target.GAUDI2: ScaleMethod.MAXABS_HW,
-    Target.GAUDI3: ScaleMethod.MAXABS_HW,
-}
+#: Method used when ``scale_method`` is None: INC's default on every target. For cpu/cuda it was
+#: picked by a sweep scored on a validation text disjoint from calibration and evaluation
+#: (docs/accuracy.md, ``scripts/sweep_defaults.py``): maxabs_hw (power-of-two scales there) with
+#: INC's backoffs scored best; unrounded maxabs scales did not do better.
+DEFAULT_SCALE_METHOD: dict[Target, ScaleMethod] = {t: ScaleMethod.MAXABS_HW for t in Target}
 
-#: (input_backoff, weight_backoff) used when scale_params does not set them. Gaudi follows INC.
-#: cpu/cuda were chosen by measurement (SmolLM2-135M, lee.cor perplexity vs bf16, static
-#: per-tensor W8A8 maxabs_arbitrary; docs/accuracy.md): weights need no headroom (they are
-#: known exactly), activations keep 2x headroom for values beyond the calibration maximum.
-DEFAULT_BACKOFFS: dict[Target, tuple[float, float]] = {
-    Target.CPU: (0.5, 1.0),
-    Target.CUDA: (0.5, 1.0),
-    Target.GAUDI2: (0.25, 0.5),
-    Target.GAUDI3: (0.25, 0.5),
-}
+#: (input_backoff, weight_backoff) used when scale_params does not set them: INC's (see above).
+DEFAULT_BACKOFFS: dict[Target, tuple[float, float]] = {t: (0.25, 0.5) for t in Target}
 
 
 # -------------------------------------------------------------------------------- op filters
@@ -261,7 +253,7 @@ class FP8Config:
 
     mode: Mode = Mode.AUTO
     fp8_config: Fp8Format = Fp8Format.E4M3
-    hp_dtype: HpDtype = HpDtype.BF16
+    hp_dtype: HpDtype | None = None      # None: the model's own dtype
     observer: ObserverKind = ObserverKind.MAXABS
     allowlist: OpFilter = OpFilter()
     blocklist: OpFilter = OpFilter()
@@ -287,6 +279,8 @@ class FP8Config:
         put = object.__setattr__.__get__(self)  # frozen: coerce fields in place
         for key, enum_cls in _ENUM_FIELDS.items():
             value = getattr(self, key)
+            if key == "hp_dtype" and value is None:
+                continue
             if key in ("fp8_config", "hp_dtype") and isinstance(value, (str, torch.dtype)):
                 value = _DTYPE_ALIASES.get(value, value)
             put(key, enum_cls.coerce(value, key))
@@ -353,8 +347,10 @@ class FP8Config:
         return self.replace(fp8_config=self.kv_cache_dtype).fp8_max if self.kv_cache_dtype else self.fp8_max
 
     @property
-    def hp_torch_dtype(self) -> torch.dtype:
-        return self.hp_dtype.torch_dtype
+    def hp_torch_dtype(self) -> torch.dtype | None:
+        """The dtype the model's high-precision parameters (and so the non-FP8 ops and the
+        outputs) must have; None follows the model."""
+        return None if self.hp_dtype is None else self.hp_dtype.torch_dtype
 
     @property
     def resolved_scale_method(self) -> ScaleMethod:
@@ -388,11 +384,27 @@ class FP8Config:
             return _first(rule.input_backoff, base_in), _first(rule.weight_backoff, base_w)
         return base_in, base_w
 
-    def selects(self, name: str, type_names: Iterable[str]) -> bool:
-        """INC's rule: in the allowlist (or the allowlist is empty) and not in the blocklist."""
+    def filter_reason(self, name: str, type_names: Iterable[str]) -> str | None:
+        """INC's allow/block rule, the one implementation of it: None when ``name`` (a qualified
+        node name) with ``type_names`` (every spelling of its type) is selected, else why not.
+        Blocked when a type is in ``blocklist.types`` or a ``blocklist.names`` regex matches;
+        otherwise allowed when the allowlist is empty or names its type or matches its name."""
         type_names = (type_names,) if isinstance(type_names, str) else tuple(type_names)
-        allowed = self.allowlist.is_empty() or self.allowlist.matches(name, type_names)
-        return allowed and not self.blocklist.matches(name, type_names)
+        spellings = {_short(t) for t in type_names}
+        blocked = [t for t in self.blocklist.types if _short(t) in spellings]
+        if blocked:
+            return f"blocklist types contains {blocked[0]!r}"
+        for pattern in self.blocklist._patterns:
+            if pattern.search(name):
+                return f"blocklist names: {pattern.pattern!r} matches {name!r}"
+        if not self.allowlist.is_empty() and not self.allowlist.matches(name, type_names):
+            return (f"not in the allowlist (types {list(self.allowlist.types)}, names "
+                    f"{list(self.allowlist.names)}): add its type or a name regex to it")
+        return None
+
+    def selects(self, name: str, type_names: Iterable[str]) -> bool:
+        """Whether INC's allow/block rule selects the node (see :meth:`filter_reason`)."""
+        return self.filter_reason(name, type_names) is None
 
     # -------------------------------------------------------------------------- (de)serialize
     def replace(self, **changes: Any) -> FP8Config:
@@ -461,9 +473,11 @@ class FP8Config:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable dict with INC key names; ``from_dict`` reads it back unchanged."""
         out: dict[str, Any] = {
-            "mode": self.mode.value, "fp8_config": self.fp8_config.value, "hp_dtype": self.hp_dtype.value,
+            "mode": self.mode.value, "fp8_config": self.fp8_config.value,
             "observer": self.observer.value, "allowlist": self.allowlist.to_dict(),
             "blocklist": self.blocklist.to_dict(), "dump_stats_path": self.dump_stats_path}
+        if self.hp_dtype is not None:  # None (follow the model) is written as no key
+            out["hp_dtype"] = self.hp_dtype.value
         if isinstance(self.scale_method, ScaleMethodOverrides):
             out["scale_method"] = self.scale_method.to_inc()
         elif self.scale_method is not None:  # None (target default) is written as no key

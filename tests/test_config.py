@@ -25,16 +25,17 @@ from fp8fx.errors import ConfigError
 
 def test_defaults_match_inc():
     cfg = FP8Config()
-    assert cfg.mode is Mode.AUTO and cfg.fp8_config is Fp8Format.E4M3 and cfg.hp_dtype is HpDtype.BF16
+    assert cfg.mode is Mode.AUTO and cfg.fp8_config is Fp8Format.E4M3 and cfg.hp_dtype is None  # follows the model
     assert cfg.observer is ObserverKind.MAXABS and cfg.measure_exclude is MeasureExclude.OUTPUT
     assert cfg.dump_stats_path == "./hqt_output/measure"
     assert cfg.scale_format is ScaleFormat.SCALAR and cfg.scale_format == "scalar"
     assert (cfg.input_backoff, cfg.weight_backoff) == (None, None)  # target default
-    assert cfg.backoffs == DEFAULT_BACKOFFS[Target.CPU] == (0.5, 1.0)
+    assert cfg.backoffs == DEFAULT_BACKOFFS[Target.CPU] == (0.25, 0.5)  # INC's, picked on validation text
     assert FP8Config(target="gaudi2").backoffs == (0.25, 0.5)  # INC's on Gaudi
     assert FP8Config(target="gaudi3", input_backoff=0.125).backoffs == (0.125, 0.5)
     assert cfg.allowlist.is_empty() and cfg.blocklist.is_empty()
-    assert cfg.scale_method is None and cfg.resolved_scale_method is DEFAULT_SCALE_METHOD[Target.CPU]
+    assert cfg.scale_method is None and cfg.resolved_scale_method is DEFAULT_SCALE_METHOD[Target.CPU] is ScaleMethod.MAXABS_HW
+    assert FP8Config(hp_dtype="bf16").hp_dtype is HpDtype.BF16
     assert (cfg.measure_inputs, cfg.measure_outputs, cfg.measure_params) == (True, False, True)
 
 
@@ -257,7 +258,8 @@ def test_to_dict_is_inc_shaped_json():
     cfg = FP8Config(mode="QUANTIZE", scale_method="maxabs_hw", blocklist={"names": ["lm_head"]})
     d = json.loads(json.dumps(cfg.to_dict()))
     assert d["mode"] == "QUANTIZE" and d["scale_method"] == "maxabs_hw" and d["fp8_config"] == "E4M3"
-    assert d["blocklist"] == {"names": ["lm_head"], "types": []} and d["hp_dtype"] == "bf16"
+    assert d["blocklist"] == {"names": ["lm_head"], "types": []} and "hp_dtype" not in d  # unset: the model's
+    assert FP8Config(hp_dtype="bf16").to_dict()["hp_dtype"] == "bf16"
     assert "scale_params" not in d  # unset: the target's default
     assert cfg.replace(input_backoff=0.25).to_dict()["scale_params"] == {"input_backoff": 0.25}
     assert "scale_method" not in FP8Config().to_dict()  # None: the target's default

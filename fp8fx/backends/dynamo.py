@@ -167,7 +167,7 @@ def _cache_pass(digest: str):
 
 def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None) -> Callable:
     """The ``fp8fx`` torch.compile backend (see the module docstring)."""
-    from ..api import _check_supported, _measurement_exists, _resolve_config, instrument
+    from ..api import _check_supported, _measurement_exists, _resolve_config, check_hp_dtype, instrument
 
     opts = _options(options)
     cfg = _resolve_config(opts.get("config"), "compile")
@@ -177,6 +177,7 @@ def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
         raise ConfigError(f"torch.compile option 'model' of backend 'fp8fx' must be an nn.Module, got "
                           f"{type(model).__name__}")
     cg = CapturedGraph.from_dynamo(gm, example_inputs, model)
+    check_hp_dtype(cg.model, cfg)
     measure = cfg.mode is Mode.MEASURE or (cfg.mode is Mode.AUTO and not _measurement_exists(cfg))
     if measure:
         return instrument(cg, _measure_state(cg, cfg if cfg.mode is Mode.MEASURE else cfg.replace(mode="MEASURE")))

@@ -12,7 +12,6 @@ owning module's class name (``LlamaAttention``).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -40,19 +39,8 @@ class Decision:
 
 
 def _filter_reason(match: Match, cfg: FP8Config) -> str | None:
-    """None when allowed, else why not."""
-    types = match.type_names
-    blocked = [t for t in types if t in cfg.blocklist.types]
-    if blocked:
-        return f"blocklist types contains {blocked[0]!r}"
-    for pattern in cfg.blocklist.names:
-        if re.search(pattern, match.name):
-            return f"blocklist names: {pattern!r} matches {match.name!r}"
-    if not cfg.allowlist.is_empty():
-        if not (cfg.allowlist.matches_type(types) or cfg.allowlist.matches_name(match.name)):
-            return (f"not in the allowlist (types {list(cfg.allowlist.types)}, names "
-                    f"{list(cfg.allowlist.names)}): add {match.kind.value!r} or a name regex to it")
-    return None
+    """None when allowed, else why not (the config's one implementation of INC's rule)."""
+    return cfg.filter_reason(match.name, match.type_names)
 
 
 def _unsupported_reason(match: Match, model: torch.nn.Module | None) -> str | None:
