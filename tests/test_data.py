@@ -110,6 +110,71 @@ def test_token_windows_rejects_too_short_text(tiny) -> None:
         data.token_windows(tiny[1], "cat", window=8)
 
 
+# --------------------------------------------------------------------------- validation split
+
+
+def test_validation_span_is_the_end_and_never_touches_calibration() -> None:
+    assert data.validation_span(20_000) == (20_000 - data.VALIDATION_TOKENS, 20_000)
+    assert data.validation_span(100, calib_tokens=60, validation_tokens=40) == (60, 100)
+    with pytest.raises(Fp8fxError, match="too few"):
+        data.validation_span(99, calib_tokens=60, validation_tokens=40)
+    with pytest.raises(Fp8fxError, match="at least 2"):
+        data.validation_span(100, calib_tokens=60, validation_tokens=1)
+
+
+def _positions(windows: list[torch.Tensor]) -> list[int]:
+    return torch.cat(windows, dim=1)[0].tolist()
+
+
+@pytest.mark.parametrize("calib, val", [(64, 32), (50, 47), (16, 100)])
+def test_calibration_and_validation_share_no_token(tiny, calib, val) -> None:
+    _, tokenizer = tiny
+    text = " ".join(TINY_LINES * 8)
+    ids = data.token_ids(tokenizer, text)
+    calib_w, val_w = data.calibration_and_validation_windows(
+        tokenizer, text, window=16, calib_tokens=calib, validation_tokens=val
+    )
+    # calibration is exactly what the main job calibrates on
+    assert [w.tolist() for w in calib_w] == [
+        w.tolist() for w in data.token_windows(tokenizer, text, window=16, max_tokens=calib)
+    ]
+    assert _positions(calib_w) == ids[:calib]
+    assert _positions(val_w) == ids[len(ids) - val:]
+    assert len(ids) - val >= calib  # the two position ranges are disjoint
+
+
+def test_validation_refuses_a_text_too_short_to_split(tiny) -> None:
+    _, tokenizer = tiny
+    text = " ".join(TINY_LINES)
+    with pytest.raises(Fp8fxError, match="too few"):
+        data.calibration_and_validation_windows(tokenizer, text, window=8, calib_tokens=20,
+                                                validation_tokens=20)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gensim") is None, reason="gensim not installed")
+@pytest.mark.skipif(not data._is_complete_cache(data.cache_dir()),
+                    reason="the default model is not converted yet (run fp8fx quantize once)")
+def test_default_validation_text_is_disjoint_from_calibration_and_evaluation() -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(data.cache_dir())  # the tokenizer alone: fast
+    calib_path, eval_path = data.default_text_paths()
+    text = data.read_text(calib_path)
+    ids = data.token_ids(tokenizer, text)
+    calib_w, val_w = data.calibration_and_validation_windows(tokenizer, text)
+    start, stop = data.validation_span(len(ids))
+    assert (start, stop) == (len(ids) - data.VALIDATION_TOKENS, len(ids))
+    assert start >= data.DEFAULT_CALIB_TOKENS  # no token position is in both
+    assert _positions(calib_w) == ids[: data.DEFAULT_CALIB_TOKENS]
+    assert _positions(val_w) == ids[start:stop]
+    assert sum(w.numel() for w in val_w) == data.VALIDATION_TOKENS
+    main_job = data.token_windows(tokenizer, text, 512, data.DEFAULT_CALIB_TOKENS)
+    assert [w.tolist() for w in calib_w] == [w.tolist() for w in main_job]
+    # and the evaluation text is another text: no line of lee.cor is in lee_background.cor
+    background = {line.strip() for line in text.splitlines() if line.strip()}
+    assert not any(line.strip() in background for line in data.read_text(eval_path).splitlines())
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -209,6 +274,27 @@ def test_perplexity_errors() -> None:
         evaluate.perplexity(Nan(), [torch.zeros(1, 4, dtype=torch.long)], progress=False)
     with pytest.raises(Fp8fxError, match="window"):
         evaluate.perplexity(Nan(), [], progress=False)
+
+
+# --------------------------------------------------------------------------- process memory
+
+
+def test_resident_bytes_from_proc() -> None:
+    rss, source = evaluate.resident_bytes()
+    if Path(evaluate.STATM_PATH).is_file():
+        assert source == "/proc/self/statm"
+    assert isinstance(rss, int) and rss > 0
+
+
+def test_resident_bytes_falls_back_to_psutil_then_n_a(tmp_path, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setattr(evaluate, "STATM_PATH", str(tmp_path / "no-statm"))
+    if importlib.util.find_spec("psutil") is not None:
+        rss, source = evaluate.resident_bytes()
+        assert source == "psutil" and isinstance(rss, int) and rss > 0
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil -> ImportError
+    assert evaluate.resident_bytes() == (None, "n/a")
 
 
 # --------------------------------------------------------------------------- weight bytes
