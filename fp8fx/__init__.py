@@ -35,7 +35,7 @@ _EXPORTS = {
     "report": "api", "Explanation": "api", "fp8_kv_cache": "api",
     "Fp8Linear": "modules", "Fp8Experts": "modules",
     "Fp8fxError": "errors", "ConfigError": "errors", "MeasurementError": "errors",
-    "CaptureError": "errors", "QuantizationError": "errors",
+    "CaptureError": "errors", "QuantizationError": "errors", "UnsupportedError": "errors",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -16,18 +16,16 @@ at any batch size and sequence length without recompiling.
 and captures the graph from ``example_inputs`` or, when none are given, from the first real
 call: that call is traced (not run), converted, then run in FP8.
 
-All state lives on the model in one attribute, ``model._fp8fx`` (a :class:`Fp8fxState`).
+All state lives on the model in one attribute, ``model._fp8fx`` (a :class:`~fp8fx.state.Fp8fxState`);
+config resolution and checks, shared with the torch.compile backend, are in :mod:`fp8fx.state`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
-import sys
-import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,70 +35,21 @@ from torch import nn
 
 from .capture import CapturedGraph, CompiledForward, capture
 from .config import FP8Config, Mode
-from .fp8 import FP8_DTYPES
-from .errors import ConfigError, Fp8fxError, MeasurementError, QuantizationError
-from .formats.inc import Measurements, NodeMeasurement, measurement_file_paths, read_measurements, write_measurements
-from .observers import NodeObserver
+from .errors import ConfigError, Fp8fxError, MeasurementError
+from .formats.inc import Measurements, NodeMeasurement, write_measurements
 from .passes.annotate import Decision, annotate, decide
-from .passes.match import Match, OpKind, find_matches, owner_path
-from .passes.observe import REQUIRED_OUTPUTS, insert_observers
+from .passes.match import Match, OpKind, check_same_op, find_matches, owner_path
+from .passes.observe import REQUIRED_OUTPUTS
 from .passes.rewrite import quantize_linears
 from .passes.rewrite_attention import AttentionQuant, attention_quant, plan_attention, rewrite_attention_in_graph
 from .kv_cache import KVQuant, fp8_cache, is_cache, kv_layer_names
+from .state import (ATTR, Fp8fxState, check_hp_dtype, check_supported, instrument, load_measurements,
+                    measurement_exists, quantize_config, resolve_config, state_of, unwrap, worker)
 
-__all__ = ["prepare", "finalize_calibration", "convert", "explain", "report", "fp8_kv_cache", "Explanation", "Fp8fxState"]
-
-_ATTR = "_fp8fx"
-
-
-@dataclass
-class Fp8fxState:
-    config: FP8Config
-    phase: str                                   # "measure" | "pending" | "converted"
-    compiled: CompiledForward | None = None
-    original_forward: Any = None                 # the model's own forward while fp8fx replaces it
-    observers: dict[str, NodeObserver] = field(default_factory=dict)
-    decisions: dict[str, Decision] = field(default_factory=dict)   # name -> decision
-    measurements: Measurements | None = None
-    files: list[Path] = field(default_factory=list)
-    converted: list[str] = field(default_factory=list)
-    attention: dict[str, AttentionQuant] = field(default_factory=dict)  # graph-level scales by name
-    calls_at_finalize: int | None = None         # observer calls when the files were written
-
-    def record(self, decisions: list[Decision]) -> None:
-        for d in decisions:
-            self.decisions.setdefault(d.match.name, d)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's module behind a ``torch.compile`` wrapper (OptimizedModule)."""
-    return getattr(model, "_orig_mod", model)
-
-
-def _state(model: nn.Module) -> Fp8fxState | None:
-    model = _unwrap(model)
-    state = model.__dict__.get(_ATTR)
-    if state is None and "torch._dynamo" in sys.modules:
-        from .backends.dynamo import state_of  # calibrated by torch.compile(backend="fp8fx")
-
-        state = state_of(model)
-    return state
-
-
-def _resolve_config(cfg: FP8Config | dict | str | os.PathLike | None, what: str) -> FP8Config:
-    if cfg is None:
-        if not os.environ.get("QUANT_CONFIG"):
-            raise ConfigError(f"fp8fx.{what}: no config given and QUANT_CONFIG is not set; pass an "
-                              "FP8Config or set QUANT_CONFIG to a JSON config file")
-        return FP8Config.from_env()
-    if isinstance(cfg, FP8Config):
-        return cfg
-    if isinstance(cfg, dict):
-        return FP8Config.from_dict(cfg)
-    if isinstance(cfg, (str, os.PathLike)):
-        return FP8Config.from_json_file(cfg)
-    raise ConfigError(f"fp8fx.{what}: config must be an FP8Config, a dict or a JSON path, got {type(cfg).__name__}")
-
+# Fp8fxState, check_hp_dtype and instrument live in fp8fx.state (shared with the torch.compile
+# backend, which must not import this module) and stay importable from here.
+__all__ = ["prepare", "finalize_calibration", "convert", "explain", "report", "fp8_kv_cache", "Explanation",
+           "Fp8fxState", "check_hp_dtype", "instrument"]
 
 def _call_args(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
     if example_inputs is None:
@@ -114,85 +63,12 @@ def _call_args(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple,
     return args, dict(example_kwargs or {})
 
 
-def _worker(cfg: FP8Config) -> tuple[int | None, int | None]:
-    """(rank, world_size) of the per-rank file names: the config's, else LOCAL_RANK/WORLD_SIZE
-    from the environment when more than one process runs (as INC does), else none."""
-    if cfg.world_size is not None:
-        return (cfg.local_rank if cfg.local_rank is not None else 0), cfg.world_size
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-    except ValueError as exc:
-        raise ConfigError(f"WORLD_SIZE / LOCAL_RANK must be integers: {exc}") from exc
-    return (rank, world) if world > 1 else (None, None)
-
-
-def _measurement_exists(cfg: FP8Config) -> bool:
-    rank, world = _worker(cfg)
-    return any(p.exists() for p in measurement_file_paths(cfg.dump_stats_path, cfg.observer.value, rank, world))
-
-
-_NO_EFFECT = {"use_qdq": False, "fake_quant": False, "recalc_scales": False, "calibration_sample_interval": 0,
-              "scale_format": "scalar"}
-
-
-def _check_supported(cfg: FP8Config) -> None:
-    """Refuse what this version cannot do instead of silently doing something else."""
-    if cfg.dynamic_quantization:
-        raise QuantizationError(
-            "dynamic_quantization=True (per-token activation scales computed at run time) is not "
-            "supported by this version of fp8fx; use static scales (dynamic_quantization=False)")
-    if cfg.mode in (Mode.LOAD, Mode.SHAPE):
-        raise ConfigError(
-            f"mode {cfg.mode.value!r} is not supported by this version of fp8fx (INC's LOAD reads a model "
-            "that was quantized and saved before; SHAPE records shapes only): fp8fx cannot load FP8 "
-            "checkpoints yet. Use QUANTIZE with the measurement files (dump_stats_path), or MEASURE")
-    if cfg.observer.value not in ("maxabs", "maxabs_per_channel"):
-        raise ConfigError(f"observer {cfg.observer.value!r} is not supported by fp8fx; use 'maxabs' "
-                          "or 'maxabs_per_channel'")
-    if cfg.mode is not Mode.QUANTIZE and not (cfg.measure_inputs or cfg.measure_outputs or cfg.measure_params):
-        raise ConfigError("measure_exclude='ALL' measures nothing; use 'OUTPUT' (the default) or 'NONE'")
-    changed = [k for k, default in _NO_EFFECT.items() if getattr(cfg, k) != default]
-    if changed:
-        warnings.warn(f"FP8Config keys {changed} have no effect in this version of fp8fx (FP8 weights "
-                      "are always stored as FP8 and scales computed at convert)", UserWarning, stacklevel=3)
-
-
-def check_hp_dtype(model: nn.Module, cfg: FP8Config) -> None:
-    """``hp_dtype`` is the dtype of the non-FP8 ops and of the outputs, which run in the model's
-    own parameters' dtype: a model whose high-precision parameters have another dtype is refused
-    (fp8fx never casts a model behind the user's back)."""
-    want = cfg.hp_torch_dtype
-    if want is None:
-        return
-    wrong = [(n, p.dtype) for n, p in model.named_parameters()
-             if p.is_floating_point() and p.dtype not in FP8_DTYPES and p.dtype != want]
-    if wrong:
-        listing = ", ".join(f"{n} ({str(d).replace('torch.', '')})" for n, d in wrong[:3])
-        raise ConfigError(
-            f"hp_dtype is {cfg.hp_dtype.value!r} but {len(wrong)} parameter(s) of {type(model).__name__} are "
-            f"not {str(want).replace('torch.', '')}: {listing}{' ...' if len(wrong) > 3 else ''}. Cast the "
-            f"model first (model.to({want})), set hp_dtype to the model's dtype, or leave hp_dtype unset "
-            "to follow the model")
-
-
 def _capture_model(model: nn.Module, args: tuple, kwargs: dict) -> list[CapturedGraph]:
-    state = _state(model)
+    state = state_of(model)
     return capture(model, args, kwargs, forward=state.original_forward if state is not None else None)
 
 
 # --------------------------------------------------------------------------------- prepare
-def instrument(cg: CapturedGraph, state: Fp8fxState, model: nn.Module | None = None) -> torch.fx.GraphModule:
-    """MEASURE passes on one captured graph: match, annotate, observer nodes. ``model`` is None
-    under torch.compile (decisions are then taken from the graph alone)."""
-    cfg = state.config
-    decisions = annotate(cg.gm, find_matches(cg), cfg, model)
-    state.record(decisions)
-    insert_observers(cg.gm, decisions, state.observers, measure_inputs=cfg.measure_inputs,
-                     measure_outputs=cfg.measure_outputs)
-    return cg.gm
-
-
 def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example_inputs: Any = None,
             example_kwargs: dict | None = None) -> nn.Module:
     """Instrument ``model`` for calibration (MEASURE) and return it.
@@ -201,15 +77,15 @@ def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
     instead (as INC does); AUTO measures unless measurement files already exist. Without
     example inputs the graph is captured on the first real call.
     """
-    cfg = _resolve_config(cfg, "prepare")
-    if cfg.mode is Mode.QUANTIZE or (cfg.mode is Mode.AUTO and _measurement_exists(cfg)):
+    cfg = resolve_config(cfg, "prepare")
+    if cfg.mode is Mode.QUANTIZE or (cfg.mode is Mode.AUTO and measurement_exists(cfg)):
         return convert(model, cfg, example_inputs, example_kwargs)  # convert checks the config
-    _check_supported(cfg)
+    check_supported(cfg)
     check_hp_dtype(model, cfg)
     if cfg.mode not in (Mode.MEASURE, Mode.AUTO):
         raise ConfigError(f"fp8fx.prepare: mode {cfg.mode.value!r} is not supported; use MEASURE, "
                           "QUANTIZE or AUTO")
-    existing = _state(model)
+    existing = state_of(model)
     if existing is not None:
         raise Fp8fxError(f"{type(model).__name__} was already prepared/converted by fp8fx "
                          f"(phase {existing.phase!r}); start from a fresh model")
@@ -220,7 +96,7 @@ def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
     state.compiled = CompiledForward(model, lambda cg: instrument(cg, state, model))
     state.original_forward = state.compiled._original
     state.compiled.install()
-    model.__dict__[_ATTR] = state
+    model.__dict__[ATTR] = state
     args, kwargs = _call_args(example_inputs, example_kwargs)
     if args or kwargs:  # capture now; what this call observed is not calibration data
         try:
@@ -228,7 +104,7 @@ def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
                 model(*args, **kwargs)
         except BaseException:  # leave the model as it was given, so a retry can work
             state.compiled.uninstall()
-            del model.__dict__[_ATTR]
+            del model.__dict__[ATTR]
             raise
         for obs in state.observers.values():
             for o in obs.all():
@@ -285,15 +161,15 @@ def _observer_calls(state: Fp8fxState) -> int:
 
 def finalize_calibration(model: nn.Module) -> list[Path]:
     """Write the measurement files (INC layout, atomically) and return their paths."""
-    state = _state(model)
-    model = _unwrap(model)
+    state = state_of(model)
+    model = unwrap(model)
     if state is None or state.phase != "measure":
         raise Fp8fxError(f"fp8fx.finalize_calibration: {type(model).__name__} is not in MEASURE "
                          "mode; call fp8fx.prepare(model, FP8Config(mode='MEASURE')) and run "
                          "calibration first")
     state.measurements = _collect(model, state)
     state.calls_at_finalize = _observer_calls(state)
-    rank, world = _worker(state.config)
+    rank, world = worker(state.config)
     state.files = write_measurements(state.measurements, state.config.dump_stats_path, rank=rank, world_size=world)
     return state.files
 
@@ -392,12 +268,12 @@ def fp8_kv_cache(cache: Any, model: nn.Module, cfg: FP8Config | dict | str | Non
     A model converted by fp8fx does this by itself. For ``torch.compile(model, backend="fp8fx")``
     pass the QUANTIZE config (or set QUANT_CONFIG): the scales come from its measurement files.
     """
-    state = _state(model)
-    model = _unwrap(model)
+    state = state_of(model)
+    model = unwrap(model)
     if state is not None and state.phase == "converted" and cfg is None:
         return fp8_cache(cache, kv_layers(model, state.attention))
-    qcfg = _quantize_config(cfg, None)
-    meas = _load_measurements(qcfg)
+    qcfg = quantize_config(cfg, None)
+    meas = load_measurements(qcfg)
     pairs = kv_layer_names(model, list(meas.nodes) if meas is not None else [])
     if not pairs:
         raise MeasurementError(
@@ -411,28 +287,12 @@ def _decide_graphs(model: nn.Module, graphs: list[CapturedGraph], cfg: FP8Config
     out: dict[str, Decision] = {}
     for cg in graphs:
         for d in annotate(cg.gm, find_matches(cg), cfg, model):
-            out.setdefault(d.match.name, d)
+            check_same_op(out.setdefault(d.match.name, d).match, d.match)
     return out
 
 
-def _load_measurements(cfg: FP8Config) -> Measurements | None:
-    if not cfg.resolved_scale_method.needs_measurement and not _measurement_exists(cfg):
-        return None
-    rank, world = _worker(cfg)
-    return read_measurements(cfg.dump_stats_path, observer=cfg.observer.value, rank=rank, world_size=world)
-
-
-def _quantize_config(cfg: FP8Config | dict | str | None, fallback: FP8Config | None) -> FP8Config:
-    cfg = fallback.replace(mode="QUANTIZE") if cfg is None and fallback is not None else _resolve_config(cfg, "convert")
-    _check_supported(cfg)
-    if cfg.mode is Mode.MEASURE:
-        raise ConfigError("fp8fx.convert: the config's mode is MEASURE; use fp8fx.prepare to "
-                          "calibrate, or set mode to QUANTIZE")
-    return cfg.replace(mode="QUANTIZE") if cfg.mode is not Mode.QUANTIZE else cfg
-
-
 def _convert_prepared(model: nn.Module, state: Fp8fxState, cfg: FP8Config | dict | str | None) -> nn.Module:
-    qcfg = _quantize_config(cfg, state.config)
+    qcfg = quantize_config(cfg, state.config)
     if state.calls_at_finalize is not None and _observer_calls(state) != state.calls_at_finalize:
         raise MeasurementError(
             f"{type(model).__name__} was called again after fp8fx.finalize_calibration, so the "
@@ -458,21 +318,21 @@ def convert(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
     ``example_inputs``/``example_kwargs`` or, without them, on the first call (traced, converted,
     then run in FP8). Nothing is changed when convert raises.
     """
-    state = _state(model)
+    state = state_of(model)
     if state is not None and state.phase in ("converted", "pending"):
         when = "" if state.phase == "converted" else " (on its first call, which has not happened yet)"
         raise Fp8fxError(f"{type(model).__name__} is already converted by fp8fx{when}")
     if state is not None and state.phase == "measure":
         return _convert_prepared(model, state, cfg)
 
-    qcfg = _quantize_config(cfg, None)
-    meas = _load_measurements(qcfg)  # a missing or corrupt file fails here, at once
+    qcfg = quantize_config(cfg, None)
+    meas = load_measurements(qcfg)  # a missing or corrupt file fails here, at once
     args, kwargs = _call_args(example_inputs, example_kwargs)
     state = Fp8fxState(config=qcfg, phase="pending", measurements=meas)
     if args or kwargs:
         graphs = capture(model, args, kwargs)
         _apply(model, state, _decide_graphs(model, graphs, qcfg), meas, qcfg)
-        model.__dict__[_ATTR] = state
+        model.__dict__[ATTR] = state
         _install_quantized_graph(model, state)
         return model
 
@@ -491,7 +351,7 @@ def convert(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
         return model.forward(*a, **kw)
 
     state.original_forward = original
-    model.__dict__[_ATTR] = state
+    model.__dict__[ATTR] = state
     model.forward = first_call
     return model
 
@@ -526,10 +386,10 @@ class Explanation:
 def explain(model: nn.Module, cfg: FP8Config | dict | str | None = None, example_inputs: Any = None,
             example_kwargs: dict | None = None) -> Explanation:
     """List every candidate node: quantized or not, and why. Runs nothing, changes nothing."""
-    state = _state(model)
+    state = state_of(model)
     if state is not None and state.decisions and cfg is None:
         return Explanation(list(state.decisions.values()))
-    cfg = _resolve_config(cfg, "explain")
+    cfg = resolve_config(cfg, "explain")
     args, kwargs = _call_args(example_inputs, example_kwargs)
     if not (args or kwargs):
         raise Fp8fxError("fp8fx.explain needs example_inputs or example_kwargs to capture the graph "
@@ -542,7 +402,7 @@ def explain(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
 
 def report(model: nn.Module) -> dict:
     """What fp8fx did to ``model``: quantized and skipped nodes by kind, with reasons."""
-    state = _state(model)
+    state = state_of(model)
     if state is None:
         raise Fp8fxError(f"{type(model).__name__} was not prepared or converted by fp8fx")
     exp = Explanation(list(state.decisions.values()))

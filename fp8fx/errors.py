@@ -27,4 +27,16 @@ class QuantizationError(Fp8fxError):
     """A matched node cannot be quantized as configured (shape, dtype, missing scale)."""
 
 
-__all__ = ["Fp8fxError", "ConfigError", "MeasurementError", "CaptureError", "QuantizationError"]
+class UnsupportedError(ConfigError, QuantizationError, NotImplementedError):
+    """The config asks for something valid that this version of fp8fx cannot do yet (mode LOAD or
+    SHAPE, dynamic quantization, an observer kind): refused instead of silently doing something
+    else; the message says what to use instead.
+
+    It is a ``NotImplementedError`` (a limitation, not bad input) and, so that callers written
+    before it existed keep working, both a ``ConfigError`` and a ``QuantizationError`` (these
+    refusals used to raise one or the other).
+    """
+
+
+__all__ = ["Fp8fxError", "ConfigError", "MeasurementError", "CaptureError", "QuantizationError",
+           "UnsupportedError"]

@@ -329,6 +329,33 @@ def test_dynamic_quantization_is_refused_not_ignored(tmp_path):
         fp8fx.convert(TwoLinear(), cfg)
 
 
+@pytest.mark.parametrize("kw", [{"mode": "LOAD"}, {"mode": "SHAPE"},
+                                {"mode": "QUANTIZE", "dynamic_quantization": True,
+                                 "scale_method": "act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw"}])
+def test_unsupported_features_raise_unsupported_error(tmp_path, kw):
+    cfg = fp8fx.FP8Config(dump_stats_path=str(tmp_path / "m"), **kw)
+    with pytest.raises(fp8fx.UnsupportedError, match="not supported by this version of fp8fx") as info:
+        fp8fx.convert(TwoLinear(), cfg)
+    # the kind says "a limitation", and callers that caught the older classes keep working
+    assert isinstance(info.value, NotImplementedError)
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, fp8fx.QuantizationError)
+
+
+def test_bad_worker_environment_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    cfg = fp8fx.FP8Config(mode="QUANTIZE", dump_stats_path=str(tmp_path / "m"))
+    with pytest.raises(ConfigError, match="WORLD_SIZE"):
+        fp8fx.convert(TwoLinear(), cfg)
+
+
+def test_state_helpers_stay_importable_from_api_and_backend():
+    from fp8fx import api, state
+    from fp8fx.backends import dynamo
+
+    assert api.Fp8fxState is state.Fp8fxState and api.instrument is state.instrument
+    assert api.check_hp_dtype is state.check_hp_dtype and dynamo.state_of is state.compiled_state_of
+
+
 def test_per_rank_files(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")

@@ -182,3 +182,36 @@ def test_matching_never_mutates_the_graph():
     before = str(cg.gm.graph)
     find_matches(cg)
     assert str(cg.gm.graph) == before
+
+
+class _Branchy(nn.Module):
+    """Two softmaxes in one module, the first only on one path: its functional ops are numbered
+    by graph order, so ``softmax_0`` is a different op in the two graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x, both: bool = True):
+        out = torch.softmax(self.a(x), -1) if both else 0
+        return out + torch.softmax(self.b(x), -1)
+
+
+def test_one_name_for_two_ops_across_graphs_is_refused(tmp_path):
+    import fp8fx
+
+    cfg = fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m"))
+    model = fp8fx.prepare(_Branchy(), cfg)
+    with torch.no_grad():
+        model(torch.randn(2, 8), both=True)
+        with pytest.raises(CaptureError, match=r"softmax_0.*two different ops.*\['a'\].*\['b'\]"):
+            model(torch.randn(2, 8), both=False)
+
+
+def test_sources_name_the_linears_an_op_computes_from():
+    (cg,) = capture(tiny_llama(layers=1), kwargs={"input_ids": torch.randint(0, 128, (1, 5))})
+    by_name = {m.name: m for m in find_matches(cg)}
+    sdpa = [m for m in by_name.values() if m.kind is OpKind.SDPA][0]
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.v_proj"} <= set(sdpa.sources)

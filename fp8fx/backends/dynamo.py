@@ -40,13 +40,18 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..capture import CapturedGraph
 from ..config import FP8Config, Mode
 from ..errors import ConfigError, QuantizationError
-from ..formats.inc import Measurements
+from ..formats.inc import Measurements, measurement_file_paths
 from ..passes.annotate import annotate
 from ..passes.match import Match, find_matches
 from ..passes.rewrite import (LinearQuant, input_scale, quantize_linears, rewrite_linears_in_graph,
                               swapped_quant, weight_quant)
 from ..passes.rewrite_attention import plan_attention, rewrite_attention_in_graph
+from ..state import (check_hp_dtype, check_supported, instrument, load_measurements, measure_state,
+                     measurement_exists, resolve_config, worker)
+from ..state import compiled_state_of as state_of
 
+# state_of (the MEASURE state of a compiled model) is fp8fx.state.compiled_state_of, next to the
+# registry that maps parameters to it; it stays importable from here.
 __all__ = ["fp8fx_backend", "state_of", "OPTIONS"]
 
 OPTIONS = {
@@ -62,8 +67,6 @@ OPTIONS = {
 # parameter -> (its _version when cast, {cast key: (FP8 weight, weight scale)})
 # (keyed by identity: tensors compare elementwise, so a plain WeakKeyDictionary cannot hold them)
 _WEIGHTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-# parameter -> the MEASURE state of the compiled model that owns it
-_MEASURE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _options(options: dict | None) -> dict:
@@ -102,42 +105,15 @@ _MEASUREMENTS: dict[tuple, Measurements | None] = {}
 def _measurements(cfg: FP8Config) -> Measurements | None:
     """The config's measurement files, read once per version of the files (every graph of a
     model, prefill and decode, needs the same ones)."""
-    from ..api import _load_measurements, _worker
-    from ..formats.inc import measurement_file_paths
-
-    rank, world = _worker(cfg)
+    rank, world = worker(cfg)
     stats = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else (str(p),)
                   for p in measurement_file_paths(cfg.dump_stats_path, cfg.observer.value, rank, world))
     key = (stats, cfg.resolved_scale_method.needs_measurement)
     if key not in _MEASUREMENTS:
         if len(_MEASUREMENTS) > 8:
             _MEASUREMENTS.clear()
-        _MEASUREMENTS[key] = _load_measurements(cfg)
+        _MEASUREMENTS[key] = load_measurements(cfg)
     return _MEASUREMENTS[key]
-
-
-def _measure_state(cg: CapturedGraph, cfg: FP8Config):
-    from ..api import Fp8fxState
-
-    params = [t for t in cg.example_inputs if isinstance(t, nn.Parameter)]
-    for p in params:
-        state = _MEASURE.get(p)
-        if state is not None and state.config == cfg:
-            break
-    else:
-        state = Fp8fxState(config=cfg, phase="measure")
-    for p in params:
-        _MEASURE[p] = state
-    return state
-
-
-def state_of(model: nn.Module):
-    """The MEASURE state that ``torch.compile(model, backend="fp8fx")`` built, or None."""
-    for p in model.parameters():
-        state = _MEASURE.get(p)
-        if state is not None:
-            return state
-    return None
 
 
 def _digest(cfg: FP8Config, quants: list[LinearQuant]) -> str:
@@ -167,20 +143,18 @@ def _cache_pass(digest: str):
 
 def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None) -> Callable:
     """The ``fp8fx`` torch.compile backend (see the module docstring)."""
-    from ..api import _check_supported, _measurement_exists, _resolve_config, check_hp_dtype, instrument
-
     opts = _options(options)
-    cfg = _resolve_config(opts.get("config"), "compile")
-    _check_supported(cfg)
+    cfg = resolve_config(opts.get("config"), "compile")
+    check_supported(cfg)
     model = opts.get("model")
     if model is not None and not isinstance(model, nn.Module):
         raise ConfigError(f"torch.compile option 'model' of backend 'fp8fx' must be an nn.Module, got "
                           f"{type(model).__name__}")
     cg = CapturedGraph.from_dynamo(gm, example_inputs, model)
     check_hp_dtype(cg.model, cfg)
-    measure = cfg.mode is Mode.MEASURE or (cfg.mode is Mode.AUTO and not _measurement_exists(cfg))
+    measure = cfg.mode is Mode.MEASURE or (cfg.mode is Mode.AUTO and not measurement_exists(cfg))
     if measure:
-        return instrument(cg, _measure_state(cg, cfg if cfg.mode is Mode.MEASURE else cfg.replace(mode="MEASURE")))
+        return instrument(cg, measure_state(cg, cfg if cfg.mode is Mode.MEASURE else cfg.replace(mode="MEASURE")))
     if cfg.mode is not Mode.QUANTIZE:
         cfg = cfg.replace(mode="QUANTIZE")
     model = cg.model

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..capture import CapturedGraph
 
-__all__ = ["OpKind", "Match", "INC_TYPE_NAMES", "find_matches", "owner_path", "sdpa_arguments"]
+__all__ = ["OpKind", "Match", "INC_TYPE_NAMES", "find_matches", "check_same_op", "owner_path", "sdpa_arguments"]
 
 
 class OpKind(str, Enum):
@@ -86,6 +86,11 @@ class Match:
     module_is_linear: bool = False      # the owning module (nn_module_stack) is an nn.Linear
     experts: int = 0                    # >0: a grouped MoE expert GEMM over a stacked [E, out, in] weight
     attention: bool = False             # matmul/softmax inside an attention pattern (see below)
+    # what a functional op (matmul, softmax, SDPA, KV write) computes from: the Linears whose
+    # outputs reach its inputs. Its name counts ops of its kind in its module in graph order, so
+    # two graphs whose control flow differs could give one name to two different ops: a name
+    # whose sources differ between graphs is refused (:func:`check_same_op`).
+    sources: tuple[str, ...] = ()
 
     @property
     def type_names(self) -> tuple[str, ...]:
@@ -342,6 +347,49 @@ def _attention_roles(kinds: dict[fx.Node, OpKind]) -> set[fx.Node]:
     return out
 
 
+def _linear_name(weight: str) -> str:
+    """A Linear's node name: a module's own "weight" is named after the module (INC's key); any
+    other parameter used as a weight keeps its full name, so that two never collide."""
+    owner, _, leaf = weight.rpartition(".")
+    return owner if leaf == "weight" and owner else weight
+
+
+_SOURCE_SEARCH_LIMIT = 400  # nodes visited backwards from one functional op
+
+
+def _linear_sources(node: fx.Node, linear_names: dict[fx.Node, str]) -> tuple[str, ...]:
+    """Names of the Linear matches whose outputs reach ``node`` without passing another Linear."""
+    found: set[str] = set()
+    frontier, seen = list(node.all_input_nodes), set()
+    while frontier and len(seen) < _SOURCE_SEARCH_LIMIT:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in linear_names:
+            found.add(linear_names[n])
+        else:
+            frontier.extend(n.all_input_nodes)
+    return tuple(sorted(found))
+
+
+def check_same_op(known: Match, new: Match) -> None:
+    """Refuse one name for two different ops: a functional op named by its order in its module
+    must compute from the same Linears in every graph of a model (prefill, decode, a new shape).
+    """
+    if known.kind is OpKind.LINEAR or (known.kind, known.sources) == (new.kind, new.sources):
+        return
+    from ..errors import CaptureError
+
+    raise CaptureError(
+        f"node name {new.name!r} stands for two different ops in two graphs of this model: one "
+        f"computes from {list(known.sources) or 'no Linear'}, the other from {list(new.sources) or 'no Linear'}. "
+        f"fp8fx names functional ops by their order within {new.module_path or 'the model'!r}, and "
+        "these graphs differ in that order (data-dependent control flow), so a scale could land on "
+        "the wrong op. Calibrate and run with inputs that take the same path, or blocklist "
+        f"{new.kind.value!r} ops of that module (blocklist names [{new.module_path!r}]).")
+
+
 def find_matches(cg: CapturedGraph) -> list[Match]:
     """Every quantization candidate of a captured graph, in graph order."""
     counters: dict[tuple[str, OpKind], int] = defaultdict(int)
@@ -350,17 +398,17 @@ def find_matches(cg: CapturedGraph) -> list[Match]:
                 if node.op in ("call_function", "call_method")}
     found_at = {n: f for n, f in found_at.items() if f is not None}
     attention = _attention_roles({n: f[0] for n, f in found_at.items()})
+    linear_names: dict[fx.Node, str] = {}
+    for node, (kind, d) in found_at.items():
+        if kind is OpKind.LINEAR:
+            linear_names[node] = _linear_name(d["weight"])
     for node, (kind, d) in found_at.items():
         uses = 1
         if d.get("weight") is not None:
             uses = d["uses"]
         path, type_name = cg.module_path_of(node)
         if kind is OpKind.LINEAR:
-            weight = d["weight"]
-            owner, _, leaf = weight.rpartition(".")
-            # a module's own "weight" is named after the module (INC's key); any other
-            # parameter used as a weight keeps its full name so two never collide
-            name = owner if leaf == "weight" and owner else weight
+            name = linear_names[node]
         else:
             i = counters[(path, kind)]
             counters[(path, kind)] += 1
@@ -371,5 +419,6 @@ def find_matches(cg: CapturedGraph) -> list[Match]:
             inputs=inputs, weight=d.get("weight"), weight_transposed=d.get("transposed", False),
             bias=d.get("bias"), weight_uses=uses, module_is_linear=_owned_by_linear(node), experts=d.get("experts", 0),
             attention=node in attention,
+            sources=() if kind is OpKind.LINEAR else _linear_sources(node, linear_names),
         ))
     return out

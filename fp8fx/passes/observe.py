@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ..attention_ops import attention_probs
+from ..errors import MeasurementError
 from ..observers import MaxAbsObserver, NodeObserver
 from .annotate import Decision
 from .match import OpKind, sdpa_arguments
@@ -64,7 +65,11 @@ def insert_observers(gm: fx.GraphModule, decisions: list[Decision], registry: di
         if obs is None:
             obs = registry[m.name] = NodeObserver(m.name, m.kind.value, len(m.inputs), n_out)
         elif len(obs.inputs) != len(m.inputs):
-            raise ValueError(f"node {m.name!r} has {len(m.inputs)} inputs here and {len(obs.inputs)} elsewhere")
+            raise MeasurementError(
+                f"node {m.name!r} ({m.kind.value}, graph node {m.node!r}) has {len(m.inputs)} observed input(s) in "
+                f"this graph but {len(obs.inputs)} in an earlier graph of the same model, so one set of "
+                f"observers cannot measure both; leave it in high precision (blocklist={{'names': [{m.name!r}]}}) "
+                "or calibrate with calls that take the same path through it")
         node = nodes[m.node]
         if measure_inputs:
             for i, inp in enumerate(m.inputs):
