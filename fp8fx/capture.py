@@ -260,21 +260,45 @@ def _describe_call(args: tuple, kwargs: dict) -> str:
     return "(" + ", ".join(parts) + ")"
 
 
-def _capture_error(model: torch.nn.Module, exc: BaseException, args: tuple, kwargs: dict) -> CaptureError:
+def _where(exc: BaseException) -> str:
+    """``file:line in function`` of the user's code where dynamo stopped (its recorded stack)."""
+    stack = getattr(exc, "real_stack", None) or ()
+    frames = [f for f in stack if getattr(f, "filename", "") != __file__]
+    if not frames:
+        return ""
+    f = frames[-1]
+    line = (getattr(f, "line", "") or "").strip()
+    return f" at {f.filename}:{f.lineno} in {f.name}" + (f" ({line})" if line else "")
+
+
+def _capture_error(model: torch.nn.Module, exc: BaseException, args: tuple, kwargs: dict,
+                   forward: Callable | None = None) -> CaptureError:
+    """What to tell the user when dynamo could not capture a call. The forward is run once
+    without dynamo: when it fails there too, the model rejects these inputs (its own exception
+    is reported, and chained by the caller); otherwise it is a graph break, named with where."""
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
-    if type(exc).__name__ == "TorchRuntimeError":  # the model's own code fails on these inputs
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        reason = " ".join(lines[:2]) if lines else type(exc).__name__
-        return CaptureError(
-            f"{type(model).__name__}.forward{_describe_call(args, kwargs)} fails on these inputs "
-            f"while being traced: {reason}\nCheck that the inputs (example "
-            "inputs, or the first call) are ones the model accepts when run without fp8fx.")
+    call = f"{type(model).__name__}.forward{_describe_call(args, kwargs)}"
+    own: BaseException | None = None
+    if forward is not None:
+        try:
+            with torch.no_grad():
+                forward(*args, **kwargs)
+        except Exception as eager_exc:  # noqa: BLE001 (the model's own failure, reported below)
+            own = eager_exc
+    if own is not None or type(exc).__name__ == "TorchRuntimeError":
+        reason = f"{type(own).__name__}: {own}" if own is not None else " ".join(
+            ln.strip() for ln in text.splitlines()[:2] if ln.strip())
+        err = CaptureError(
+            f"{call} fails on these inputs{'' if own is not None else ' while being traced'}: {reason}\n"
+            "Check that the inputs (example inputs, or the first call) are ones the model accepts "
+            "when run without fp8fx.")
+        err.__cause__ = own
+        return err
     return CaptureError(
-        f"could not capture {type(model).__name__}.forward{_describe_call(args, kwargs)} into one "
-        f"FX graph: {type(exc).__name__}: {first}\n"
+        f"could not capture {call} into one FX graph: {type(exc).__name__}: {first}{_where(exc)}\n"
         "fp8fx needs the whole forward in one graph so that every Linear/matmul/softmax/SDPA is "
-        "seen and named the same way in every call. Fix the graph break named above (see "
+        "seen and named the same way in every call. Fix this graph break (see "
         "torch._dynamo.explain(model)(...) for the full list), or quantize a submodule that "
         "captures as one graph."
     )
@@ -314,7 +338,7 @@ def capture(
     except Exception as exc:  # dynamo wraps a graph break in its own exception types
         if isinstance(exc, CaptureError):
             raise
-        raise _capture_error(model, exc, args, kwargs) from exc
+        raise _capture_error(model, exc, args, kwargs, forward) from exc
     # dynamo may keep this backend (and so this list) alive in its caches: hand the graphs to
     # the caller and leave the list empty, so that no parameter outlives the caller's use of it
     result = list(graphs)
@@ -381,7 +405,7 @@ class CompiledForward:
                 if own is not None:  # our pass refused the graph: say why, not "could not capture"
                     raise own from exc
                 if type(exc).__module__.startswith("torch._dynamo"):
-                    raise _capture_error(model, exc, args, kwargs) from exc
+                    raise _capture_error(model, exc, args, kwargs, self._original) from exc
                 raise
             if self.runs == before:
                 raise CaptureError(

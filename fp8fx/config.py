@@ -174,7 +174,8 @@ class OpFilter:
     def __post_init__(self) -> None:
         for key in ("names", "types"):
             raw = getattr(self, key)
-            value = tuple(raw) if isinstance(raw, Iterable) and not isinstance(raw, str) else None
+            listed = isinstance(raw, Iterable) and not isinstance(raw, (str, bytes, Mapping))
+            value = tuple(raw) if listed else None
             if value is None or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"invalid value {raw!r} for {key!r}: give a list of strings, "
                                   f"e.g. {{\"{key}\": [\"lm_head\"]}}")

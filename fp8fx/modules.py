@@ -64,7 +64,7 @@ def _check_linear(weight: Tensor, weight_scale: Tensor, input_scale: Tensor, bia
         if not isinstance(t, Tensor) or not t.is_floating_point() or t.dtype in FP8_DTYPES:
             raise QuantizationError(f"Fp8Linear: {name} must be a floating-point (not float8) tensor, got "
                                     f"{getattr(t, 'dtype', type(t).__name__)}")
-    ws = weight_scale.detach().to(torch.float32)
+    ws = weight_scale.detach().to(torch.float32).clone()  # the module's own: loading never writes the caller's
     if ws.numel() == 1 and ws.dim() <= 1 or ws.dim() == 2 and ws.shape == (1, 1):
         ws = ws.reshape(())
     elif ws.shape in ((out_f,), (out_f, 1)):
@@ -85,7 +85,7 @@ def _check_linear(weight: Tensor, weight_scale: Tensor, input_scale: Tensor, bia
             or not float(input_scale.reshape(())) > 0:
         raise QuantizationError(f"Fp8Linear [{out_f}, {in_f}]: scales must be finite and positive (weight_scale "
                                 f"min {float(ws.min()):.4g}, input_scale {float(input_scale.reshape(())):.4g})")
-    return ws, input_scale.detach().to(torch.float32).reshape(())
+    return ws, input_scale.detach().to(torch.float32).reshape(()).clone()
 
 
 class Fp8Linear(nn.Linear):
@@ -121,6 +121,8 @@ class Fp8Linear(nn.Linear):
             if isinstance(t, Tensor):
                 if t.numel() != mine.numel():
                     problems.append(f"{prefix}{key} has shape {tuple(t.shape)}, expected {tuple(mine.shape)}")
+                elif not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+                    problems.append(f"{prefix}{key} holds non-finite or non-positive values")
                 else:
                     state_dict[prefix + key] = t.reshape(mine.shape).to(torch.float32)
         if problems:
