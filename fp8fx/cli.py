@@ -19,7 +19,7 @@ a table (:func:`format_table`) and optionally written as JSON.
 Memory is reported two ways. ``weight_bytes_*`` count the bytes of the Linear weights (and their
 scales) as tensors; ``rss_bytes_*`` are the resident set size of the whole process
 (:func:`fp8fx.evaluate.resident_bytes`) after loading the hp model, before ``convert`` (after
-calibration) and after ``convert`` followed by :func:`gc.collect`. RSS counts everything the
+calibration) and after ``convert``, each after :func:`fp8fx.evaluate.release_freed_memory`. RSS counts everything the
 process holds (Python, torch and its allocator, tokenizer, graphs, any weights not yet freed),
 so it says what converting actually gave back, not what the weights would need; it is ``None``
 (printed ``n/a``) where neither ``/proc/self/statm`` nor psutil is available.
@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
 import json
 import os
 import sys
@@ -416,6 +415,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
         calib_tokens = 0
         if mode == "QUANTIZE":
+            evaluate.release_freed_memory()
             rss_before, _ = _rss()
             with clock.phase("convert"), torch.no_grad():
                 model = fp8fx.convert(model, cfg)
@@ -429,10 +429,11 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
                     model(ids)
             with clock.phase("finalize"):
                 fp8fx.finalize_calibration(model)
+            evaluate.release_freed_memory()
             rss_before, _ = _rss()
             with clock.phase("convert"):
                 model = fp8fx.convert(model)
-        gc.collect()
+        trimmed = evaluate.release_freed_memory()
         rss_after, _ = _rss()
 
         with clock.phase("eval_fp8"):
@@ -459,6 +460,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         "rss_bytes_before_convert": rss_before,
         "rss_bytes_after_convert": rss_after,
         "rss_source": rss_source,
+        "rss_trimmed": trimmed,
         "nodes_quantized": {str(k): int(v) for k, v in nodes.get("nodes_quantized", {}).items()},
         "nodes_skipped": {str(k): int(v) for k, v in nodes.get("nodes_skipped", {}).items()},
         "seconds": clock.total(),
@@ -522,7 +524,8 @@ def format_table(result: dict[str, Any]) -> str:
         )
         lines.append(
             f"     after load {_size(result.get('rss_bytes_after_load'))}, before convert "
-            f"({before}) {_size(rss_before)}, after convert + gc.collect() {_size(rss_after)}"
+            f"({before}) {_size(rss_before)}, after convert {_size(rss_after)}; both after gc.collect()"
+            + (" and malloc_trim (freed pages handed back to the OS)" if result.get("rss_trimmed") else "")
         )
     lines.append(f"nodes quantized: {_kinds(result['nodes_quantized'])}")
     lines.append(f"nodes skipped:   {_kinds(result['nodes_skipped'])}")

@@ -144,6 +144,23 @@ def resident_bytes() -> tuple[int | None, str]:
 
 
 
+def release_freed_memory() -> bool:
+    """Collect garbage and hand the C allocator's free pages back to the OS (glibc's
+    ``malloc_trim``), so that RSS shows what the process holds rather than what the allocator
+    keeps for reuse (after convert it keeps the freed high-precision weights: about twice the
+    saving, seen on SmolLM2). Returns whether the pages could be handed back."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0)) or True
+    except (OSError, AttributeError):  # not glibc: RSS then includes the allocator's free pages
+        return False
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
