@@ -66,6 +66,8 @@ from typing import Any
 
 import torch
 
+from . import numerics
+from .fp8 import FORMATS, format_of
 from .errors import ConfigError
 from .fileio import atomic_write_json
 from .scale_methods import (
@@ -94,7 +96,7 @@ class Fp8Format(_StrEnum):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return torch.float8_e4m3fn if self is Fp8Format.E4M3 else torch.float8_e5m2
+        return format_of(self.value).dtype
 
 
 class HpDtype(_StrEnum):
@@ -109,7 +111,7 @@ class HpDtype(_StrEnum):
 
 _DTYPE_ALIASES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                   "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
-                  torch.float8_e4m3fn: "E4M3", torch.float8_e5m2: "E5M2"}
+                  **{f.dtype: f.name.upper() for f in FORMATS.values()}}
 
 
 _KV_ALIASES = {"fp8": "E4M3", "fp8_e4m3": "E4M3", "fp8_e5m2": "E5M2", "e4m3": "E4M3", "e5m2": "E5M2"}
@@ -334,9 +336,7 @@ class FP8Config:
     @property
     def fp8_max(self) -> float:
         """Largest finite FP8 value: 448 (E4M3), 240 (E4M3 on Gaudi2), 57344 (E5M2)."""
-        if self.fp8_config is Fp8Format.E5M2:
-            return 57344.0
-        return 240.0 if self.target is Target.GAUDI2 else 448.0
+        return numerics.fp8_max(self.fp8_dtype, self.target.value)
 
     @property
     def kv_fp8_dtype(self) -> torch.dtype:
