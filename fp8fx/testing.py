@@ -111,7 +111,8 @@ def _expected_counts(expect: Mapping | None) -> dict[str, int]:
 
 def _converted_report(model: Any) -> tuple[dict, list]:
     """(fp8fx.report(model), the decisions) of a converted model; a usage error otherwise."""
-    from .api import _state, report
+    from .api import report
+    from .state import state_of as _state
 
     if not isinstance(model, nn.Module):
         raise Fp8fxError("fp8fx.testing.assert_quantized needs the nn.Module returned by fp8fx.convert, "

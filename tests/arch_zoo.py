@@ -44,7 +44,10 @@ def _phi3():
 
 def _gptj():
     from transformers import GPTJConfig, GPTJForCausalLM
-    return GPTJForCausalLM(GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=64))
+    # eager attention (explicit Q·Kᵀ, softmax, P·V), GPT-J's only form up to transformers 5.23; 5.24
+    # defaults to SDPA, which the other architectures of the matrix cover
+    return GPTJForCausalLM(GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=64,
+                                      attn_implementation="eager"))
 
 
 def _falcon():

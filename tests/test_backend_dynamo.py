@@ -16,6 +16,15 @@ from fp8fx.formats.inc import read_measurements
 from tiny_models import TwoLinear, tiny_llama
 
 
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles models of one class: dynamo keeps graphs per code object, up to its
+    recompile limit, and past it runs the forward without any backend. Start each test afresh."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
 def _pair():
     a = TwoLinear()
     b = TwoLinear()
@@ -209,30 +218,41 @@ def test_quantize_through_compile_with_inductor_matches_eager(tmp_path):
         torch.testing.assert_close(cq(x), eager(x), rtol=1e-5, atol=1e-6)
 
 
-def test_quantize_graph_refuses_another_models_parameters(tmp_path):
+@pytest.mark.parametrize("keep", [False, True])
+def test_quantize_graph_refuses_another_models_parameters(tmp_path, keep):
     model, other = _pair()
     cm = _calibrate_compiled(tmp_path, model)
     fp8fx.finalize_calibration(cm)
     qcfg = {"mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m")}
     fn = torch.compile(lambda m, x: m(x), backend="fp8fx",
-                       options={"config": qcfg, "inductor": False, "keep_hp_weights": True})
+                       options={"config": qcfg, "inductor": False, "keep_hp_weights": keep})
     with torch.no_grad():
         fn(model, torch.randn(3, 32))
         with pytest.raises(Exception, match="torch._dynamo.reset"):
             fn(other, torch.randn(3, 32))  # same shapes and dtypes: dynamo would reuse the graph
-
-
-def test_swapping_backend_quantizes_each_model_it_is_given(tmp_path):
-    model, other = _pair()
-    fp8fx.finalize_calibration(_calibrate_compiled(tmp_path, model))
-    other.fc1.weight.data.mul_(3)
-    qcfg = {"mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m")}
-    reference = _pair()[0]
-    reference.load_state_dict(other.state_dict())
-    x = torch.randn(3, 32)
-    fp8fx.convert(reference, fp8fx.FP8Config(**qcfg), x)
-    fn = torch.compile(lambda m, x: m(x), backend="fp8fx", options={"config": qcfg, "inductor": False})
-    with torch.no_grad():
-        fn(model, x)
-        assert torch.equal(fn(other, x), reference(x))  # its own FP8 weights, not the first model's
+        torch._dynamo.reset()  # as the message says: the other model then gets its own FP8 weights
+        reference = _pair()[0]
+        reference.load_state_dict(other.state_dict())
+        x = torch.randn(3, 32)
+        fp8fx.convert(reference, fp8fx.FP8Config(**qcfg), x)
         assert torch.equal(fn(other, x), reference(x))
+        assert torch.equal(fn(other, x), reference(x))
+
+
+def test_swapped_model_runs_the_fp8_weights_it_holds_now(tmp_path):
+    """Default mode: the FP8 weights live on the model, so loading another FP8 state dict (same
+    layout) is what the compiled model runs next, Inductor included; nothing is stale."""
+    model, _ = _pair()
+    fp8fx.finalize_calibration(_calibrate_compiled(tmp_path, model))
+    qcfg = {"mode": "QUANTIZE", "dump_stats_path": str(tmp_path / "m")}
+    first, second = _pair()
+    second.fc1.weight.data.mul_(-2)
+    x = torch.randn(5, 32)
+    fp8fx.convert(second, fp8fx.FP8Config(**qcfg), x)
+    cq = torch.compile(first, backend="fp8fx", options={"config": qcfg})
+    with torch.no_grad():
+        before = cq(x)
+        first.load_state_dict(second.state_dict())
+        after = cq(x)
+        torch.testing.assert_close(after, second(x), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(before, after)

@@ -15,6 +15,15 @@ from tiny_models import tiny_llama
 BLOCK = {"names": ["lm_head"]}
 
 
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles models of one class: dynamo keeps graphs per code object, up to its
+    recompile limit, and past it runs the forward without any backend. Start each test afresh."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
 def _hp_weights(model) -> dict[str, weakref.ref]:
     return {n: weakref.ref(m.weight) for n, m in model.named_modules()
             if type(m) is torch.nn.Linear and n != "lm_head"}

@@ -43,8 +43,8 @@ from ..errors import ConfigError, QuantizationError
 from ..formats.inc import Measurements, measurement_file_paths
 from ..passes.annotate import annotate
 from ..passes.match import Match, find_matches
-from ..passes.rewrite import (LinearQuant, input_scale, quantize_linears, rewrite_linears_in_graph,
-                              swapped_quant, weight_quant)
+from ..passes.rewrite import (LinearQuant, input_scale, rewrite_linears_in_graph,
+                              plan_linears, weight_quant)
 from ..passes.rewrite_attention import plan_attention, rewrite_attention_in_graph
 from ..state import (check_hp_dtype, check_supported, instrument, load_measurements, measure_state,
                      measurement_exists, resolve_config, worker)
@@ -173,30 +173,29 @@ def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
         rewrite_linears_in_graph(cg, decisions, cfg, meas, quantize=quantize)
         sources = [cg.example_inputs[i] for i in _quantized_inputs(cg, decisions)]
         skip: set[int] = set()
+        swap = None
     else:
-        # swap the modules (all-or-nothing, as fp8fx.convert): the model then holds each weight
-        # once, in FP8, and the high-precision ones are freed. This graph reads the swapped
-        # modules' own FP8 tensors as constants (no copy). Dynamo either recompiles the next call
-        # on the new modules (float8 parameters fail this graph's dtype guards) or, where it
-        # builds its guards after the backend returns, keeps this graph: both are the same model.
-        quants, sources = [], []
-        swapped = quantize_linears(model, decisions, cfg, meas)
-        owners = {d.match.weight.rpartition(".")[0] for d in decisions if d.match.name in swapped}
-        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        skip = {i for i, name in enumerate(placeholders)
-                if cg.param_names.get(name, "").rpartition(".")[0] in owners}  # replaced by the swap
-        if swapped:
+        # the decided Linears become FP8 modules on the model (as fp8fx.convert does), so each
+        # weight is held once, in FP8, and the high-precision ones are freed. Everything is
+        # computed now (all-or-nothing) and this graph reads the new modules' own FP8 tensors;
+        # the modules are swapped in when this graph first runs, after dynamo has built its guards
+        # on the model as it is now. The next call fails those guards (float8 parameters, other
+        # module attributes) and dynamo recompiles on the swapped modules, whose fp8fx.linear
+        # calls need no rewrite.
+        quants, sources, skip = [], [], set()
+        swap = plan_linears(model, decisions, cfg, meas)
+        if swap.done:
             rewrite_linears_in_graph(cg, decisions, cfg, meas, oriented=True,
-                                     quantize=lambda _w, m: quants.append(swapped_quant(model, m)) or quants[-1])
+                                     quantize=lambda _w, m: quants.append(swap.quant(m)) or quants[-1])
     rewrite_attention_in_graph(gm, decisions, plan)
     cg.example_inputs.clear()
     if cfg.target.value in ("gaudi2", "gaudi3"):
         from .hpu import lower_to_hpu
 
         lower_to_hpu(gm)
-        return _bound_to_parameters(gm, example_inputs, sources, skip)
+        return _swap_on_first_run(_bound_to_parameters(gm, example_inputs, sources, skip), swap)
     if not opts["inductor"]:
-        return _bound_to_parameters(gm, example_inputs, sources, skip)
+        return _swap_on_first_run(_bound_to_parameters(gm, example_inputs, sources, skip), swap)
     from torch._inductor.compile_fx import compile_fx
 
     from .inductor import register_lowering
@@ -204,7 +203,21 @@ def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
     register_lowering()
     compiled = compile_fx(gm, example_inputs,
                           config_patches={"post_grad_custom_post_pass": _cache_pass(_digest(cfg, quants))})
-    return _bound_to_parameters(compiled, example_inputs, sources, skip)
+    return _swap_on_first_run(_bound_to_parameters(compiled, example_inputs, sources, skip), swap)
+
+
+def _swap_on_first_run(fn: Callable, swap) -> Callable:  # noqa: ANN001 (a LinearSwap or None)
+    """``fn``, swapping ``swap``'s FP8 modules into the model when it first runs."""
+    if swap is None or not swap.done:
+        return fn
+    pending = [swap]
+
+    def run(*args: Any) -> Any:
+        if pending:
+            pending.pop().apply()
+        return fn(*args)
+
+    return run
 
 
 def _quantized_inputs(cg: CapturedGraph, decisions: list) -> list[int]:

@@ -39,7 +39,7 @@ from ..modules import Fp8Experts, Fp8Linear
 from .annotate import Decision
 from .match import _ADDMM_FNS, _LINEAR_FNS, Match, OpKind, _is_fn
 
-__all__ = ["LinearQuant", "swapped_quant", "measured_amax", "weight_quant", "input_scale", "linear_quant", "quantize_linears",
+__all__ = ["LinearQuant", "LinearSwap", "plan_linears", "measured_amax", "weight_quant", "input_scale", "linear_quant", "quantize_linears",
            "rewrite_linears_in_graph", "oriented_weight"]
 
 
@@ -131,14 +131,43 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def quantize_linears(model: nn.Module, decisions: list[Decision], cfg: FP8Config,
-                     meas: Measurements | None) -> list[str]:
-    """Swap every Linear decided ``quantize`` for an Fp8Linear (every MoE experts module with a
-    projection decided ``quantize`` for an Fp8Experts). Returns the names of the matches done.
+@dataclass
+class LinearSwap:
+    """The FP8 modules that will replace a model's decided Linears, computed but not yet put in.
 
-    All-or-nothing: every scale and FP8 weight is computed first (any error raises here, with the
-    model untouched), then the modules are swapped.
+    ``quants`` holds each match's ``[out, in]`` FP8 weight and scales: the very tensors the new
+    modules hold once :meth:`apply` has swapped them in.
     """
+
+    model: nn.Module
+    linears: dict[str, tuple[nn.Module, LinearQuant]]
+    experts: dict[str, tuple[nn.Module, dict[str, LinearQuant]]]
+    done: list[str]
+    fp8_max: float
+
+    def quant(self, m: Match) -> LinearQuant:
+        if m.experts:
+            path, _, leaf = m.weight.rpartition(".")
+            return self.experts[path][1][leaf]
+        return self.linears[m.name][1]
+
+    def apply(self) -> list[str]:
+        """Swap the modules in (once); returns the names of the matches done."""
+        for name, (module, q) in self.linears.items():
+            bias = None if module.bias is None else module.bias.detach()
+            new = Fp8Linear(q.weight, q.weight_scale, q.input_scale, bias, self.fp8_max)
+            _set_submodule(self.model, name, new)
+        for path, (module, quants) in self.experts.items():
+            parts = {leaf: (q.weight, q.weight_scale, q.input_scale) for leaf, q in quants.items()}
+            _set_submodule(self.model, path, Fp8Experts(module, parts, self.fp8_max))
+        self.linears, self.experts = {}, {}
+        return self.done
+
+
+def plan_linears(model: nn.Module, decisions: list[Decision], cfg: FP8Config,
+                 meas: Measurements | None) -> LinearSwap:
+    """Every scale and FP8 weight of the Linears decided ``quantize`` (any error raises here, with
+    the model untouched); :meth:`LinearSwap.apply` then swaps the modules."""
     linears: dict[str, tuple[nn.Module, LinearQuant]] = {}
     experts: dict[str, tuple[nn.Module, dict[str, LinearQuant]]] = {}
     done: list[str] = []
@@ -159,29 +188,18 @@ def quantize_linears(model: nn.Module, decisions: list[Decision], cfg: FP8Config
                 continue
             linears[m.name] = (module, linear_quant(oriented_weight(module.weight, m), m.name, m.module_type, cfg, meas))
         done.append(m.name)
-    for name, (module, q) in linears.items():
-        bias = None if module.bias is None else module.bias.detach()
-        _set_submodule(model, name, Fp8Linear(q.weight, q.weight_scale, q.input_scale, bias, cfg.fp8_max))
-    for path, (module, quants) in experts.items():
-        parts = {leaf: (q.weight, q.weight_scale, q.input_scale) for leaf, q in quants.items()}
-        _set_submodule(model, path, Fp8Experts(module, parts, cfg.fp8_max))
-    return done
+    return LinearSwap(model, linears, experts, done, cfg.fp8_max)
 
 
-def swapped_quant(model: nn.Module, m: Match) -> LinearQuant:
-    """The ``[out, in]`` FP8 weight and scales that :func:`quantize_linears` put on ``model`` for
-    match ``m`` (an Fp8Linear, or one projection of an Fp8Experts)."""
-    if m.experts:
-        path, _, leaf = m.weight.rpartition(".")
-        module = model.get_submodule(path)
-        scale = getattr(module, f"{leaf}_weight_scale", None) if isinstance(module, Fp8Experts) else None
-        if scale is None:
-            raise QuantizationError(f"node {m.name!r}: {path!r} is not an FP8 experts module after convert")
-        return LinearQuant(getattr(module, leaf), scale, getattr(module, f"{leaf}_input_scale"))
-    module = model.get_submodule(m.name)
-    if not isinstance(module, Fp8Linear):
-        raise QuantizationError(f"node {m.name!r}: {m.name!r} is a {type(module).__name__}, not an Fp8Linear, after convert")
-    return LinearQuant(module.weight, module.weight_scale, module.input_scale)
+def quantize_linears(model: nn.Module, decisions: list[Decision], cfg: FP8Config,
+                     meas: Measurements | None) -> list[str]:
+    """Swap every Linear decided ``quantize`` for an Fp8Linear (every MoE experts module with a
+    projection decided ``quantize`` for an Fp8Experts). Returns the names of the matches done.
+
+    All-or-nothing: every scale and FP8 weight is computed first (any error raises here, with the
+    model untouched), then the modules are swapped.
+    """
+    return plan_linears(model, decisions, cfg, meas).apply()
 
 
 def _declare_constant(gm: fx.GraphModule, name: str) -> None:
