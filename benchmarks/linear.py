@@ -36,9 +36,12 @@ exceeds ``--max-contention``). The summary checks the fp8fx conversions bit for 
 256 codes of both formats.
 
 CUDA (only when ``torch.cuda.is_available()``; nothing touches CUDA otherwise): ``bf16``,
-``reference``, ``deq_native+qdq``, ``scaled_mm`` with e4m3 operands and the weight passed as
-``w.t()``, the column-major ``[K, N]`` view ``_scaled_mm`` requires (with and without the
-activation quantization), and torchao's float8 configs when torchao imports; CUDA events.
+``bf16_compiled``, ``reference``, ``deq_native+qdq``, ``inductor_op`` (the op compiled with
+fp8fx's lowering), ``scaled_mm`` with e4m3 operands and the weight passed as ``w.t()``, the
+column-major ``[K, N]`` view ``_scaled_mm`` requires (``raw_scaled_mm``: the same call on the
+pre-quantized activation), and torchao's float8 configs (per-tensor and per-row dynamic
+activation, weight-only) when torchao imports; CUDA events. ``--shapes llama70b`` adds
+Llama-3-70B's shapes (not in ``all``: meant for a GPU).
 
 Output: one JSON object per row (``"kind": "row"``), a summary object, then markdown tables.
 Nothing is asserted: benchmarks measure.
@@ -73,8 +76,14 @@ SHAPES: dict[str, tuple[int, int]] = {  # name -> (K, N)
     "14336x4096": (14336, 4096),
     "576x1536": (576, 1536),
     "1536x576": (1536, 576),
+    # Llama-3-70B (hidden 8192, intermediate 28672): q/o, gate/up, down; meant for a GPU
+    "8192x8192": (8192, 8192),
+    "8192x28672": (8192, 28672),
+    "28672x8192": (28672, 8192),
 }
+DEFAULT_SHAPES = ("4096x4096", "4096x14336", "14336x4096", "576x1536", "1536x576")  # "all"
 LLAMA_SHAPES = ("4096x4096", "4096x14336", "14336x4096")
+LLAMA70B_SHAPES = ("8192x8192", "8192x28672", "28672x8192")
 SMALL_SHAPES = ("4096x4096",)
 DEFAULT_M = (1, 16, 256, 2048)
 _BF16_MASK = -30736  # 0x87F0 as int16: sign bit, 4 exponent bits at 10..7, 3 mantissa at 6..4
@@ -161,9 +170,11 @@ class Case:
 
 
 def make_case(K: int, N: int, M: int, device: str, seed: int = 0) -> Case:
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(N, K, generator=g) * 0.02).to(torch.bfloat16)
-    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    # CUDA: drawn on the GPU (a 28672x8192 weight takes seconds on the CPU); CPU unchanged
+    gen_device = "cuda" if device == "cuda" else "cpu"
+    g = torch.Generator(device=gen_device).manual_seed(seed)
+    w = (torch.randn(N, K, generator=g, device=gen_device) * 0.02).to(torch.bfloat16)
+    x = torch.randn(M, K, generator=g, device=gen_device).to(torch.bfloat16)
     w_fp8, w_scale = quantize_weight(w)
     x_scale = (x.float().abs().amax() / FP8_MAX).clamp_min(1e-12)
     return Case(M, K, N, device, x.to(device), w.to(device), w_fp8.to(device),
@@ -418,13 +429,14 @@ def _cuda_scaled_mm(quantize: bool) -> Callable[[Case], Callable[[], Tensor]]:
     return build
 
 
-def _torchao(config_name: str) -> Callable[[Case], Callable[[], Tensor]]:
+def _torchao(config_name: str,
+             granularity: str = "PerTensor") -> Callable[[Case], Callable[[], Tensor]]:
     def build(c: Case) -> Callable[[], Tensor]:
         import torchao.quantization as tq  # optional; its absence is recorded as an error
         cfg_cls = getattr(tq, config_name)
         kwargs: dict[str, Any] = {}
         if config_name.startswith("Float8DynamicActivation"):
-            kwargs["granularity"] = tq.PerTensor()
+            kwargs["granularity"] = getattr(tq, granularity)()
         with torch.inference_mode(False), torch.no_grad():  # quantize_ swaps real parameters
             lin = torch.nn.Linear(c.K, c.N, bias=False, device="cuda", dtype=torch.bfloat16)
             lin.weight.copy_(c.w_bf16)
@@ -434,15 +446,26 @@ def _torchao(config_name: str) -> Callable[[Case], Callable[[], Tensor]]:
     return build
 
 
+def _bf16_compiled(c: Case) -> Callable[[], Tensor]:
+    compiled = torch.compile(F.linear, dynamic=False, fullgraph=True)
+    return lambda: compiled(c.x, c.w_bf16)
+
+
 def cuda_candidates() -> tuple[Candidate, ...]:
     return (
         Candidate("bf16", lambda c: (lambda: F.linear(c.x, c.w_bf16)), False, 0),
+        Candidate("bf16_compiled", _bf16_compiled, False, 0, compiled=True),
         Candidate("reference", _reference, temp_bytes_per_elem=4),
         Candidate("deq_native+qdq", _deq_native_qdq, temp_bytes_per_elem=2),
+        # the op compiled with fp8fx's lowering: on CUDA quantize + _scaled_mm + epilogue
+        Candidate("inductor_op", _compiled(_op_call), temp_bytes_per_elem=None, compiled=True),
         Candidate("scaled_mm", _cuda_scaled_mm(True)),
-        Candidate("scaled_mm_prequant", _cuda_scaled_mm(False)),
+        # the bare GEMM on the same FP8 operands (x quantized outside the timed call)
+        Candidate("raw_scaled_mm", _cuda_scaled_mm(False)),
         Candidate("torchao_f8dyn_pertensor",
                   _torchao("Float8DynamicActivationFloat8WeightConfig")),
+        Candidate("torchao_f8dyn_perrow",
+                  _torchao("Float8DynamicActivationFloat8WeightConfig", "PerRow")),
         Candidate("torchao_f8_weight_only", _torchao("Float8WeightOnlyConfig")),
     )
 
@@ -556,8 +579,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="all",
-                   help="'all', 'llama' (the three Llama-3-8B shapes), 'small' (4096x4096 "
-                        "only) or a comma list of KxN names")
+                   help="'all' (Llama-3-8B's and SmolLM2's shapes), 'llama' (the three "
+                        "Llama-3-8B shapes), 'llama70b' (Llama-3-70B's three), 'small' "
+                        "(4096x4096 only) or a comma list of KxN names")
     p.add_argument("--m", default=",".join(map(str, DEFAULT_M)), help="comma list of M")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: --shapes small --m 1,16, 1 warmup, 3 repeats")
@@ -583,23 +607,24 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.quick:
         args.shapes, args.m, args.warmup, args.repeats = "small", "1,16", 1, 3
     if args.shapes == "all":
-        args.shapes_list = list(SHAPES)
+        args.shapes_list = list(DEFAULT_SHAPES)
     elif args.shapes == "small":
         args.shapes_list = list(SMALL_SHAPES)
     elif args.shapes == "llama":
         args.shapes_list = list(LLAMA_SHAPES)
+    elif args.shapes == "llama70b":
+        args.shapes_list = list(LLAMA70B_SHAPES)
     else:
         args.shapes_list = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in args.shapes_list if s not in SHAPES]
     if unknown:
-        p.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}, 'all', 'llama' "
-                "or 'small'")
+        p.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}, 'all', 'llama', "
+                "'llama70b' or 'small'")
     try:
         args.m_list = [int(m) for m in args.m.split(",") if m.strip()]
     except ValueError:
         p.error(f"--m: expected a comma list of integers, got {args.m!r}")
-    names = {c.name for c in CPU_CANDIDATES} | {"scaled_mm_prequant", "torchao_f8dyn_pertensor",
-                                               "torchao_f8_weight_only"}
+    names = {c.name for c in CPU_CANDIDATES} | {c.name for c in cuda_candidates()}
     args.candidates_set = (names if args.candidates == "all"
                            else {s.strip() for s in args.candidates.split(",") if s.strip()})
     if not args.candidates_set <= names:
@@ -621,6 +646,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(line, flush=True)
         if json_fh:
             json_fh.write(line + "\n")
+            json_fh.flush()  # a run stopped by a timeout keeps the rows it finished
 
     def emit_all(objs: list[dict]) -> list[dict]:
         for obj in objs:

@@ -18,6 +18,10 @@ Variants (each is a fresh copy of the same bf16 model):
   compile-cache tag.
 * ``fp8fx_backend`` — the bf16 model under ``torch.compile(backend="fp8fx")`` (QUANTIZE).
 * ``inc_qdq`` — Intel Neural Compressor's CPU FP8 path (``use_qdq=True``), when installed.
+* Only with ``--variants`` (meant for a GPU): ``raw_scaled_mm`` — the converted model with each
+  fp8fx::linear call replaced by a bare ``torch._scaled_mm`` on the same FP8 operands (eager);
+  ``torchao_perrow`` / ``torchao_perrow_compiled`` — torchao's
+  ``Float8DynamicActivationFloat8WeightConfig(PerRow())`` on the same Linears, when installed.
 
 fp8fx quantizes the Linears only (``lm_head`` excluded) unless ``--attention``: with FP8
 attention the converted model runs its own dynamo graph eagerly (``torch.compiler.disable``),
@@ -57,6 +61,12 @@ from fp8fx import data, ops  # noqa: E402
 
 VARIANTS = ("bf16_eager", "bf16_compiled", "fp8fx_eager_reference", "fp8fx_eager",
             "fp8fx_compiled_before", "fp8fx_compiled", "fp8fx_backend", "inc_qdq")
+# not in the default list (meant for a GPU; pass them with --variants):
+# ``raw_scaled_mm`` - the converted model with each fp8fx::linear call replaced by a bare
+# torch._scaled_mm on the same FP8 weights and static scales (eager);
+# ``torchao_perrow`` / ``torchao_perrow_compiled`` - torchao's
+# Float8DynamicActivationFloat8WeightConfig(PerRow()) on the same Linears, eager / compiled
+EXTRA_VARIANTS = ("raw_scaled_mm", "torchao_perrow", "torchao_perrow_compiled")
 
 
 _CLOCK = {"wall": time.perf_counter, "thread": time.thread_time}
@@ -94,11 +104,30 @@ def _calibrate(model, windows, prefix: str, attention: bool) -> fp8fx.FP8Config:
     return cfg.replace(mode="QUANTIZE")
 
 
+def _raw_scaled_mm(x, weight, weight_scale, input_scale, bias, fp8_max):  # noqa: ANN001
+    """``fp8fx::linear`` as one bare ``torch._scaled_mm``: x quantized at the static scale, the
+    weight's ``.t()`` (column-major ``[K, N]``), bf16 output (``raw_scaled_mm``, a floor)."""
+    k = weight.shape[1]
+    qx = (x.reshape(-1, k).float() / input_scale).clamp(-fp8_max, fp8_max).to(weight.dtype)
+    if weight_scale.numel() == 1:
+        y = torch._scaled_mm(qx, weight.t(), scale_a=input_scale.reshape(()),
+                             scale_b=weight_scale.reshape(()), bias=bias, out_dtype=x.dtype)
+    else:  # per-channel weight scale: applied after a float32 GEMM
+        one = torch.ones((), dtype=torch.float32, device=x.device)
+        y = torch._scaled_mm(qx, weight.t(), scale_a=input_scale.reshape(()), scale_b=one,
+                             out_dtype=torch.float32) * weight_scale.reshape(-1)
+        y = (y if bias is None else y + bias.float()).to(x.dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
 @contextlib.contextmanager
 def _kernel_for(name: str):
     """The fp8fx kernel a variant runs with, for the whole of its measurement."""
     if name == "fp8fx_eager_reference":
         with mock.patch.object(ops, "linear_fast", ops.linear_reference):
+            yield
+    elif name == "raw_scaled_mm":
+        with mock.patch.object(ops, "linear_fast", _raw_scaled_mm):
             yield
     elif name == "fp8fx_compiled_before":
         from fp8fx.backends import inductor
@@ -130,9 +159,18 @@ def _variant(name: str, base, qcfg: fp8fx.FP8Config, calib) -> tuple[Any, Callab
     if name == "bf16_compiled":
         model.forward = torch.compile(model.forward, dynamic=True)
         return model, model
-    if name.startswith(("fp8fx_eager", "fp8fx_compiled")):
+    if name.startswith(("fp8fx_eager", "fp8fx_compiled")) or name == "raw_scaled_mm":
         fp8fx.convert(model, qcfg, example_kwargs={"input_ids": calib[0]})
         if name.startswith("fp8fx_compiled"):
+            model.forward = torch.compile(model.forward, dynamic=True)
+        return model, model
+    if name in ("torchao_perrow", "torchao_perrow_compiled"):
+        import torchao.quantization as tq
+
+        tq.quantize_(model, tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow()),
+                     filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear)
+                     and fqn.split(".")[-1] != "lm_head")  # the Linears fp8fx quantizes
+        if name.endswith("_compiled"):
             model.forward = torch.compile(model.forward, dynamic=True)
         return model, model
     if name == "fp8fx_backend":
@@ -163,14 +201,20 @@ def _available(name: str) -> str | None:
             import neural_compressor.torch.quantization  # noqa: F401
         except Exception as exc:  # not installed, or fails to import
             return f"neural-compressor-pt not importable ({type(exc).__name__})"
+    if name.startswith("torchao"):
+        try:
+            import torchao.quantization  # noqa: F401
+        except Exception as exc:
+            return f"torchao not importable ({type(exc).__name__}: {str(exc)[:100]})"
     return None
 
 
-def _llama8b(device: str):
-    """Llama-3-8B's shapes with random weights: speed needs the GEMM sizes, not trained weights."""
+def _llama8b(device: str, layers: int = 32):
+    """Llama-3-8B's shapes with random weights: speed needs the GEMM sizes, not trained weights.
+    ``layers`` < 32 keeps every layer's shapes and shortens compiles (``--layers``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)
     with torch.device(device):
         return LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
@@ -179,7 +223,7 @@ def _llama8b(device: str):
 def _inputs(args: argparse.Namespace):
     """(bf16 model on the device, calibration windows, prompt)."""
     if args.llama8b:
-        base = _llama8b(args.device)
+        base = _llama8b(args.device, args.layers)
         g = torch.Generator().manual_seed(0)
         calib = [torch.randint(0, 128256, (1, args.prefill_len), generator=g).to(args.device) for _ in range(4)]
     else:
@@ -311,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--llama8b", action="store_true", help="a Llama-3-8B-shaped model with random weights "
                    "(about 16 GB in bf16: meant for a GPU) instead of SmolLM2")
+    p.add_argument("--layers", type=int, default=32,
+                   help="with --llama8b: decoder layers (Llama-3-8B has 32; fewer keep the shapes "
+                        "and shorten compiles)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=32)
@@ -329,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.repeats, args.decode_tokens, args.prefill_len = 2, 8, 256
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS + EXTRA_VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS + EXTRA_VARIANTS)}")
     if args.clock == "thread" and (args.threads != 1 or args.device != "cpu"):
         p.error("--clock thread measures the calling thread only: use it with --threads 1 on CPU")
     rows = run(args)
@@ -336,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     info = {"machine": {"torch": torch.__version__, "threads": args.threads, "device": args.device,
                         "cpu": _cpu_name(), "command": " ".join(sys.argv),
                         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-                        "model": "llama-3-8b-shaped (random)" if args.llama8b else (args.model or "SmolLM2-135M")}}
+                        "model": (f"llama-3-8b-shaped (random, {args.layers} layers)" if args.llama8b
+                                  else (args.model or "SmolLM2-135M"))}}
     print(json.dumps(info))
     for r in summary:
         print(json.dumps({"summary": True, **r}))
