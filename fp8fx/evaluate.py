@@ -156,7 +156,8 @@ def release_freed_memory() -> bool:
     gc.collect()
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0)) or True
+        libc.malloc_trim(0)
+        return True
     except (OSError, AttributeError):  # not glibc: RSS then includes the allocator's free pages
         return False
 

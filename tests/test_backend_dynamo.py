@@ -17,13 +17,7 @@ from tiny_models import TwoLinear, tiny_llama
 
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Each test compiles models of one class: dynamo keeps graphs per code object, up to its
-    recompile limit, and past it runs the forward without any backend. Start each test afresh."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 def _pair():
     a = TwoLinear()

@@ -16,13 +16,7 @@ BLOCK = {"names": ["lm_head"]}
 
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Each test compiles models of one class: dynamo keeps graphs per code object, up to its
-    recompile limit, and past it runs the forward without any backend. Start each test afresh."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 def _hp_weights(model) -> dict[str, weakref.ref]:
     return {n: weakref.ref(m.weight) for n, m in model.named_modules()

@@ -172,7 +172,6 @@ def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
 
         rewrite_linears_in_graph(cg, decisions, cfg, meas, quantize=quantize)
         sources = [cg.example_inputs[i] for i in _quantized_inputs(cg, decisions)]
-        skip: set[int] = set()
         swap = None
     else:
         # the decided Linears become FP8 modules on the model (as fp8fx.convert does), so each
@@ -182,7 +181,7 @@ def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
         # on the model as it is now. The next call fails those guards (float8 parameters, other
         # module attributes) and dynamo recompiles on the swapped modules, whose fp8fx.linear
         # calls need no rewrite.
-        quants, sources, skip = [], [], set()
+        quants, sources = [], []
         swap = plan_linears(model, decisions, cfg, meas)
         if swap.done:
             rewrite_linears_in_graph(cg, decisions, cfg, meas, oriented=True,
@@ -193,9 +192,9 @@ def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
         from .hpu import lower_to_hpu
 
         lower_to_hpu(gm)
-        return _swap_on_first_run(_bound_to_parameters(gm, example_inputs, sources, skip), swap)
+        return _swap_on_first_run(_bound_to_parameters(gm, example_inputs, sources), swap)
     if not opts["inductor"]:
-        return _swap_on_first_run(_bound_to_parameters(gm, example_inputs, sources, skip), swap)
+        return _swap_on_first_run(_bound_to_parameters(gm, example_inputs, sources), swap)
     from torch._inductor.compile_fx import compile_fx
 
     from .inductor import register_lowering
@@ -203,7 +202,7 @@ def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
     register_lowering()
     compiled = compile_fx(gm, example_inputs,
                           config_patches={"post_grad_custom_post_pass": _cache_pass(_digest(cfg, quants))})
-    return _swap_on_first_run(_bound_to_parameters(compiled, example_inputs, sources, skip), swap)
+    return _swap_on_first_run(_bound_to_parameters(compiled, example_inputs, sources), swap)
 
 
 def _swap_on_first_run(fn: Callable, swap) -> Callable:  # noqa: ANN001 (a LinearSwap or None)
@@ -227,19 +226,17 @@ def _quantized_inputs(cg: CapturedGraph, decisions: list) -> list[int]:
     return [i for i, name in enumerate(placeholders) if cg.param_names.get(name) in weights]
 
 
-def _bound_to_parameters(fn: Callable, example_inputs: list[Any], sources: list[Tensor],
-                         replaced: set[int] = frozenset()) -> Callable:
+def _bound_to_parameters(fn: Callable, example_inputs: list[Any], sources: list[Tensor]) -> Callable:
     """Refuse to run a QUANTIZE graph on parameters other than the ones it was built from, or on
     weights that changed since they were cast.
 
     The graph holds FP8 copies of ``sources``, but dynamo guards parameters by shape and dtype
     only (and matches backends by object id), so it can serve this graph to another instance of
     the same model class, or after ``load_state_dict``/an optimizer step changed the weights in
-    place: that would silently compute with the old FP8 weights (and the new biases). Inputs at
-    ``replaced`` positions are parameters of modules the backend swapped for FP8 ones.
+    place: that would silently compute with the old FP8 weights (and the new biases).
     """
     checks = [(i, weakref.ref(t)) for i, t in enumerate(example_inputs)
-              if isinstance(t, nn.Parameter) and i not in replaced]
+              if isinstance(t, nn.Parameter)]
     versions = [(weakref.ref(t), t._version) for t in sources]
 
     def run(*args: Any) -> Any:
