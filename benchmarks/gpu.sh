@@ -8,10 +8,12 @@
 #   machine   nvidia-smi, torch / CUDA / capability, package versions    -> machine.txt
 #   tests     pytest -k cuda (fake-tensor CUDA-path tests + real-GPU tests, which
 #             skip without CUDA)                       T_TESTS=60    -> tests.log, tests.xml
+#   schemes   benchmarks/linear_schemes_cuda.py: FP8_DYNAMIC and FP8_BLOCK (compiled) against bf16
+#             on Llama-3-8B Linear shapes, M = 1,16,256,2048  T_SCHEMES=90 -> schemes.jsonl
 #   linear    benchmarks/linear.py --device cuda, Llama-3-8B then Llama-3-70B Linear shapes,
-#             M = 1,16,256,2048,8192                        T_LINEAR=95 each -> linear_*.jsonl
+#             M = 1,16,256,2048,8192               T_LINEAR=80, T_LINEAR70=70 -> linear_*.jsonl
 #   model     benchmarks/model.py --device cuda --llama8b (random weights, LAYERS=4 layers),
-#             prefill + decode                              T_MODEL=170   -> model.log, model.jsonl
+#             prefill + decode                              T_MODEL=140   -> model.log, model.jsonl
 #   summary   benchmarks/gpu_summary.py OUT_DIR                           -> summary.md, summary.json
 # A deadline (DEADLINE=450 s from the start) caps every step's timeout, so the whole stays under
 # 8 minutes. Without a CUDA device it runs the (skipping) tests and exits 0.
@@ -22,8 +24,10 @@ mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 T_TESTS=${T_TESTS:-60}
-T_LINEAR=${T_LINEAR:-95}
-T_MODEL=${T_MODEL:-170}
+T_SCHEMES=${T_SCHEMES:-90}
+T_LINEAR=${T_LINEAR:-80}
+T_LINEAR70=${T_LINEAR70:-70}
+T_MODEL=${T_MODEL:-140}
 DEADLINE=${DEADLINE:-450}
 LAYERS=${LAYERS:-4}
 START=$SECONDS
@@ -75,8 +79,9 @@ EOF
 
 HAS_CUDA=$(timeout 60 "$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 
-# -k cuda: every test in test_cuda_paths.py (all marked `cuda`) and the fake-tensor CUDA tests
-# of test_backend_inductor.py (named *cuda*)
+# -k cuda: every test in test_cuda_paths.py (all marked `cuda`: the fp8fx::linear and the
+# schemes' fp8fx::scaled_linear CUDA paths) and the fake-tensor CUDA tests of
+# test_backend_inductor.py (named *cuda*)
 step tests "$T_TESTS" "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider -k cuda \
   --junitxml "$OUT/tests.xml" tests/test_cuda_paths.py tests/test_backend_inductor.py
 
@@ -85,12 +90,16 @@ if [[ $HAS_CUDA != 1 ]]; then
   exit 0
 fi
 
+# the schemes first: a timeout then cuts the older linear.py figures, not the new ones
+step schemes "$T_SCHEMES" "$OUT/schemes.log" "$PY" benchmarks/linear_schemes_cuda.py --device cuda \
+  --shapes llama --m 1,16,256,2048 --warmup 3 --repeats 20 --json-out "$OUT/schemes.jsonl"
+
 LINEAR_ARGS=(--device cuda --m 1,16,256,2048,8192 --warmup 1 --repeats 10 --budget 0.05
   --quiet-wait 0 --retries 0 --no-table
   --candidates bf16,bf16_compiled,reference,inductor_op,scaled_mm,raw_scaled_mm,torchao_f8dyn_perrow,torchao_f8dyn_pertensor)
 step linear_llama8b "$T_LINEAR" "$OUT/linear_llama8b.log" "$PY" benchmarks/linear.py \
   --shapes llama "${LINEAR_ARGS[@]}" --json-out "$OUT/linear_llama8b.jsonl"
-step linear_llama70b "$T_LINEAR" "$OUT/linear_llama70b.log" "$PY" benchmarks/linear.py \
+step linear_llama70b "$T_LINEAR70" "$OUT/linear_llama70b.log" "$PY" benchmarks/linear.py \
   --shapes llama70b "${LINEAR_ARGS[@]}" --json-out "$OUT/linear_llama70b.jsonl"
 
 # most important first: a timeout loses the variants at the end of the list

@@ -4,7 +4,8 @@
 
 Reads what the steps left, finished or not (a step stopped by its timeout keeps the rows it
 wrote): ``steps.jsonl`` (rc and seconds per step), ``machine.txt``, ``tests.xml`` (JUnit),
-``linear_*.jsonl`` (``linear.py`` rows) and the model step's JSON rows (``model.jsonl`` when
+``linear_*.jsonl`` (``linear.py`` rows), ``schemes.jsonl`` (``linear_schemes_cuda.py``: FP8_DYNAMIC
+and FP8_BLOCK against bf16) and the model step's JSON rows (``model.jsonl`` when
 it finished, else the lines of ``model.log``). Model ratios are recomputed here against
 ``bf16_compiled`` of the same round, so a run cut short still gets them.
 """
@@ -65,6 +66,31 @@ def _model_rows(out: Path) -> list[dict]:
     return rows
 
 
+def _schemes_table(rows: list[dict]) -> list[str]:
+    """One line per (shape, M): ms of every candidate, the schemes' ratio to bf16 eager, the GEMM
+    their compiled code called and their SQNR against the op's definition."""
+    cands = []
+    for r in rows:
+        if r["candidate"] not in cands:
+            cands.append(r["candidate"])
+    head = "| shape | M | " + " | ".join(f"{c} ms" for c in cands) + " | " + \
+        " | ".join(f"{c} (x bf16, gemm, SQNR dB)" for c in cands if c.startswith("fp8")) + " |"
+    out = [head, "|" + "---|" * (2 + len(cands) + sum(c.startswith("fp8") for c in cands))]
+    keys = []
+    for r in rows:
+        key = (tuple(r["shape"]), r["m"])
+        if key not in keys:
+            keys.append(key)
+    for shape, m in keys:
+        cell = {r["candidate"]: r for r in rows if tuple(r["shape"]) == shape and r["m"] == m}
+        ms = [f"{cell[c]['ms']:.4f}" if "ms" in cell.get(c, {}) else ("error" if "error" in cell.get(c, {}) else "")
+              for c in cands]
+        extra = [f"{cell[c]['vs_bf16']:.2f}, {cell[c].get('gemm')}, {cell[c].get('sqnr_db')}" if "ms" in cell.get(c, {})
+                 else cell.get(c, {}).get("error", "")[:80] for c in cands if c.startswith("fp8")]
+        out.append(f"| {shape[0]}x{shape[1]} | {m} | " + " | ".join(ms + extra) + " |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -79,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         linear_rows += [o for o in objs if o.get("kind") == "row"]
         linear_summaries += [{"file": f.name, **o} for o in objs if o.get("kind") == "summary"]
     model_rows = _model_rows(out)
+    scheme_objs = _json_lines(out / "schemes.jsonl")
+    scheme_rows = [o for o in scheme_objs if o.get("kind") == "row"]
+    scheme_summary = next((o for o in scheme_objs if o.get("kind") == "summary"), None)
 
     lines = [f"# GPU run: {out}", ""]
     machine = out / "machine.txt"
@@ -95,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"- FAILED {name}" for name in tests["failed"]]
     else:
         lines.append("no tests.xml (the step did not finish)")
+    lines += ["", "## linear_schemes_cuda.py (FP8_DYNAMIC / FP8_BLOCK compiled vs bf16; median ms per call)", ""]
+    if scheme_rows:
+        lines += _schemes_table(scheme_rows)
+        lines.append(f"\nwall {scheme_summary.get('wall_s')} s; torch {scheme_summary.get('torch')}" if scheme_summary
+                     else "\nnot finished (no summary line)")
+    else:
+        lines.append("no rows")
     lines += ["", "## linear.py (median ms per call, ratio to bf16 eager)", ""]
     if linear_rows:
         from linear import tables
@@ -121,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("no rows")
     print("\n".join(lines))
     (out / "summary.json").write_text(json.dumps({
-        "steps": steps, "tests": tests, "linear_rows": len(linear_rows),
+        "steps": steps, "tests": tests, "linear_rows": len(linear_rows), "schemes": scheme_rows,
+        "schemes_summary": scheme_summary,
         "linear_summaries": linear_summaries,
         "model": summarize(model_rows) if model_rows else []}, indent=1, default=str) + "\n")
     return 0

@@ -15,6 +15,11 @@ Walkthrough (INC's workflow, INC's files)::
     qmodel = fp8fx.convert(model, fp8fx.FP8Config.from_json_file("quant.json"))
     print(fp8fx.explain(model, cfg, example_inputs=ids))   # what is quantized, and why
 
+    # what each node costs, and a blocklist that keeps validation perplexity within 1%
+    print(fp8fx.sensitivity(model, calibration_ids))        # hp model; it is copied, not changed
+    found = fp8fx.auto_blocklist(model, calibration_ids, validation_ids, 1.0, cfg)
+    qmodel = fp8fx.convert(model, found.apply(quantize_cfg))
+
 The returned model keeps its Python interface (``generate``, ``config``, output types) and
 runs any batch size and sequence length. See docs/ for the design and the file formats.
 """
@@ -32,16 +37,20 @@ _EXPORTS = {
     "FP8Config": "config", "Mode": "config", "Fp8Format": "config", "ScaleMethod": "config",
     "Target": "config",
     "prepare": "api", "finalize_calibration": "api", "convert": "api", "explain": "api",
-    "report": "api", "Explanation": "api", "fp8_kv_cache": "api",
+    "report": "api", "Explanation": "api", "fp8_kv_cache": "api", "quantize": "api",
+    "Scheme": "schemes", "LinearScheme": "schemes",
     "Fp8Linear": "modules", "Fp8Experts": "modules",
+    "auto_blocklist": "sensitivity",
     "Fp8fxError": "errors", "ConfigError": "errors", "MeasurementError": "errors",
     "CaptureError": "errors", "QuantizationError": "errors", "UnsupportedError": "errors",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [*_EXPORTS, "sensitivity", "__version__"]
 
 # Submodules reachable as attributes (``fp8fx.testing``), imported on first use as well.
-_SUBMODULES = ("testing",)
+# ``fp8fx.sensitivity`` is the submodule, and calling it calls ``fp8fx.sensitivity.sensitivity``
+# (the module object is callable), so it means the same whichever way it was first imported.
+_SUBMODULES = ("testing", "sensitivity")
 
 
 def __getattr__(name: str) -> Any:
@@ -56,4 +65,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*__all__, *_SUBMODULES])
+    return sorted({*__all__, *_SUBMODULES})

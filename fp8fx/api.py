@@ -39,7 +39,8 @@ from .errors import ConfigError, Fp8fxError, MeasurementError
 from .formats.inc import Measurements, NodeMeasurement, write_measurements
 from .passes.annotate import Decision, annotate, decide
 from .passes.match import Match, OpKind, check_same_op, find_matches, owner_path
-from .passes.observe import REQUIRED_OUTPUTS
+from .observers import HISTOGRAM_OBSERVERS
+from .passes.observe import REQUIRED_OUTPUTS, observed_values
 from .passes.rewrite import quantize_linears
 from .passes.rewrite_attention import AttentionQuant, attention_quant, plan_attention, rewrite_attention_in_graph
 from .kv_cache import KVQuant, fp8_cache, is_cache, kv_layer_names
@@ -140,19 +141,25 @@ def _collect(model: nn.Module, state: Fp8fxState) -> Measurements:
             f"{type(model).__name__}: no calibration data was observed; call the prepared model on "
             "calibration inputs before fp8fx.finalize_calibration / fp8fx.convert")
     per_channel = cfg.observer.value == "maxabs_per_channel"
+    clipped = cfg.observer.value in HISTOGRAM_OBSERVERS  # values below the maxabs: keep the maxabs too
     nodes: dict[str, NodeMeasurement] = {}
+    maxabs: dict[str, NodeMeasurement] = {}
     for name, obs in state.observers.items():
         if obs.calls == 0:
             continue
         m = state.decisions[name].match
-        inputs = [o.amax.reshape(1, 1).cpu().numpy().astype(np.float64) for o in obs.inputs] if cfg.measure_inputs else []
-        outputs = ([o.amax.reshape(1, 1).cpu().numpy().astype(np.float64) for o in obs.outputs]
-                   if cfg.measure_outputs or m.kind in REQUIRED_OUTPUTS else None)
+        inputs, in_max = observed_values(obs.inputs, cfg, m) if cfg.measure_inputs else ([], [])
+        outputs, out_max = (observed_values(obs.outputs, cfg, m)
+                            if cfg.measure_outputs or m.kind in REQUIRED_OUTPUTS else (None, None))
         params: dict[str, np.ndarray] = {}
         if m.kind is OpKind.LINEAR and m.weight is not None and cfg.measure_params:
             params["weight"] = _weight_stats(model, m, per_channel).astype(np.float64)
         nodes[name] = NodeMeasurement(inputs=inputs, outputs=outputs, params=params)
-    return Measurements(nodes=nodes, observer=cfg.observer.value)
+        if clipped:
+            maxabs[name] = NodeMeasurement(inputs=in_max, outputs=out_max)
+    recorded = clipped or cfg.observer_params.per_head  # the files say how their values were made
+    return Measurements(nodes=nodes, observer=cfg.observer.value, maxabs=maxabs if clipped else None,
+                        observer_params=cfg.observer_params.resolved() if recorded else None)
 
 
 def _observer_calls(state: Fp8fxState) -> int:
@@ -175,6 +182,14 @@ def finalize_calibration(model: nn.Module) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------- convert
+def _needs_measurement(m: Match, cfg: FP8Config) -> bool:
+    """Whether a quantized node's scales come from a measurement (not a dynamic or weight-only
+    Linear scheme, not a fixed-scale method)."""
+    if m.kind is OpKind.LINEAR and not cfg.scheme_for(m.name, m.module_type, m.experts).static:
+        return False
+    return cfg.scale_method_for(m.name, m.module_type).needs_measurement
+
+
 def _check_names(model: nn.Module, decisions: list[Decision], meas: Measurements | None,
                  cfg: FP8Config) -> set[str]:
     """Every quantized node is measured, and the file names no module this model lacks.
@@ -193,7 +208,7 @@ def _check_names(model: nn.Module, decisions: list[Decision], meas: Measurements
             f"have: {', '.join(sorted(unknown)[:10])}{' ...' if len(unknown) > 10 else ''}. They were "
             "measured on a different model (or module names changed); re-run calibration on this one.")
     missing = sorted({d.match.name for d in decisions if d.quantize and d.match.name not in meas.nodes
-                      and cfg.scale_method_for(d.match.name, d.match.module_type).needs_measurement})
+                      and _needs_measurement(d.match, cfg)})
     if missing and cfg.ignore_modules_wo_measures:
         return set(missing)
     if missing:
@@ -356,6 +371,41 @@ def convert(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
     return model
 
 
+#: ``fp8fx.quantize``'s blocklist when no config is given: every kind but Linear, and lm_head
+QUANTIZE_DEFAULT_BLOCKLIST = {"names": ["lm_head"], "types": [k.value for k in OpKind if k is not OpKind.LINEAR]}
+
+
+def quantize(model: nn.Module, scheme: str | dict | FP8Config = "FP8_DYNAMIC", cfg: FP8Config | dict | str | None = None,
+             example_inputs: Any = None, example_kwargs: dict | None = None) -> nn.Module:
+    """Quantize ``model`` in one call, without calibration, and return it (the same object).
+
+    ``scheme`` is a preset name (``"FP8_DYNAMIC"``, ``"FP8_BLOCK"``, ``"FP8_WEIGHT_ONLY"``; see
+    :mod:`fp8fx.schemes`), a scheme object, or a whole FP8Config; ``cfg`` gives the other keys
+    (allowlist, blocklist, target, ...); without ``cfg`` the Linears are quantized except
+    ``lm_head`` (:data:`QUANTIZE_DEFAULT_BLOCKLIST`, llm-compressor's usual ``ignore``), and the
+    attention ops, whose static scales need calibration, stay in high precision. The result is
+    what :func:`convert` returns: eager, and
+    compiled by ``torch.compile``. A scheme with static activation scales (``"FP8"``) needs
+    calibration: use :func:`prepare` / :func:`finalize_calibration` / :func:`convert` (or name the
+    measurement files in ``cfg``'s ``dump_stats_path``).
+    """
+    if isinstance(scheme, FP8Config):
+        if cfg is not None:
+            raise ConfigError("fp8fx.quantize: give the scheme inside one FP8Config, or a scheme plus cfg, not two configs")
+        qcfg = scheme.replace(mode="QUANTIZE")
+    else:
+        base = FP8Config(blocklist=QUANTIZE_DEFAULT_BLOCKLIST) if cfg is None else resolve_config(cfg, "quantize")
+        qcfg = base.replace(mode="QUANTIZE", scheme=scheme)
+    if qcfg.needs_measurement and not measurement_exists(qcfg):
+        label = qcfg.scheme.to_json() if qcfg.scheme is not None else "this config"
+        raise ConfigError(
+            f"fp8fx.quantize: scheme {label!r} has static activation scales, which come from calibration, and no "
+            f"measurement files exist at dump_stats_path {qcfg.dump_stats_path!r}. Calibrate with fp8fx.prepare / "
+            "finalize_calibration / convert, or pick a scheme without static activations (FP8_DYNAMIC, FP8_BLOCK, "
+            "FP8_WEIGHT_ONLY)")
+    return convert(model, qcfg, example_inputs, example_kwargs)
+
+
 # ----------------------------------------------------------------------------- explain / report
 @dataclass
 class Explanation:
@@ -414,5 +464,6 @@ def report(model: nn.Module) -> dict:
         "skipped": [{"name": d.match.name, "kind": d.match.kind.value, "reason": d.reason}
                     for d in exp.rows if not d.quantize],
         "converted": list(state.converted),
+        "scheme": None if state.config.scheme is None else state.config.scheme.to_json(),
         "measurement_files": [str(p) for p in state.files],
     }

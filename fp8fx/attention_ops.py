@@ -23,6 +23,16 @@ enable_gqa, s_q, s_k, s_v, s_p, s_o, ...)``            their scales, the probabi
 ``kv_index_copy_(cache, dim, index, new, s, ...)``     StaticCache write into an FP8 buffer, in place
 ``dequant(x8, s, dtype)``                              a cache read: ``x8 * s`` in ``dtype``
 =====================================================  ===============================================
+
+Per-head scales (``observer_params.kv_cache_strategy = "attn_head"``): the overloads
+``qdq.heads``, ``kv_append.heads``, ``kv_index_copy_.heads``, ``dequant.heads`` and ``sdpa.heads``
+take ``float[]`` scales in place of ``float`` ones (for ``sdpa``: ``scale_q``, ``scale_k``,
+``scale_v``; the probabilities and the output keep one scale), one per head: index ``h`` scales
+``x[..., h, :, :]`` (dim -3 of ``[B, H, S, D]``), so the list has as many entries as the tensor
+has heads there (vLLM's and compressed-tensors' per-head ``k_scale``/``v_scale`` of shape
+``[num_kv_heads]``). A tensor whose KV heads were repeated for grouped-query attention (``H`` a
+multiple of the list's length) uses each KV head's scale for its copies. The scales stay graph
+constants (lists of floats); any other length raises.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from . import numerics
 from .errors import QuantizationError
 from .fp8 import FP8_DTYPES  # noqa: F401  (re-exported: fp8fx.attention_ops.FP8_DTYPES)
 
-__all__ = ["FP8_DTYPES", "attention_probs", "quantize", "qdq"]
+__all__ = ["FP8_DTYPES", "attention_probs", "quantize", "qdq", "qdq_heads", "head_scale"]
 
 
 def quantize(x: Tensor, scale: float, fp8_max: float, fp8_dtype: torch.dtype) -> Tensor:
@@ -138,3 +148,64 @@ _define("kv_append(Tensor past, Tensor new, float scale, float fp8_max, ScalarTy
 _define("kv_index_copy_(Tensor(a!) cache, int dim, Tensor index, Tensor new, float scale, float fp8_max, "
         "ScalarType fp8_dtype) -> ()", _kv_index_copy_op)
 _define("dequant(Tensor x, float scale, ScalarType dtype) -> Tensor", _dequant_op)
+
+
+# ------------------------------------------------------------------------------ per-head scales
+def head_scale(x: Tensor, scale: list[float] | tuple[float, ...], what: str = "tensor") -> Tensor:
+    """A per-head scale list as a float32 ``[H, 1, 1]`` tensor that broadcasts over ``x``
+    (``[..., H, S, D]``). ``H`` a multiple of the list's length is a grouped-query tensor whose KV
+    heads were repeated (``repeat_kv``: each KV head ``H / len`` times in a row), and each scale
+    covers its copies; any other length raises."""
+    if x.dim() < 3 or not scale or x.shape[-3] % len(scale):
+        raise QuantizationError(
+            f"per-head scales: {len(scale)} scale(s) for a {what} of shape {tuple(x.shape)}, which has "
+            f"{x.shape[-3] if x.dim() >= 3 else 'no'} heads at dim -3: the scales were calibrated on another "
+            "head count (another model?); calibrate this model again")
+    rep = x.shape[-3] // len(scale)
+    return torch.tensor([float(v) for v in scale for _ in range(rep)], dtype=torch.float32,
+                        device=x.device).reshape(-1, 1, 1)
+
+
+def qdq_heads(x: Tensor, scale: list[float] | tuple[float, ...], fp8_max: float, fp8_dtype: torch.dtype) -> Tensor:
+    """The float32 value of ``x`` after an FP8 round trip with one scale per head."""
+    s = head_scale(x, scale)
+    return numerics.dequantize(numerics.quantize_fp32(x, s, fp8_dtype, fp8_max), s)
+
+
+def _qdq_heads_op(x: Tensor, scale: list[float], fp8_max: float, fp8_dtype: torch.dtype) -> Tensor:
+    return qdq_heads(x, scale, fp8_max, fp8_dtype).to(x.dtype)
+
+
+def _sdpa_heads_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float, is_causal: bool,
+                   scale: float | None, enable_gqa: bool, scale_q: list[float], scale_k: list[float],
+                   scale_v: list[float], scale_p: float, scale_o: float, fp8_max: float,
+                   fp8_dtype: torch.dtype) -> Tensor:
+    qf, kf, vf = (qdq_heads(t, s, fp8_max, fp8_dtype) for t, s in ((q, scale_q), (k, scale_k), (v, scale_v)))
+    p = attention_probs(qf, kf, attn_mask, is_causal, scale, enable_gqa)
+    out = torch.matmul(qdq(p, scale_p, fp8_max, fp8_dtype), _repeat_kv(qf, vf, enable_gqa))
+    return qdq(out, scale_o, fp8_max, fp8_dtype).to(q.dtype)
+
+
+def _kv_append_heads_op(past: Tensor, new: Tensor, scale: list[float], fp8_max: float,
+                        fp8_dtype: torch.dtype) -> Tensor:
+    return _kv_append_op(past, new, head_scale(new, scale, "KV-cache write"), fp8_max, fp8_dtype)
+
+
+def _kv_index_copy_heads_op(cache: Tensor, dim: int, index: Tensor, new: Tensor, scale: list[float],
+                            fp8_max: float, fp8_dtype: torch.dtype) -> None:
+    _kv_index_copy_op(cache, dim, index, new, head_scale(new, scale, "KV-cache write"), fp8_max, fp8_dtype)
+
+
+def _dequant_heads_op(x: Tensor, scale: list[float], dtype: torch.dtype) -> Tensor:
+    return numerics.dequantize(x, head_scale(x, scale, "KV-cache read"), dtype)
+
+
+_define("qdq.heads(Tensor x, float[] scale, float fp8_max, ScalarType fp8_dtype) -> Tensor", _qdq_heads_op)
+_define("sdpa.heads(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float dropout_p, bool is_causal, float? scale, "
+        "bool enable_gqa, float[] scale_q, float[] scale_k, float[] scale_v, float scale_p, float scale_o, "
+        "float fp8_max, ScalarType fp8_dtype) -> Tensor", _sdpa_heads_op)
+_define("kv_append.heads(Tensor past, Tensor new, float[] scale, float fp8_max, ScalarType fp8_dtype) -> Tensor",
+        _kv_append_heads_op)
+_define("kv_index_copy_.heads(Tensor(a!) cache, int dim, Tensor index, Tensor new, float[] scale, float fp8_max, "
+        "ScalarType fp8_dtype) -> ()", _kv_index_copy_heads_op)
+_define("dequant.heads(Tensor x, float[] scale, ScalarType dtype) -> Tensor", _dequant_heads_op)

@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "is skipped and the model is converted from its dump_stats_path")
     q.add_argument("--attention", action="store_true", help="with the default config, also "
                    "quantize attention (SDPA or matmul/softmax) and store the KV cache in FP8")
+    q.add_argument("--scheme", metavar="NAME", type=str.upper, default=None,
+                   help="quantization scheme preset: FP8 (static per-tensor, calibrated; the default), "
+                        "FP8_DYNAMIC (per-channel weights, dynamic per-token activations), FP8_BLOCK "
+                        "(128x128 weight blocks, dynamic 1x128 activation groups), FP8_WEIGHT_ONLY; "
+                        "schemes without static activation scales skip calibration")
     q.add_argument("--out", metavar="DIR", help="keep the measurement files in DIR "
                    "(prefix DIR/measure; a QUANTIZE --config reads them from there); "
                    "default: a temporary folder that is removed")
@@ -105,7 +110,37 @@ def build_parser() -> argparse.ArgumentParser:
                    "model and the dtype saved in its config.json for --model")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.add_argument("--seed", type=int, default=0, help="torch random seed (default: 0)")
+    _add_sensitivity_arguments(q)
     return parser
+
+
+def _add_sensitivity_arguments(q: argparse.ArgumentParser) -> None:
+    """--sensitivity / --auto-blocklist (fp8fx.sensitivity.cli_phase runs them)."""
+    q.add_argument("--sensitivity", action="store_true", help="measure each quantized node alone "
+                   "in FP8 (output SQNR, KL and perplexity change against hp), print the table and "
+                   "write a PNG plot (needs matplotlib)")
+    q.add_argument("--sensitivity-plot", metavar="PATH", default=None, help="where --sensitivity "
+                   "writes its plot (default: sensitivity.png, or DIR/sensitivity.png with --out)")
+    q.add_argument("--sensitivity-windows", metavar="N", type=_positive_int, default=2,
+                   help="calibration windows each node is scored on (default: 2)")
+    q.add_argument("--auto-blocklist", metavar="PCT", type=_percent, default=None,
+                   help="keep the most sensitive nodes in high precision until the FP8 perplexity "
+                   "on the validation text is at most PCT percent above hp's")
+    q.add_argument("--auto-blocklist-evals", metavar="N", type=_positive_int, default=8,
+                   help="most FP8 perplexities the --auto-blocklist search measures (default: 8)")
+    q.add_argument("--validation-tokens", metavar="N", type=_at_least_two, default=5120,
+                   help="the validation text of --auto-blocklist: the last N tokens of --calib, "
+                   "which calibration never sees (default: 5120)")
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite percentage >= 0, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -265,6 +300,8 @@ def _build_config(args: argparse.Namespace, measure_prefix: str, dtype: str) -> 
         path = _existing_file(args.config, "--config")
         try:
             cfg = cls.from_json_file(path)
+            if getattr(args, "scheme", None):
+                cfg = _with_scheme(cfg, args.scheme)
         except Fp8fxError as exc:  # invalid JSON, unknown key, bad value: name the option too
             raise _naming("--config", path, exc) from exc
         names_dump = "dump_stats_path" in _read_json(path)
@@ -282,7 +319,22 @@ def _build_config(args: argparse.Namespace, measure_prefix: str, dtype: str) -> 
     }
     if has_hp_dtype:
         kwargs["hp_dtype"] = dtype
-    return cls(**kwargs)
+    cfg = cls(**kwargs)
+    if getattr(args, "scheme", None):
+        try:
+            cfg = _with_scheme(cfg, args.scheme)
+        except Fp8fxError as exc:
+            raise Fp8fxError(f"--scheme {args.scheme}: {exc}") from exc
+    return cfg
+
+
+def _with_scheme(cfg: Any, scheme: str) -> Any:
+    """``cfg`` with ``scheme``; a scheme without static activation scales needs no calibration,
+    so the job's mode becomes QUANTIZE."""
+    from fp8fx.schemes import Scheme
+
+    static = Scheme.coerce(scheme, "--scheme").needs_measurement
+    return cfg.replace(scheme=scheme, mode=_mode_name(cfg) if static else "QUANTIZE")
 
 
 def _text_paths(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -412,6 +464,9 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
             ppl_hp = evaluate.perplexity(model, eval_windows, progress=progress, desc=dtype)
         bytes_hp = evaluate.linear_weight_bytes(model)
         excluded = list(bytes_hp["tied_modules"])
+        from fp8fx.sensitivity import cli_phase  # --sensitivity / --auto-blocklist, on the hp model
+        cfg, sensitivity_report = cli_phase(args, model, cfg, tokenizer, calib_path, eval_path,
+                                            clock, progress)
 
         calib_tokens = 0
         if mode == "QUANTIZE":
@@ -465,7 +520,18 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         "nodes_skipped": {str(k): int(v) for k, v in nodes.get("nodes_skipped", {}).items()},
         "seconds": clock.total(),
         "measurements": None if temporary else str(cfg.dump_stats_path),
+        "sensitivity": sensitivity_report,
+        "scheme": _scheme_name(cfg),
+        "calibration": "run" if calib_tokens else "skipped",
     }
+
+
+def _scheme_name(cfg: Any) -> str:
+    scheme = getattr(cfg, "scheme", None)
+    if scheme is None:
+        return "FP8" if not getattr(cfg, "dynamic_quantization", False) else "dynamic (INC dynamic_quantization)"
+    name = scheme.to_json()
+    return name if isinstance(name, str) else json.dumps(name)
 
 
 # --------------------------------------------------------------------------- output
@@ -509,6 +575,10 @@ def format_table(result: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [f"model: {result['model']}  (mode {result['mode']}, "
              f"{result['calib_tokens']} calibration / {result['eval_tokens']} evaluation tokens)"]
+    if result.get("scheme"):
+        skipped = result.get("calibration") == "skipped"
+        lines.append(f"scheme: {result['scheme']}" + ("  (calibration skipped: no static activation scales)"
+                                                      if skipped else ""))
     for r in rows:
         lines.append("  ".join(
             [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]

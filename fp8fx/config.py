@@ -14,7 +14,11 @@ Keys (INC names), defaults and accepted values::
                                      model's high-precision parameters must have it (checked at
                                      prepare/convert: fp8fx never casts a model); None (INC:
                                      "bf16") follows the model
-    observer             "maxabs"    maxabs | maxabs_per_channel | shape | save
+    observer             "maxabs"    maxabs | maxabs_per_channel | percentile | mse | shape | save
+    observer_params      {}          {"percentile": 99.99} (observer percentile), {"maxshrink": 0.8,
+                                     "grid": 100, "norm": 2.0} (observer mse), {"kv_cache_strategy":
+                                     "tensor" | "attn_head"} (any observer: per-head KV/attention
+                                     scales); :class:`fp8fx.observers.ObserverParams`, docs/observers.md
     allowlist            {"names": [], "types": []}   empty: every supported op
     blocklist            {"names": [], "types": []}   names: regexes, re.search on module path
     dump_stats_path      "./hqt_output/measure"       directory plus file-name prefix
@@ -34,6 +38,14 @@ Keys (INC names), defaults and accepted values::
     seperate_measure_files true      (INC's spelling) one measurement file per rank
     kv_cache_dtype       null        E4M3 | E5M2 (also vLLM's fp8_e4m3 / fp8_e5m2): FP8 format of
                                      the KV cache; null: fp8_config's
+    scheme               null        FP8 | FP8_DYNAMIC | FP8_BLOCK | FP8_WEIGHT_ONLY, or an object
+                                     {"weights": tensor|channel|block, "activations": static|
+                                     dynamic_tensor|dynamic_token|dynamic_group|none, "block":
+                                     [128, 128], "group_size": 128}, or {"linear": .., "experts": ..}
+                                     (:mod:`fp8fx.schemes`); null: weights per scale_method,
+                                     activations static (dynamic per token with
+                                     dynamic_quantization). A scheme without static activations
+                                     defaults to scale_method maxabs_arbitrary, weight_backoff 1.0
 
 Example QUANT_CONFIG::
 
@@ -70,6 +82,8 @@ from . import numerics
 from .fp8 import FORMATS, format_of
 from .errors import ConfigError
 from .fileio import atomic_write_json
+from .observers import ObserverParams
+from .schemes import LinearScheme, Scheme, WeightGranularity, ActivationScheme
 from .scale_methods import (
     ScaleMethod, ScaleMethodOverrides, ScaleRule, ScaleSpec, _backoff, _check_keys, _choice, _first,
     _short, _StrEnum, coerce_scale_method,
@@ -120,6 +134,8 @@ _KV_ALIASES = {"fp8": "E4M3", "fp8_e4m3": "E4M3", "fp8_e5m2": "E5M2", "e4m3": "E
 class ObserverKind(_StrEnum):
     MAXABS = "maxabs"
     MAXABS_PER_CHANNEL = "maxabs_per_channel"
+    PERCENTILE = "percentile"
+    MSE = "mse"
     SHAPE = "shape"
     SAVE = "save"
 
@@ -158,6 +174,12 @@ DEFAULT_SCALE_METHOD: dict[Target, ScaleMethod] = {t: ScaleMethod.MAXABS_HW for 
 
 #: (input_backoff, weight_backoff) used when scale_params does not set them: INC's (see above).
 DEFAULT_BACKOFFS: dict[Target, tuple[float, float]] = {t: (0.25, 0.5) for t in Target}
+
+#: Weight scale method and backoff of a ``scheme`` without static activations (FP8_DYNAMIC,
+#: FP8_BLOCK, FP8_WEIGHT_ONLY) when scale_method / scale_params do not set them: ``amax /
+#: fp8_max`` unrounded, what llm-compressor and vLLM compute for these schemes.
+SCHEME_SCALE_METHOD = ScaleMethod.MAXABS_ARBITRARY
+SCHEME_WEIGHT_BACKOFF = 1.0
 
 
 # -------------------------------------------------------------------------------- op filters
@@ -258,6 +280,7 @@ class FP8Config:
     fp8_config: Fp8Format = Fp8Format.E4M3
     hp_dtype: HpDtype | None = None      # None: the model's own dtype
     observer: ObserverKind = ObserverKind.MAXABS
+    observer_params: ObserverParams = ObserverParams()  # fp8fx.observers; empty: defaults
     allowlist: OpFilter = OpFilter()
     blocklist: OpFilter = OpFilter()
     dump_stats_path: str = "./hqt_output/measure"
@@ -277,6 +300,7 @@ class FP8Config:
     local_rank: int | None = None
     seperate_measure_files: bool = True
     kv_cache_dtype: Fp8Format | None = None  # None: fp8_config
+    scheme: Scheme | None = None  # None: from scale_method and dynamic_quantization (INC's way)
 
     def __post_init__(self) -> None:
         put = object.__setattr__.__get__(self)  # frozen: coerce fields in place
@@ -291,6 +315,9 @@ class FP8Config:
             kv = self.kv_cache_dtype
             kv = _KV_ALIASES.get(kv.lower(), kv) if isinstance(kv, str) else _DTYPE_ALIASES.get(kv, kv)
             put("kv_cache_dtype", Fp8Format.coerce(kv, "kv_cache_dtype"))
+        put("scheme", Scheme.coerce(self.scheme, "scheme"))
+        put("observer_params", ObserverParams.coerce(self.observer_params, "observer_params"))
+        self.observer_params.check_observer(self.observer.value)
         put("allowlist", OpFilter.coerce(self.allowlist, "allowlist"))
         put("blocklist", OpFilter.coerce(self.blocklist, "blocklist"))
         path = self.dump_stats_path
@@ -327,6 +354,32 @@ class FP8Config:
         if self.dynamic_quantization and self.mode in (Mode.MEASURE, Mode.SHAPE):
             raise ConfigError(f"mode {self.mode.value!r} measures activations, but "
                               f"\"dynamic_quantization\": true needs none: use QUANTIZE, LOAD or AUTO")
+        self._check_scheme(rules)
+
+    def _check_scheme(self, rules: list[ScaleRule]) -> None:
+        scheme = self.scheme
+        if scheme is None:
+            return
+        label = scheme.name or "scheme"
+        if self.dynamic_quantization and any(s.static for s in scheme.all()):
+            raise ConfigError(f"\"dynamic_quantization\": true contradicts scheme {scheme.to_json()!r}, whose "
+                              "activations are static: drop one of the two keys")
+        if self.mode in (Mode.MEASURE, Mode.SHAPE) and not scheme.needs_measurement:
+            raise ConfigError(f"mode {self.mode.value!r} measures activations, but scheme {scheme.to_json()!r} has "
+                              "no static activation scale to calibrate: use mode QUANTIZE (or fp8fx.quantize)")
+        for m in (r.method for r in rules):
+            for kind, s in (("linear", scheme.linear), ("experts", scheme.experts)):
+                if s.static and m.dynamic_only:
+                    raise ConfigError(f"scale_method {m.value!r} computes activation scales at run time, but {label} "
+                                      f"has static activations ({kind}): pick a static method")
+                if s.weights is WeightGranularity.TENSOR and m.weight_per_channel:
+                    raise ConfigError(f"scale_method {m.value!r} gives one weight scale per channel, but {label} "
+                                      f"asks for one per tensor ({kind}): pick a per-tensor method or 'weights': "
+                                      "'channel'")
+                if s.weights is not WeightGranularity.TENSOR and m.weight_spec.value_type == "OPT" \
+                        and not (s.weights is WeightGranularity.CHANNEL and m.weight_per_channel):
+                    raise ConfigError(f"scale_method {m.value!r} searches per-tensor weight scales; {label} has "
+                                      f"{s.weights.value} weights ({kind}): use a maxabs method")
 
     # ------------------------------------------------------------------------------ derived
     @property
@@ -355,11 +408,36 @@ class FP8Config:
 
     @property
     def resolved_scale_method(self) -> ScaleMethod:
-        """The configured method (a dict's default entry) or the target's default."""
+        """The configured method (a dict's default entry), else the scheme's default (unrounded
+        maxabs scales for a scheme without static activations, as the peers compute them),
+        else the target's default."""
         sm = self.scale_method
         if isinstance(sm, ScaleMethodOverrides):
             return sm.default.method
+        if sm is None and self.scheme is not None and not self.scheme.needs_measurement:
+            return SCHEME_SCALE_METHOD
         return DEFAULT_SCALE_METHOD[self.target] if sm is None else sm
+
+    def scheme_for(self, name: str, type_name: str, experts: bool = False) -> LinearScheme:
+        """The scheme of one Linear (``experts``: an MoE expert stack). Without a ``scheme`` key it
+        follows INC: weight granularity from the node's scale method, activations static, or
+        dynamic per token with ``dynamic_quantization``."""
+        if self.scheme is not None:
+            return self.scheme.for_match(experts)
+        method = self.scale_method_for(name, type_name)
+        return LinearScheme(WeightGranularity.CHANNEL if method.weight_per_channel else WeightGranularity.TENSOR,
+                            ActivationScheme.DYNAMIC_TOKEN if self.dynamic_quantization else ActivationScheme.STATIC)
+
+    @property
+    def needs_measurement(self) -> bool:
+        """Whether converting needs measurement files (some static activation scale is measured)."""
+        if self.scheme is not None and not self.scheme.needs_measurement:
+            return False
+        if self.dynamic_quantization:
+            return False
+        sm = self.scale_method
+        rules = sm.rules() if isinstance(sm, ScaleMethodOverrides) else [ScaleRule(self.resolved_scale_method)]
+        return any(r.method.needs_measurement for r in rules)
 
     measure_inputs = property(lambda self: self.measure_exclude.measures("INPUT"), doc="Inputs measured?")
     measure_outputs = property(lambda self: self.measure_exclude.measures("OUTPUT"), doc="Outputs measured?")
@@ -375,6 +453,8 @@ class FP8Config:
     def backoffs(self) -> tuple[float, float]:
         """``(input_backoff, weight_backoff)`` from scale_params, else the target's default."""
         default_in, default_w = DEFAULT_BACKOFFS[self.target]
+        if self.scheme is not None and not self.scheme.needs_measurement:
+            default_w = SCHEME_WEIGHT_BACKOFF
         return _first(self.input_backoff, default_in), _first(self.weight_backoff, default_w)
 
     def backoffs_for(self, name: str, type_name: str) -> tuple[float, float]:
@@ -477,6 +557,8 @@ class FP8Config:
             "mode": self.mode.value, "fp8_config": self.fp8_config.value,
             "observer": self.observer.value, "allowlist": self.allowlist.to_dict(),
             "blocklist": self.blocklist.to_dict(), "dump_stats_path": self.dump_stats_path}
+        if self.observer_params.to_dict():  # defaults are written as no key
+            out["observer_params"] = self.observer_params.to_dict()
         if self.hp_dtype is not None:  # None (follow the model) is written as no key
             out["hp_dtype"] = self.hp_dtype.value
         if isinstance(self.scale_method, ScaleMethodOverrides):
@@ -498,6 +580,8 @@ class FP8Config:
                 out[key] = getattr(self, key)
         if self.kv_cache_dtype is not None:
             out["kv_cache_dtype"] = self.kv_cache_dtype.value
+        if self.scheme is not None:
+            out["scheme"] = self.scheme.to_json()
         return out
 
     @classmethod

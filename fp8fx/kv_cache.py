@@ -10,6 +10,11 @@ storage at the Python level: :func:`fp8_cache` turns the layers of a cache objec
 every read, from calibration (the ``{attention}.kv_cache_0`` / ``kv_cache_1`` nodes: keys and
 values). Dynamo traces these methods like any others, so compiled models get the same ops.
 
+Per-head scales (``observer_params.kv_cache_strategy = "attn_head"``): a :class:`KVQuant` whose
+``scale_k``/``scale_v`` are tuples (one float per KV head, vLLM's ``[num_kv_heads]``
+``k_scale``/``v_scale``) makes the layers call the ``.heads`` overloads of the same ops, which
+scale head ``h`` of the ``[B, H_kv, S, D]`` cache by entry ``h``.
+
 A converted model (``fp8fx.convert``) does this by itself for every cache passed to its
 forward (``generate`` included). With ``torch.compile(model, backend="fp8fx")`` call
 ``fp8fx.fp8_kv_cache(cache, model, cfg)`` on the cache you pass to ``generate``. Layers of
@@ -33,12 +38,32 @@ __all__ = ["KVQuant", "fp8_cache", "kv_layer_names", "is_cache"]
 
 @dataclass(frozen=True)
 class KVQuant:
-    """Scales and format of one cache layer's keys and values."""
+    """Scales and format of one cache layer's keys and values: a float each (per tensor) or a
+    tuple of floats (one per KV head)."""
 
-    scale_k: float
-    scale_v: float
+    scale_k: float | tuple[float, ...]
+    scale_v: float | tuple[float, ...]
     fp8_dtype: torch.dtype
     fp8_max: float
+
+    def __post_init__(self) -> None:
+        for key in ("scale_k", "scale_v"):
+            v = getattr(self, key)
+            if isinstance(v, (list, tuple)):
+                object.__setattr__(self, key, tuple(float(x) for x in v))
+                if not v:
+                    raise QuantizationError(f"KVQuant.{key}: an empty per-head scale list")
+            else:
+                object.__setattr__(self, key, float(v))
+
+
+def _op(packet: Any, scale: float | tuple[float, ...]) -> Any:
+    """``packet.heads`` for per-head scales, else ``packet`` itself (its default overload)."""
+    return packet.heads if isinstance(scale, tuple) else packet
+
+
+def _arg(scale: float | tuple[float, ...]) -> float | list[float]:
+    return list(scale) if isinstance(scale, tuple) else scale
 
 
 def is_cache(obj: Any) -> bool:
@@ -69,8 +94,9 @@ def kv_layer_names(model: nn.Module, kv_names: list[str]) -> dict[int, tuple[str
 def _read(layer: Any, key_dtype: torch.dtype, value_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """A cache read: the whole FP8 cache of ``layer`` dequantized with its scales."""
     q = layer.fp8fx
-    return (torch.ops.fp8fx.dequant(layer.keys, q.scale_k, key_dtype),
-            torch.ops.fp8fx.dequant(layer.values, q.scale_v, value_dtype))
+    dq = torch.ops.fp8fx.dequant
+    return (_op(dq, q.scale_k)(layer.keys, _arg(q.scale_k), key_dtype),
+            _op(dq, q.scale_v)(layer.values, _arg(q.scale_v), value_dtype))
 
 
 def _layer_classes():
@@ -85,8 +111,10 @@ def _layer_classes():
             q = self.fp8fx
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-            self.keys = torch.ops.fp8fx.kv_append(self.keys, key_states, q.scale_k, q.fp8_max, q.fp8_dtype)
-            self.values = torch.ops.fp8fx.kv_append(self.values, value_states, q.scale_v, q.fp8_max, q.fp8_dtype)
+            append = torch.ops.fp8fx.kv_append
+            self.keys = _op(append, q.scale_k)(self.keys, key_states, _arg(q.scale_k), q.fp8_max, q.fp8_dtype)
+            self.values = _op(append, q.scale_v)(self.values, value_states, _arg(q.scale_v), q.fp8_max,
+                                                 q.fp8_dtype)
             return _read(self, key_states.dtype, value_states.dtype)
 
     class Fp8StaticLayer(StaticLayer):
@@ -109,9 +137,10 @@ def _layer_classes():
             kv_length = key_states.shape[-2]
             cache_position = torch.arange(kv_length, device=self.device) + self.cumulative_length
             self.cumulative_length.add_(kv_length)
-            torch.ops.fp8fx.kv_index_copy_(self.keys, 2, cache_position, key_states, q.scale_k, q.fp8_max, q.fp8_dtype)
-            torch.ops.fp8fx.kv_index_copy_(self.values, 2, cache_position, value_states, q.scale_v, q.fp8_max,
-                                           q.fp8_dtype)
+            copy_ = torch.ops.fp8fx.kv_index_copy_
+            _op(copy_, q.scale_k)(self.keys, 2, cache_position, key_states, _arg(q.scale_k), q.fp8_max, q.fp8_dtype)
+            _op(copy_, q.scale_v)(self.values, 2, cache_position, value_states, _arg(q.scale_v), q.fp8_max,
+                                  q.fp8_dtype)
             return _read(self, key_states.dtype, value_states.dtype)
 
     return {DynamicLayer: Fp8DynamicLayer, StaticLayer: Fp8StaticLayer}

@@ -362,6 +362,9 @@ _METHODS: dict[str, tuple[_Rule, _Rule]] = {
 
 SCALE_METHODS: frozenset[str] = frozenset(_METHODS)
 
+# their weight scales are static all the same: dynamic quantization casts weights once, too
+_WEIGHT_RULES_OF_DYNAMIC: dict[str, _Rule] = {m.value: _rule(m.weight_spec) for m in ScaleMethod if m.dynamic_only}
+
 
 def _rules(method: str) -> tuple[_Rule, _Rule]:
     rules = _METHODS.get(method.lower()) if isinstance(method, str) else None
@@ -375,7 +378,8 @@ def _rules(method: str) -> tuple[_Rule, _Rule]:
 
 def _checked_rule(method: str, kind: int, target: str, fp8_dtype: torch.dtype) -> _Rule:
     """``method``'s rule for weights (``kind`` 0) or activations (1), target and dtype checked."""
-    rule = _rules(method)[kind]
+    weight_rule = _WEIGHT_RULES_OF_DYNAMIC.get(method.lower()) if kind == 0 and isinstance(method, str) else None
+    rule = weight_rule if weight_rule is not None else _rules(method)[kind]
     _check_target(target)
     _check_fp8_dtype(fp8_dtype)
     return rule
@@ -612,3 +616,82 @@ __all__ = [
     "weight_scale",
     "weight_scale_from_maxabs",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Weight scales per scheme granularity (per tensor, per channel, per block)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_block(block: tuple[int, int]) -> tuple[int, int]:
+    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise ConfigError(f"a weight block is two positive integers (rows, cols), got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+def block_maxabs(weight: Tensor, block: tuple[int, int]) -> Tensor:
+    """Max |w| of every ``block`` tile of a 2-D ``weight``: ``[ceil(out/rows), ceil(in/cols)]``.
+
+    An edge tile covers what is left of the rows/columns (the weight as if zero-padded)."""
+    bn, bk = _check_block(block)
+    if weight.dim() != 2:
+        raise QuantizationError(f"block scales need a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    nb, kb = -(-n // bn), -(-k // bk)
+    a = weight.detach().abs().to(torch.float32)
+    if n % bn or k % bk:
+        a = torch.nn.functional.pad(a, (0, kb * bk - k, 0, nb * bn - n))
+    return a.reshape(nb, bn, kb, bk).amax(dim=(1, 3))
+
+
+def expand_block_scale(scale: Tensor, shape: tuple[int, int], block: tuple[int, int]) -> Tensor:
+    """A ``[ceil(out/rows), ceil(in/cols)]`` block scale as one value per weight element."""
+    bn, bk = _check_block(block)
+    n, k = shape
+    nb, kb = -(-n // bn), -(-k // bk)
+    if tuple(scale.shape) != (nb, kb):
+        raise QuantizationError(f"block weight scale has shape {tuple(scale.shape)}; a [{n}, {k}] weight in "
+                                f"{bn}x{bk} blocks needs [{nb}, {kb}]")
+    return scale[:, None, :, None].expand(nb, bn, kb, bk).reshape(nb * bn, kb * bk)[:n, :k]
+
+
+def weight_scale_for(weight: Tensor, method: str, granularity: str, block: tuple[int, int] = (128, 128), *,
+                     fp8_dtype: torch.dtype, target: str, backoff: float = 0.5, where: str = "") -> Tensor:
+    """The scale of a ``[out, in]`` weight at ``granularity``: ``"tensor"`` (0-d), ``"channel"``
+    (``[out]``) or ``"block"`` (``[ceil(out/rows), ceil(in/cols)]``).
+
+    ``method`` gives the value and rounding rule (maxabs, pow2, hw...). A per-channel method
+    with ``"channel"`` is :func:`weight_scale` itself; a per-tensor maxabs method applies its
+    rule to each channel or tile. The least-error (``*_opt_*``) searches exist per tensor and
+    per channel only, and a per-channel method cannot give one scale per tensor."""
+    rule = _checked_rule(method, 0, target, fp8_dtype)
+    at = f" for {where}" if where else ""
+    if granularity == "tensor" and rule.per_channel:
+        raise ConfigError(f"scale_method {method!r} gives one weight scale per output channel, but the scheme "
+                          f"asks for one per tensor{at}: pick a per-tensor method or 'weights': 'channel'")
+    if granularity == "tensor" or (granularity == "channel" and rule.per_channel):
+        return weight_scale(weight, method, fp8_dtype=fp8_dtype, target=target, backoff=backoff, where=where)
+    if granularity not in ("channel", "block"):
+        raise ConfigError(f"unknown weight granularity {granularity!r}{at}: use tensor, channel or block")
+    if rule.value == "opt":
+        raise ConfigError(f"scale_method {method!r} searches per-tensor scales; it has no {granularity} form{at}: "
+                          "use a maxabs method (e.g. 'maxabs_arbitrary' or 'maxabs_pow2') with this scheme")
+    _check_backoff(backoff)
+    shape = (weight.shape[0],) if granularity == "channel" else \
+        tuple(-(-s // b) for s, b in zip(weight.shape, _check_block(block)))
+    if rule.value in ("unit", "single"):
+        return _fixed_scale(rule, method, target, fp8_dtype).expand(shape).clone()
+    amax = maxabs(weight, dim=0) if granularity == "channel" else block_maxabs(weight, block)
+    scale = scale_from_maxabs(amax, fp8_max(fp8_dtype, target), backoff, where=where, what="weight")
+    return _round(scale, rule.rounding, target, fp8_dtype)
+
+
+def quantize_weight_blocks(weight: Tensor, scale: Tensor, block: tuple[int, int], fp8_dtype: torch.dtype,
+                           max_value: float | None = None) -> Tensor:
+    """Quantize a ``[out, in]`` weight with a block scale (:func:`weight_scale_for`)."""
+    return quantize(weight, expand_block_scale(scale, tuple(weight.shape), block), fp8_dtype, max_value)
+
+
+def dequantize_weight_blocks(q: Tensor, scale: Tensor, block: tuple[int, int],
+                             dtype: torch.dtype = torch.float32) -> Tensor:
+    return dequantize(q, expand_block_scale(scale, tuple(q.shape), block), dtype)

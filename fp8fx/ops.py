@@ -16,6 +16,11 @@ Scale convention (one, everywhere): a scale ``s`` is a dequant multiplier, ``x â
     :func:`fp8fx.kernels.linear.linear_fast` (its design and numerics are documented there);
     Inductor lowering: :mod:`fp8fx.backends.inductor`; Gaudi: :mod:`fp8fx.backends.hpu`.
 
+``fp8fx::scaled_linear(x, w, w_scale, x_scale, bias, fp8_max, activations, group_size, block_n, block_k)``
+    Every other scheme (:mod:`fp8fx.schemes`): dynamic per-tensor / per-token / per-group
+    activations, weight-only, block weight scales. Contract, definition and eager kernel:
+    :mod:`fp8fx.kernels.schemes`; Inductor lowering: :mod:`fp8fx.backends.inductor_schemes`.
+
 The kernels' names are re-exported here for existing callers (``fp8fx.ops.linear_reference``
 and friends); the functions themselves live in :mod:`fp8fx.kernels.linear`.
 """
@@ -39,8 +44,9 @@ from .kernels.linear import (  # noqa: F401  (re-exports: fp8fx.ops.<kernel> kee
     quantize_activation,
     quantize_activation_fast,
 )
+from .kernels.schemes import check_scaled_linear, scaled_linear_fast, scaled_linear_reference  # noqa: F401
 
-__all__ = ["linear", "linear_reference", "linear_fast", "quantize_activation",
+__all__ = ["linear", "scaled_linear", "scaled_linear_reference", "scaled_linear_fast", "linear_reference", "linear_fast", "quantize_activation",
            "quantize_activation_fast", "fp8_to_float32", "fp8_to_half_bits", "has_nan_codes",
            "FP8_DTYPES"]
 
@@ -56,4 +62,20 @@ def linear(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Tensor,
 def _linear_fake(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Tensor,
                  bias: Optional[Tensor], fp8_max: float) -> Tensor:
     _check_weight(weight)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("fp8fx::scaled_linear", mutates_args=())
+def scaled_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Optional[Tensor],
+                  bias: Optional[Tensor], fp8_max: float, activations: str, group_size: int,
+                  block_n: int, block_k: int) -> Tensor:
+    return scaled_linear_fast(x, weight, weight_scale, input_scale, bias, fp8_max, activations, group_size,
+                              block_n, block_k)
+
+
+@scaled_linear.register_fake
+def _scaled_linear_fake(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Optional[Tensor],
+                        bias: Optional[Tensor], fp8_max: float, activations: str, group_size: int,
+                        block_n: int, block_k: int) -> Tensor:
+    check_scaled_linear(x, weight, weight_scale, input_scale, activations, group_size, block_n, block_k)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))

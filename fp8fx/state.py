@@ -135,18 +135,14 @@ _NO_EFFECT = {"use_qdq": False, "fake_quant": False, "recalc_scales": False, "ca
 
 def check_supported(cfg: FP8Config) -> None:
     """Refuse what this version cannot do instead of silently doing something else."""
-    if cfg.dynamic_quantization:
-        raise UnsupportedError(
-            "dynamic_quantization=True (per-token activation scales computed at run time) is not "
-            "supported by this version of fp8fx; use static scales (dynamic_quantization=False)")
     if cfg.mode in (Mode.LOAD, Mode.SHAPE):
         raise UnsupportedError(
             f"mode {cfg.mode.value!r} is not supported by this version of fp8fx (INC's LOAD reads a model "
             "that was quantized and saved before; SHAPE records shapes only): fp8fx cannot load FP8 "
             "checkpoints yet. Use QUANTIZE with the measurement files (dump_stats_path), or MEASURE")
-    if cfg.observer.value not in ("maxabs", "maxabs_per_channel"):
+    if cfg.observer.value not in ("maxabs", "maxabs_per_channel", "percentile", "mse"):
         raise UnsupportedError(f"observer {cfg.observer.value!r} is not supported by this version of fp8fx; "
-                               "use 'maxabs' or 'maxabs_per_channel'")
+                               "use 'maxabs', 'maxabs_per_channel', 'percentile' or 'mse'")
     if cfg.mode is not Mode.QUANTIZE and not (cfg.measure_inputs or cfg.measure_outputs or cfg.measure_params):
         raise ConfigError("measure_exclude='ALL' measures nothing; use 'OUTPUT' (the default) or 'NONE'")
     changed = [k for k, default in _NO_EFFECT.items() if getattr(cfg, k) != default]
@@ -206,7 +202,7 @@ def measurement_exists(cfg: FP8Config) -> bool:
 
 def load_measurements(cfg: FP8Config) -> Measurements | None:
     """The config's measurement files, or None when its scale methods need none and none exist."""
-    if not cfg.resolved_scale_method.needs_measurement and not measurement_exists(cfg):
+    if not cfg.needs_measurement and not measurement_exists(cfg):
         return None
     rank, world = worker(cfg)
     return read_measurements(cfg.dump_stats_path, observer=cfg.observer.value, rank=rank, world_size=world)
@@ -220,5 +216,5 @@ def instrument(cg: CapturedGraph, state: Fp8fxState, model: nn.Module | None = N
     decisions = annotate(cg.gm, find_matches(cg), cfg, model)
     state.record(decisions)
     insert_observers(cg.gm, decisions, state.observers, measure_inputs=cfg.measure_inputs,
-                     measure_outputs=cfg.measure_outputs)
+                     measure_outputs=cfg.measure_outputs, cfg=cfg)
     return cg.gm

@@ -322,16 +322,21 @@ def test_outputs_measured_when_asked(tmp_path):
     assert np.isfinite(meas.nodes["softmax_0"].output_maxabs(0))
 
 
-def test_dynamic_quantization_is_refused_not_ignored(tmp_path):
+def test_inc_dynamic_quantization_converts_without_measurements(tmp_path):
+    """INC's dynamic_quantization with its per-token method: per-tensor weights (the method's
+    PTS weight spec), per-token activation scales at run time, and no measurement file read."""
     cfg = fp8fx.FP8Config(mode="QUANTIZE", dump_stats_path=str(tmp_path / "m"), dynamic_quantization=True,
                           scale_method="act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw")
-    with pytest.raises(fp8fx.QuantizationError, match="dynamic_quantization"):
-        fp8fx.convert(TwoLinear(), cfg)
+    model = TwoLinear()
+    x = torch.randn(3, 32)
+    fp8fx.convert(model, cfg, example_inputs=(x,))
+    assert not list(tmp_path.iterdir())
+    fc1 = model.fc1
+    assert isinstance(fc1, fp8fx.Fp8Linear) and fc1.input_scale is None and fc1.weight_scale.dim() == 0
+    assert fc1.scheme.activations.value == "dynamic_token"
 
 
-@pytest.mark.parametrize("kw", [{"mode": "LOAD"}, {"mode": "SHAPE"},
-                                {"mode": "QUANTIZE", "dynamic_quantization": True,
-                                 "scale_method": "act_maxabs_pcs_pow2_weight_maxabs_pts_pow2_hw"}])
+@pytest.mark.parametrize("kw", [{"mode": "LOAD"}, {"mode": "SHAPE"}])
 def test_unsupported_features_raise_unsupported_error(tmp_path, kw):
     cfg = fp8fx.FP8Config(dump_stats_path=str(tmp_path / "m"), **kw)
     with pytest.raises(fp8fx.UnsupportedError, match="not supported by this version of fp8fx") as info:

@@ -507,3 +507,248 @@ def test_reference_ops_follow_documented_semantics(device):
     torch.testing.assert_close(y, a.float() @ b.float().t() * 0.25 * s_b + 1)
     z = torch.ops.hpu.cast_from_fp8(q, torch.tensor(2.0), torch.bfloat16)
     assert z.dtype == torch.bfloat16 and z.float().tolist() == [1.0, -288.0, 896.0, 0.3125]
+
+
+# --------------------------------------------------------------------------------------------
+# fp8fx.scaled_linear: dynamic schemes lowered, the others kept
+# --------------------------------------------------------------------------------------------
+
+from fp8fx.kernels.schemes import scaled_linear_reference  # noqa: E402
+from fp8fx.numerics import expand_block_scale, quantize_fp32  # noqa: E402
+from fp8fx.schemes import LinearScheme  # noqa: E402
+
+TOKEN_CHANNEL = LinearScheme("channel", "dynamic_token")  # FP8_DYNAMIC
+TOKEN_TENSOR = LinearScheme("tensor", "dynamic_token")
+TENSOR_CHANNEL = LinearScheme("channel", "dynamic_tensor")
+TENSOR_TENSOR = LinearScheme("tensor", "dynamic_tensor")
+BLOCK = LinearScheme("block", "dynamic_group", block=(8, 8), group_size=8)
+GROUP_ONLY = LinearScheme("channel", "dynamic_group", group_size=8)
+WEIGHT_ONLY = LinearScheme("channel", "none")
+LOWERED = [TOKEN_CHANNEL, TOKEN_TENSOR, TENSOR_CHANNEL, TENSOR_TENSOR]
+
+
+def scheme_linear(in_f: int, out_f: int, scheme: LinearScheme, *, bias: bool, dtype: torch.dtype,
+                  seed: int, fp8_max: float = 448.0) -> Fp8Linear:
+    """An Fp8Linear in ``scheme`` with power-of-two weight scales."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    if scheme.weights.value == "block":
+        bn, bk = scheme.block
+        nb, kb = -(-out_f // bn), -(-in_f // bk)
+        tiles = torch.nn.functional.pad(w.abs(), (0, kb * bk - in_f, 0, nb * bn - out_f))
+        s = N.pow2_ceil(tiles.reshape(nb, bn, kb, bk).amax(dim=(1, 3)) / fp8_max)
+        q = quantize_fp32(w, expand_block_scale(s, (out_f, in_f), (bn, bk)), E4M3, fp8_max)
+    else:
+        amax = w.abs().amax(dim=1) if scheme.weights.value == "channel" else w.abs().amax()
+        s = N.pow2_ceil(amax / fp8_max)
+        q = quantize_fp32(w, s.reshape(-1, 1) if s.dim() else s, E4M3, fp8_max)
+    b = torch.randn(out_f, generator=g).to(dtype) if bias else None
+    return Fp8Linear(q, s, None, b, fp8_max, scheme=scheme)
+
+
+class SchemeNet(nn.Module):
+    def __init__(self, schemes, dtype: torch.dtype, bias=(True, False, True), fp8_max: float = 448.0):
+        super().__init__()
+        dims = [(16, 32), (32, 24), (24, 8)]
+        self.up, self.down, self.head = (
+            scheme_linear(i, o, sc, bias=b, dtype=dtype, seed=k, fp8_max=fp8_max)
+            for k, ((i, o), sc, b) in enumerate(zip(dims, schemes, bias)))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.down(nn.functional.gelu(self.up(x)))))
+
+
+def scheme_definition(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` with every Fp8Linear on ``scaled_linear_reference``, the op's definition."""
+    def forward(self, inp):
+        s = self.scheme
+        return scaled_linear_reference(inp, self.weight, self.weight_scale, self.input_scale, self.bias,
+                                       self.fp8_max, s.activations.op_name, s.op_group, *s.op_block)
+
+    with mock.patch.object(Fp8Linear, "forward", forward):
+        return model(x)
+
+
+def pow2_rows(dtype: torch.dtype, amax: float, shape=(2, 5, 16), seed: int = 1) -> torch.Tensor:
+    """Random rows each of whose max |x| is ``amax`` exactly (so ``amax / fp8_max`` can be a
+    power of two: then ``1/s`` and every scale product are exact)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    return (x / x.abs().amax(dim=-1, keepdim=True) * amax).to(dtype)
+
+
+def scaled_nodes(gm: fx.GraphModule) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_function"
+            and n.target in (torch.ops.fp8fx.scaled_linear, torch.ops.fp8fx.scaled_linear.default)]
+
+
+@pytest.mark.parametrize("scheme", LOWERED, ids=lambda s: s.describe().replace(" ", "_"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_dynamic_scheme_matches_reference_exactly(device, scheme, dtype, bias):
+    """One dynamic Linear on rows whose scale is a power of two: the Gaudi form (scale from
+    the graph, cast with 1/s, gemm with s and s_w) equals ``scaled_linear_reference`` bit for
+    bit; 3-D input, so the per-token scale is ``[2, 5, 1]``."""
+    layer = scheme_linear(16, 32, scheme, bias=bias, dtype=dtype, seed=4)
+    x = pow2_rows(dtype, 448.0 * 2**-3)
+    expected = scheme_definition(layer, x)
+    gm = traced(layer, x)
+    assert len(scaled_nodes(gm)) == 1
+    assert hpu.lower_to_hpu(gm) == 1
+    assert not scaled_nodes(gm) and count(gm, cast_op()) == 1 and count(gm, gemm_op()) == 1
+    out = run(gm, [x], device)
+    assert out.dtype == dtype and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activations", ["token", "tensor"])
+def test_dynamic_graph_structure(device, activations):
+    """The scale is computed in the graph (abs, amax over the last dim kept or over all, float32,
+    floor, / fp8_max); the cast gets its reciprocal, the gemm the scale itself and the weight's."""
+    scheme = TOKEN_CHANNEL if activations == "token" else TENSOR_CHANNEL
+    layer = scheme_linear(16, 32, scheme, bias=True, dtype=torch.bfloat16, seed=2)
+    x = example(torch.bfloat16)
+    gm = traced(layer, x)
+    assert hpu.lower_to_hpu(gm) == 1
+    aten = torch.ops.aten
+    gemm = next(n for n in gm.graph.nodes if n.target == gemm_op())
+    qx, trans_a, w, trans_b, d, out_dtype, a_scale, b_scale, b, accumulate = gemm.args
+    assert (trans_a, trans_b, d, out_dtype, accumulate) == (False, True, None, torch.bfloat16, False)
+    assert w.target == "weight" and b_scale.target == "weight_scale" and b.target == "bias"
+    assert a_scale.target == aten.div.Tensor and a_scale.args[1] == 448.0
+    floor = a_scale.args[0]
+    assert floor.target == aten.clamp_min.default and floor.args[1] == 1e-12
+    to32 = floor.args[0]
+    assert to32.target == aten._to_copy.default and to32.kwargs == {"dtype": torch.float32}
+    amax = to32.args[0]
+    assert amax.target == aten.amax.default
+    assert tuple(amax.args[1:]) == (([-1], True) if activations == "token" else ([],))
+    assert amax.args[0].target == aten.abs.default and amax.args[0].args[0].op == "placeholder"
+    cast = qx.args[0]
+    assert cast.target == cast_op() and cast.args[2:] == (False, False, E4M3)
+    assert cast.args[1].target == aten.reciprocal.default and cast.args[1].args[0] is a_scale
+    assert count(gm, aten.reciprocal.default) == 1 and count(gm, aten.amax.default) == 1
+
+
+def test_dynamic_net_random_inputs(device):
+    """Three dynamic Linears on ordinary inputs: 1/s is arbitrary now, ``x * (1/s)`` may differ
+    from ``x / s`` by one float32 ulp and move an FP8 code; the result stays within FP8 noise."""
+    x = example(torch.float32)
+    model = SchemeNet([TOKEN_CHANNEL, TENSOR_TENSOR, TOKEN_TENSOR], torch.float32)
+    expected = scheme_definition(model, x)
+    gm = traced(model, x)
+    assert hpu.lower_to_hpu(gm) == 3
+    assert not scaled_nodes(gm) and count(gm, gemm_op()) == 3 and count(gm, cast_op()) == 3
+    assert N.sqnr_db(expected, run(gm, [x], device)) > 40.0
+
+
+def test_schemes_without_gaudi_form_are_kept_with_reason(device):
+    """Block weights, group activations and weight-only stay ``fp8fx.scaled_linear`` nodes (their
+    eager kernel), each with its reason in node.meta; the dynamic one next to them is lowered."""
+    x = example(torch.float32)
+    model = SchemeNet([BLOCK, TOKEN_CHANNEL, WEIGHT_ONLY], torch.float32)
+    gm = traced(model, x)
+    assert hpu.lower_to_hpu(gm) == 1
+    kept = scaled_nodes(gm)
+    assert len(kept) == 2 and count(gm, gemm_op()) == 1
+    reasons = {n.args[6]: n.meta["fp8fx_hpu"] for n in kept}
+    assert set(reasons) == {"group", "none"}
+    assert hpu.KEPT_REASONS["block"] in reasons["group"]  # BLOCK: block weights decide it
+    assert hpu.KEPT_REASONS["none"] in reasons["none"]
+    assert hpu.kept_reason(kept[0]) is not None
+    assert N.sqnr_db(scheme_definition(model, x), run(gm, [x], device)) > 40.0
+
+
+@pytest.mark.parametrize("scheme, key", [(BLOCK, "block"), (GROUP_ONLY, "group"), (WEIGHT_ONLY, "none")])
+def test_graph_of_kept_schemes_needs_no_gaudi(monkeypatch, scheme, key):
+    monkeypatch.setattr(hpu, "_HPU_NAMESPACE", "fp8fx_test_absent")
+    monkeypatch.setattr(hpu, "habana_available", lambda: False)
+    layer = scheme_linear(16, 32, scheme, bias=True, dtype=torch.float32, seed=0)
+    x = example(torch.float32)
+    gm = traced(layer, x)
+    code = gm.code
+    assert hpu.lower_to_hpu(gm) == 0
+    assert gm.code == code
+    node, = scaled_nodes(gm)
+    assert hpu.KEPT_REASONS[key] in node.meta["fp8fx_hpu"]
+
+
+def test_missing_hpu_ops_name_the_scaled_linear_node(monkeypatch):
+    monkeypatch.setattr(hpu, "_HPU_NAMESPACE", "fp8fx_test_absent")
+    monkeypatch.setattr(hpu, "habana_available", lambda: False)
+    x = example(torch.float32)
+    gm = traced(scheme_linear(16, 32, TOKEN_CHANNEL, bias=False, dtype=torch.float32, seed=0), x)
+    code = gm.code
+    with pytest.raises(QuantizationError, match=r"fp8fx.scaled_linear.*cast_to_fp8_v2.*habana_frameworks"):
+        hpu.lower_to_hpu(gm)
+    assert gm.code == code
+
+
+def test_dynamic_on_gaudi2_divides_by_240_and_requantizes(gaudi2, device):
+    """fp8_max 448 on Gaudi2 (E4M3 up to ±240): the weights are requantized as for static
+    Linears and the dynamic scale is ``amax / 240``, so the lowered graph equals the op's
+    definition at fp8_max 240 with the requantized weights."""
+    layer = scheme_linear(16, 32, TOKEN_CHANNEL, bias=True, dtype=torch.float32, seed=6)
+    x = pow2_rows(torch.float32, 240.0 * 2**-2)
+    gm = traced(layer, x)
+    assert hpu.lower_to_hpu(gm, e4m3_max=240.0) == 1
+    gemm = next(n for n in gm.graph.nodes if n.target == gemm_op())
+    assert gemm.args[6].args[1] == 240.0
+    new_w, new_s = getattr(gm, gemm.args[2].target), getattr(gm, gemm.args[7].target)
+    assert new_w.float().abs().max().item() <= 240.0
+    torch.testing.assert_close(new_s, layer.weight_scale * (448.0 / 240.0), rtol=0, atol=0)
+    expected = scaled_linear_reference(x, new_w, new_s, None, layer.bias, 240.0, "token", 0, 0, 0)
+    # the activation codes are the same (s = 2^-2); the weight scales (x 448/240) are not powers of
+    # two, so multiplying them after the GEMM instead of before rounds differently in float32
+    torch.testing.assert_close(run(gm, [x], device), expected, rtol=1e-5, atol=1e-5)
+    # and it is not the definition at the node's fp8_max 448 (scale amax / 448, other FP8 codes)
+    assert not torch.allclose(
+        expected, scaled_linear_reference(x, new_w, new_s, None, layer.bias, 448.0, "token", 0, 0, 0), rtol=1e-3)
+
+
+def test_dynamic_dynamo_graph(device):
+    """A dynamo graph (weights and scales are placeholders) of an FP8_DYNAMIC Linear."""
+    layer = scheme_linear(16, 32, TOKEN_CHANNEL, bias=True, dtype=torch.bfloat16, seed=3)
+    x = pow2_rows(torch.bfloat16, 448.0 * 2**-4)
+    expected = scheme_definition(layer, x)
+    gm, inputs = dynamo_graph(layer, x)
+    assert len(scaled_nodes(gm)) == 1
+    assert hpu.lower_to_hpu(gm) == 1
+    gemm = next(n for n in gm.graph.nodes if n.target == gemm_op())
+    assert gemm.args[2].op == "placeholder" and gemm.args[7].op == "placeholder"
+    torch.testing.assert_close(run(gm, inputs, device), expected, rtol=0, atol=0)
+
+
+def test_quantize_fp8_dynamic_model_lowers_every_linear(device):
+    """``fp8fx.quantize(model, "FP8_DYNAMIC")`` then a symbolic trace: every Linear lowered."""
+    import fp8fx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    x = example(torch.float32)
+    fp8fx.quantize(model, "FP8_DYNAMIC", example_inputs=(x,))
+    assert all(isinstance(m, Fp8Linear) for m in (model[0], model[2]))
+    expected = scheme_definition(model, x)
+    gm = traced(model, x)
+    assert hpu.lower_to_hpu(gm) == 2 and not scaled_nodes(gm)
+    assert N.sqnr_db(expected, run(gm, [x], device)) > 40.0
+
+
+def test_scaled_linear_static_is_lowered_like_linear(device):
+    """A static ``fp8fx.scaled_linear`` node (per-tensor weights) takes fp8fx.linear's form."""
+    layer = make_linear(16, 8, per_channel=False, bias=True, dtype=torch.float32, seed=3)
+    graph, root = fx.Graph(), nn.Module()
+    root.lin = layer
+    x = graph.placeholder("x")
+    a = {n: graph.get_attr(f"lin.{n}") for n in ("weight", "weight_scale", "input_scale", "bias")}
+    y = graph.call_function(torch.ops.fp8fx.scaled_linear.default,
+                            (x, a["weight"], a["weight_scale"], a["input_scale"], a["bias"], 448.0, "static", 0, 0, 0))
+    graph.output(y)
+    gm = fx.GraphModule(root, graph)
+    inp = example(torch.float32)
+    expected = scaled_linear_reference(inp, layer.weight, layer.weight_scale, layer.input_scale, layer.bias,
+                                       448.0, "static", 0, 0, 0)
+    assert hpu.lower_to_hpu(gm, out_dtype=torch.float32) == 1
+    cast = next(n for n in gm.graph.nodes if n.target == cast_op())
+    assert cast.args[1].op == "get_attr"  # folded 1/s
+    torch.testing.assert_close(run(gm, [inp], device), expected, rtol=0, atol=0)

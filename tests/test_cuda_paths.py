@@ -352,3 +352,208 @@ def test_cuda_old_gpu_raises() -> None:
     layer = _layer(64, 48, E4M3, False, False, seed=3).to("cuda")
     with pytest.raises(QuantizationError, match="8.9"):
         inductor._decompose_linear(torch.randn(2, 64, device="cuda"), *_layer_args(layer))
+
+
+# ---- fp8fx::scaled_linear (schemes) on CUDA ---------------------------------------------------
+
+from fp8fx.backends import inductor_schemes  # noqa: E402
+from fp8fx.kernels.schemes import scaled_linear_reference  # noqa: E402
+
+
+def _fake_scheme_args(n: int, k: int, *, weights: str, activations: str, group: int = 0,
+                      block: tuple[int, int] = (0, 0), dtype: torch.dtype = torch.bfloat16,
+                      lead: tuple[int, ...] = (2, 3), fmt: torch.dtype = E4M3):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        dev = torch.device("cuda")
+        if weights == "block":
+            ws = torch.empty(-(-n // block[0]), -(-k // block[1]), device=dev)
+        else:
+            ws = torch.empty(n if weights == "channel" else (), device=dev)
+        return (torch.empty(*lead, k, dtype=dtype, device=dev), torch.empty(n, k, dtype=fmt, device=dev), ws,
+                None, torch.empty(n, dtype=dtype, device=dev), 448.0, activations, group, *block)
+
+
+def _scaled_mm_vals(gm):
+    node = _only(gm, aten._scaled_mm.default)
+    return node, [a.meta["val"] for a in node.args[:4]]
+
+
+def test_scheme_fp8_dynamic_takes_rowwise_scaled_mm() -> None:
+    """FP8_DYNAMIC (per-token x per-channel), bfloat16: ``scale_a [M, 1]``, ``scale_b [1, N]``,
+    both contiguous float32, bfloat16 output (the row-wise rule); bias in the epilogue."""
+    gm = _trace(inductor_schemes.decompose_scaled_linear,
+                _fake_scheme_args(64, 32, weights="channel", activations="token"))
+    node, (q, w_t, s_a, s_b) = _scaled_mm_vals(gm)
+    assert q.dtype == w_t.dtype == E4M3 and tuple(q.shape) == (6, 32) and w_t.stride() == (1, 32)
+    assert tuple(s_a.shape) == (6, 1) and s_a.stride() == (1, 1) and s_a.dtype == torch.float32
+    assert tuple(s_b.shape) == (1, 64) and s_b.stride() == (64, 1) and s_b.dtype == torch.float32
+    assert node.meta["val"].dtype == torch.bfloat16
+    assert aten.amax.default in _targets(gm)  # the dynamic scale is computed in the graph
+    y = _out_val(gm)
+    assert tuple(y.shape) == (2, 3, 64) and y.dtype == torch.bfloat16 and y.device.type == "cuda"
+
+
+def test_scheme_dynamic_tensor_takes_tensorwise_scaled_mm() -> None:
+    gm = _trace(inductor_schemes.decompose_scaled_linear,
+                _fake_scheme_args(64, 32, weights="tensor", activations="tensor", dtype=torch.float16))
+    node, (_, _, s_a, s_b) = _scaled_mm_vals(gm)
+    assert s_a.shape == s_b.shape == () and node.meta["val"].dtype == torch.float32
+    assert _out_val(gm).dtype == torch.float16
+
+
+def test_scheme_fp8_dynamic_float32_model_dequantizes() -> None:
+    """The row-wise form only outputs bfloat16: a float32 model takes the float32 ``mm``."""
+    gm = _trace(inductor_schemes.decompose_scaled_linear,
+                _fake_scheme_args(64, 32, weights="channel", activations="token", dtype=torch.float32))
+    assert aten._scaled_mm.default not in _targets(gm) and aten.mm.default in _targets(gm)
+
+
+@pytest.mark.parametrize("lead", [(2, 3), (1,), (7,)])
+def test_scheme_fp8_block_takes_blockwise_scaled_mm_on_sm90(lead) -> None:
+    """FP8_BLOCK, K = 512, N = 256 on sm90: ``scale_a [M, K/128]`` outer-dim-major (strides
+    ``(1, M)``), ``scale_b [K/128, N/128]`` whose transpose is the stored row-major scale;
+    the meta checks of ``_scaled_mm`` accept exactly these layouts for the block recipe."""
+    gm = _trace(inductor_schemes.decompose_scaled_linear,
+                _fake_scheme_args(256, 512, weights="block", activations="group", group=128, block=(128, 128),
+                                  lead=lead))
+    node, (q, w_t, s_a, s_b) = _scaled_mm_vals(gm)
+    m = 1
+    for d in lead:
+        m *= d
+    assert q.dtype == E4M3 and tuple(q.shape) == (m, 512) and tuple(w_t.shape) == (512, 256)
+    assert tuple(s_a.shape) == (m, 4) and s_a.dtype == torch.float32
+    assert m == 1 or s_a.stride() == (1, m)
+    assert tuple(s_b.shape) == (4, 2) and s_b.stride() == (1, 4) and s_b.dtype == torch.float32
+    assert node.meta["val"].dtype == torch.bfloat16
+    assert aten.mm.default not in _targets(gm)
+    y = _out_val(gm)
+    assert tuple(y.shape) == (*lead, 256) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("capability, n, k, group, block, dtype, why", [
+    ((10, 0), 256, 512, 128, (128, 128), torch.bfloat16, "Blackwell: no 2-D block scales in cuBLAS"),
+    ((8, 9), 256, 512, 128, (128, 128), torch.bfloat16, "Ada"),
+    ((9, 0), 256, 384, 128, (128, 128), torch.bfloat16, "K/128 = 3, not a multiple of 4"),
+    ((9, 0), 200, 512, 128, (128, 128), torch.bfloat16, "N not a multiple of 128"),
+    ((9, 0), 256, 512, 64, (64, 64), torch.bfloat16, "64x64 blocks"),
+    ((9, 0), 256, 512, 128, (128, 128), torch.float32, "float32 model"),
+])
+def test_scheme_block_fallback_dequantizes(capability, n, k, group, block, dtype, why) -> None:
+    gm = _trace(inductor_schemes.decompose_scaled_linear,
+                _fake_scheme_args(n, k, weights="block", activations="group", group=group, block=block,
+                                  dtype=dtype), capability)
+    targets = _targets(gm)
+    assert aten._scaled_mm.default not in targets, why
+    mm = _only(gm, aten.mm.default)
+    assert all(a.meta["val"].dtype == torch.float32 for a in mm.args)
+    y = _out_val(gm)
+    assert tuple(y.shape) == (2, 3, n) and y.dtype == dtype
+
+
+@pytest.mark.parametrize("weights, activations, group", [("channel", "none", 0), ("channel", "group", 128)])
+def test_scheme_weight_only_and_group_only_dequantize(weights, activations, group) -> None:
+    gm = _trace(inductor_schemes.decompose_scaled_linear,
+                _fake_scheme_args(256, 512, weights=weights, activations=activations, group=group))
+    assert aten._scaled_mm.default not in _targets(gm) and aten.mm.default in _targets(gm)
+
+
+def test_scheme_capability_error() -> None:
+    with pytest.raises(QuantizationError, match=r"compute capability 8\.0.*8\.9"):
+        _trace(inductor_schemes.decompose_scaled_linear,
+               _fake_scheme_args(64, 32, weights="channel", activations="token"), (8, 0))
+
+
+def _emulated_blockwise_scaled_mm(a, b, *, scale_a, scale_b, out_dtype):
+    """``torch._scaled_mm``'s 1x128 x 128x128 recipe, written from its definition: the product
+    of each 128-long K slice scaled by ``scale_a[m, kb] * scale_b.t()[n // 128, kb]``."""
+    m, k = a.shape
+    n = b.shape[1]
+    acc = torch.zeros(m, n)
+    sb = scale_b.t()
+    for kb in range(k // 128):
+        part = a[:, kb * 128:(kb + 1) * 128].float() @ b[kb * 128:(kb + 1) * 128].float()
+        acc += part * scale_a[:, kb:kb + 1] * sb[:, kb].repeat_interleave(128)[None, :n]
+    return acc.to(out_dtype)
+
+
+def test_scheme_block_formula_numerics_on_cpu() -> None:
+    """The block form's operands and scale layouts, run on CPU through an emulation of the
+    recipe, equal the op's definition up to the bfloat16 rounding of the output."""
+    gen = torch.Generator().manual_seed(3)
+    n, k = 256, 512
+    w = torch.randn(n, k, generator=gen) * 0.05
+    tiles = w.abs().reshape(2, 128, 4, 128).amax(dim=(1, 3)) / 448.0
+    q = numerics.quantize_fp32(w, numerics.expand_block_scale(tiles, (n, k), (128, 128)), E4M3, 448.0)
+    x = (torch.randn(5, k, generator=gen) * 3).to(torch.bfloat16)
+    with mock.patch.object(torch, "_scaled_mm", _emulated_blockwise_scaled_mm):
+        got = inductor_schemes._cuda_block_gemm(x, q, tiles, 448.0, "group", 128, 128, 128, torch.bfloat16, (9, 0))
+    want = scaled_linear_reference(x, q, tiles, None, None, 448.0, "group", 128, 128, 128)
+    assert got is not None and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+    assert numerics.sqnr_db(want.float(), got.float()) > 45.0
+
+
+def _scheme_layer(scheme: str, n: int, k: int, seed: int):
+    from fp8fx.schemes import Scheme
+
+    gen = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(k, n, dtype=torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen) * 0.05)
+        lin.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    ls = Scheme.preset(scheme, "scheme").linear
+    bn, bk = ls.op_block
+    return lin, ls, bn, bk
+
+
+def _quantized_args(lin, ls, bn, bk):
+    w = lin.weight.detach().float()
+    n, k = w.shape
+    if bn:
+        nb, kb = -(-n // bn), -(-k // bk)
+        s = w.abs().reshape(nb, bn, kb, bk).amax(dim=(1, 3)) / 448.0
+        q = numerics.quantize_fp32(w, numerics.expand_block_scale(s, (n, k), (bn, bk)), E4M3, 448.0)
+    else:
+        s = w.abs().amax(dim=1) / 448.0
+        q = numerics.quantize_fp32(w, s.reshape(-1, 1), E4M3, 448.0)
+    return q, s, None, lin.bias.detach(), 448.0, ls.activations.op_name, ls.op_group, bn, bk
+
+
+@fp8_gpu
+@pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "FP8_BLOCK"])
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_cuda_scheme_decomposition_runs_on_gpu(scheme, m) -> None:
+    """``decompose_scaled_linear`` eagerly on the GPU (real ``_scaled_mm`` forms) against the CPU
+    definition."""
+    lin, ls, bn, bk = _scheme_layer(scheme, 256, 512, seed=m)
+    args = _quantized_args(lin, ls, bn, bk)
+    x = (torch.randn(m, 512) * 2).to(torch.bfloat16)
+    want = scaled_linear_reference(x, *args)
+    cuda_args = tuple(a.cuda() if isinstance(a, Tensor) else a for a in args)
+    got = inductor_schemes.decompose_scaled_linear(x.cuda(), *cuda_args).cpu()
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert numerics.sqnr_db(want.float(), got.float()) > 35.0
+
+
+@fp8_gpu
+@pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "FP8_BLOCK"])
+def test_cuda_quantized_scheme_model_compiles(scheme) -> None:
+    """``fp8fx.quantize(model, scheme)`` + ``torch.compile`` on the GPU: close to eager, no call
+    of the eager op left in the generated code."""
+    import fp8fx
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.GELU(), torch.nn.Linear(256, 512))
+    model = model.to("cuda", torch.bfloat16)
+    x = torch.randn(8, 512, device="cuda", dtype=torch.bfloat16)
+    fp8fx.quantize(model, scheme, example_inputs=(x,))
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        out, codes = run_and_get_code(compiled, x)
+        ref = model(x)
+    assert numerics.sqnr_db(ref.float(), out.float()) > 30.0
+    assert "torch.ops.fp8fx.scaled_linear" not in "\n".join(codes)

@@ -82,7 +82,7 @@ def _options(options: dict | None) -> dict:
 
 def _cast_key(m: Match, cfg: FP8Config) -> tuple:
     return (cfg.scale_method_for(m.name, m.module_type).value, cfg.backoffs_for(m.name, m.module_type)[1],
-            cfg.fp8_dtype, cfg.fp8_max, cfg.target.value)
+            cfg.fp8_dtype, cfg.fp8_max, cfg.target.value, cfg.scheme_for(m.name, m.module_type, m.experts))
 
 
 def cached_weight_quant(weight: Tensor, m: Match, cfg: FP8Config) -> tuple[Tensor, Tensor]:
@@ -108,7 +108,7 @@ def _measurements(cfg: FP8Config) -> Measurements | None:
     rank, world = worker(cfg)
     stats = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else (str(p),)
                   for p in measurement_file_paths(cfg.dump_stats_path, cfg.observer.value, rank, world))
-    key = (stats, cfg.resolved_scale_method.needs_measurement)
+    key = (stats, cfg.needs_measurement)
     if key not in _MEASUREMENTS:
         if len(_MEASUREMENTS) > 8:
             _MEASUREMENTS.clear()
@@ -121,8 +121,10 @@ def _digest(cfg: FP8Config, quants: list[LinearQuant]) -> str:
     graph's code, which the FX graph cache hashes already)."""
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
     for q in quants:
+        h.update(repr(q.scheme).encode())
         for t in (q.weight_scale, q.input_scale, q.weight):
-            h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+            if t is not None:
+                h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -165,9 +167,10 @@ def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
         quants: list[LinearQuant] = []
 
         def quantize(weight: Tensor, m: Match) -> LinearQuant:
-            x_scale = input_scale(m.name, m.module_type, cfg, meas, weight.device)
+            scheme = cfg.scheme_for(m.name, m.module_type, m.experts)
+            x_scale = input_scale(m.name, m.module_type, cfg, meas, weight.device) if scheme.static else None
             w_q, w_scale = cached_weight_quant(weight, m, cfg)
-            quants.append(LinearQuant(w_q, w_scale, x_scale))
+            quants.append(LinearQuant(w_q, w_scale, x_scale, scheme))
             return quants[-1]
 
         rewrite_linears_in_graph(cg, decisions, cfg, meas, quantize=quantize)

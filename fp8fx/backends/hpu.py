@@ -17,7 +17,28 @@ fp8fx                                   Gaudi
 
                                         ``y = hpu.fp8_gemm_v2(qx, False, w, True, None,
                                         x.dtype, s_x, s_w, bias, False)``
+``scaled_linear(..., "token"|"tensor",  ``s = max(amax(|x|), AMAX_FLOOR) / fp8_max`` in
+0, 0, 0)`` (dynamic activations,        float32 (aten ops; over the last dim, kept: ``[...,
+``s_w`` 0-d or ``[N]``)                 1]``, for ``token``; 0-d for ``tensor``), then the
+                                        cast with ``1/s`` and the gemm with ``A_scale_inv
+                                        = s``, as above
+``scaled_linear(..., "static", 0, 0,    as ``linear``
+0)``
+``scaled_linear`` with block weights,   kept: the node stays, its eager kernel runs
+group activations or weight-only        (reasons in :data:`KEPT_REASONS`, written into
+                                        ``node.meta["fp8fx_hpu"]``)
 ======================================  ==================================================
+
+Dynamic schemes follow the op form INC uses on Gaudi for ``dynamic_quantization`` (its
+``QuantDynamicInput`` and ``PatchedLinearBase.run_linear_quant``): a per-row scale tensor
+``[..., 1]`` goes to ``cast_to_fp8_v2`` as ``1/s`` and to ``fp8_gemm_v2`` as ``A_scale_inv``,
+next to a 0-d or ``[N]`` weight scale. The scale itself is fp8fx's (``docs/hpu.md`` lists the
+differences): INC computes it with ``hpu.calculate_scale_for_cast`` (or aten ops), a backoff
+of 0.5 and a power-of-two rounding; fp8fx uses no backoff and no rounding, so the scale here
+is plain aten ops (``abs``, ``amax``, ``clamp_min``, ``div``, ``reciprocal``) that keep the
+op's numerics. ``1/s`` is then an arbitrary float32 and ``x * (1/s)`` can differ from fp8fx's
+``x / s`` by one float32 ulp before the FP8 rounding, which moves an FP8 code now and then
+(never for power-of-two scales). MoE expert GEMMs (``fp8fx::grouped_linear``) are not lowered.
 
 Argument semantics of the Gaudi ops (schemas as the bridge registers them)::
 
@@ -95,14 +116,29 @@ from torch import Tensor
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.fp8fx.*)
 from ..errors import QuantizationError
 from ..fp8 import E4M3, FP8_DTYPES
+from ..kernels.schemes import AMAX_FLOOR
 from ..numerics import quantize_fp32
 
-__all__ = ["habana_available", "gaudi_e4m3_max", "lower_to_hpu", "HPU_OPS"]
+__all__ = ["habana_available", "gaudi_e4m3_max", "lower_to_hpu", "kept_reason", "HPU_OPS", "KEPT_REASONS",
+           "DYNAMIC_HPU_ACTIVATIONS"]
 
 # the Gaudi ops this lowering emits; looked up in torch.ops.<_HPU_NAMESPACE> at lowering time
 HPU_OPS = ("cast_to_fp8_v2", "fp8_gemm_v2")
 _HPU_NAMESPACE = "hpu"
 _LINEAR_ARGS = ("x", "weight", "weight_scale", "input_scale", "bias", "fp8_max")
+_SCALED_ARGS = _LINEAR_ARGS + ("activations", "group_size", "block_n", "block_k")
+#: ``fp8fx::scaled_linear`` activation schemes with a Gaudi form (dynamic, one scale per row or tensor)
+DYNAMIC_HPU_ACTIVATIONS = ("token", "tensor")
+#: why the other ``fp8fx::scaled_linear`` schemes keep the op (and its eager kernel); written into
+#: ``node.meta["fp8fx_hpu"]`` of every node the pass leaves
+KEPT_REASONS = {
+    "group": "dynamic 1xG group activation scales vary along K; fp8_gemm_v2 applies one A scale per row "
+             "(or per tensor) after the product, and no Gaudi FP8 GEMM form takes per-group scales",
+    "block": "block weight scales vary along K; fp8_gemm_v2's B_scale_shape argument is not documented and "
+             "INC never passes it (vLLM's Gaudi plugin dequantizes block weights to bfloat16 instead)",
+    "none": "weight-only: INC's fp8_quant has no FP8 weight-only Linear on Gaudi; the op's kernel "
+            "dequantizes the weight and runs a high-precision GEMM, which is that form already",
+}
 # metadata keys that describe a node's value; the rest (module stack, stack trace, fp8fx
 # annotations) is copied onto the nodes that replace it
 _VALUE_META = ("val", "example_value", "tensor_meta")
@@ -158,7 +194,8 @@ def _require_hpu_ops(nodes: list[fx.Node]) -> None:
     if missing:
         names = ", ".join(f"torch.ops.{_HPU_NAMESPACE}.{m}" for m in missing)
         raise QuantizationError(
-            f"cannot lower {len(nodes)} fp8fx.linear node(s) (first: {nodes[0].name!r}) to Gaudi: "
+            f"cannot lower {len(nodes)} fp8fx node(s) (first: {nodes[0].name!r}, "
+            f"{_op_name(nodes[0])}) to Gaudi: "
             f"{names} {'is' if len(missing) == 1 else 'are'} not registered. Install the Intel "
             "Gaudi software stack (habana_frameworks.torch, shipped with the Gaudi drivers and "
             "containers, not on PyPI) and run on a Gaudi host, or use the reference/inductor "
@@ -177,21 +214,60 @@ def _is_fp8fx_linear(node: fx.Node) -> bool:
     return node.target is packet or node.target is packet.default
 
 
+def _is_fp8fx_scaled_linear(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    packet = torch.ops.fp8fx.scaled_linear
+    return node.target is packet or node.target is packet.default
+
+
+def _op_name(node: fx.Node) -> str:
+    return "fp8fx.scaled_linear" if _is_fp8fx_scaled_linear(node) else "fp8fx.linear"
+
+
 def _bind(node: fx.Node) -> dict[str, Any]:
     """The node's arguments by schema name, whether passed positionally or by keyword."""
-    if len(node.args) > len(_LINEAR_ARGS):
+    names, op = (_SCALED_ARGS if _is_fp8fx_scaled_linear(node) else _LINEAR_ARGS), _op_name(node)
+    if len(node.args) > len(names):
         raise QuantizationError(
-            f"node {node.name!r}: fp8fx.linear takes {len(_LINEAR_ARGS)} arguments "
-            f"{_LINEAR_ARGS}, got {len(node.args)} positional ones; re-capture the model")
-    bound = dict(zip(_LINEAR_ARGS, node.args))
+            f"node {node.name!r}: {op} takes {len(names)} arguments "
+            f"{names}, got {len(node.args)} positional ones; re-capture the model")
+    bound = dict(zip(names, node.args))
     bound.update(node.kwargs)
-    missing = [name for name in _LINEAR_ARGS if name not in bound]
-    unknown = [name for name in bound if name not in _LINEAR_ARGS]
+    missing = [name for name in names if name not in bound]
+    unknown = [name for name in bound if name not in names]
     if missing or unknown:
         raise QuantizationError(
-            f"node {node.name!r}: fp8fx.linear call has missing arguments {missing} / unknown "
-            f"arguments {unknown}; expected {_LINEAR_ARGS}. Re-capture the model")
+            f"node {node.name!r}: {op} call has missing arguments {missing} / unknown "
+            f"arguments {unknown}; expected {names}. Re-capture the model")
     return bound
+
+
+def _scheme_args(node: fx.Node, args: dict[str, Any]) -> tuple[str, int, int, int]:
+    """``(activations, group_size, block_n, block_k)`` of a scaled_linear node, checked constant."""
+    acts, group, bn, bk = (args[k] for k in ("activations", "group_size", "block_n", "block_k"))
+    ints_ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (group, bn, bk))
+    if not isinstance(acts, str) or not ints_ok:
+        raise QuantizationError(
+            f"node {node.name!r}: fp8fx.scaled_linear needs constant scheme arguments (activations str, "
+            f"group_size/block_n/block_k int), got {(acts, group, bn, bk)!r}; re-capture the model with its "
+            "Fp8Linear modules unchanged")
+    return acts, group, bn, bk
+
+
+def kept_reason(node: fx.Node) -> str | None:
+    """Why :func:`lower_to_hpu` leaves this ``fp8fx.scaled_linear`` node as it is (None: it has a
+    Gaudi form, or it is not such a node)."""
+    if not _is_fp8fx_scaled_linear(node):
+        return None
+    acts, _, block_n, _ = _scheme_args(node, _bind(node))
+    if block_n > 0:
+        return KEPT_REASONS["block"]
+    if acts in DYNAMIC_HPU_ACTIVATIONS:
+        return None
+    if acts == "static":  # static activations with per-tensor/channel weights run fp8fx.linear
+        return None
+    return KEPT_REASONS.get(acts, f"activations {acts!r} have no Gaudi form")
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
@@ -258,6 +334,7 @@ class _Plan:
     fp8_dtype: torch.dtype
     out_dtype: torch.dtype
     requantize: tuple[Tensor, Tensor] | None  # (FP8 weight, its scale) to requantize
+    dynamic: str | None = None  # "token" / "tensor": the activation scale is computed per call
 
 
 class _Lowering:
@@ -303,6 +380,29 @@ class _Lowering:
         w_name, s_name = self.requant_cache[key]
         return self._get_attr(w_name, node), self._get_attr(s_name, node)
 
+    def _dynamic_scale(self, node: fx.Node, x: fx.Node, plan: _Plan) -> tuple[fx.Node, fx.Node]:
+        """``(s, 1/s)`` of the activation, computed in the graph as fp8fx defines it:
+        ``max(amax(|x|), AMAX_FLOOR) / fp8_max`` in float32, over the last dim (kept, ``[..., 1]``)
+        for ``token`` or over everything (0-d) for ``tensor``; unrounded. ``fp8_max`` above the
+        Gaudi's E4M3 range (448 on Gaudi2) divides by that range instead: the cast could not hold
+        larger codes (INC computes its dynamic scales with the device's full scale too)."""
+        g = self.graph
+        limit = float(plan.args["fp8_max"])
+        if plan.fp8_dtype == E4M3.dtype:
+            limit = min(limit, self.e4m3_max)
+        mag = g.call_function(torch.ops.aten.abs.default, (x,))
+        if plan.dynamic == "token":
+            amax = g.call_function(torch.ops.aten.amax.default, (mag, [-1], True))
+        else:
+            amax = g.call_function(torch.ops.aten.amax.default, (mag, []))
+        amax32 = g.call_function(torch.ops.aten._to_copy.default, (amax,), {"dtype": torch.float32})
+        floored = g.call_function(torch.ops.aten.clamp_min.default, (amax32, AMAX_FLOOR))
+        scale = g.call_function(torch.ops.aten.div.Tensor, (floored, limit))
+        inv = g.call_function(torch.ops.aten.reciprocal.default, (scale,))
+        for new in (mag, amax, amax32, floored, scale, inv):
+            _copy_meta(node, new)
+        return scale, inv
+
     def plan(self, node: fx.Node) -> _Plan:
         """Check that ``node`` can be lowered and resolve what its lowering needs; no mutation."""
         args = _bind(node)
@@ -325,6 +425,12 @@ class _Lowering:
                 "recorded in the graph, and fp8_gemm_v2 needs its out_dtype up front. Capture "
                 "with dynamo or torch.export, run torch.fx.passes.shape_prop.ShapeProp(gm)"
                 ".propagate(*example_inputs) first, or pass out_dtype= to lower_to_hpu")
+        dynamic = None
+        if _is_fp8fx_scaled_linear(node):
+            acts, _, block_n, _ = _scheme_args(node, args)
+            if block_n > 0 or acts not in DYNAMIC_HPU_ACTIVATIONS + ("static",):
+                raise QuantizationError(f"node {node.name!r} has no Gaudi form: {kept_reason(node)}")
+            dynamic = None if acts == "static" else acts
         requantize = None
         if fp8_dtype == E4M3.dtype and float(fp8_max) > self.e4m3_max:
             w, s = _constant_attr(self.gm, weight), _constant_attr(self.gm, args["weight_scale"])
@@ -336,7 +442,7 @@ class _Lowering:
                     "model for Gaudi2 (target 'gaudi2', fp8_max 240), or lower a GraphModule "
                     "that holds the weights as attributes (torch.fx.symbolic_trace)")
             requantize = (w, s)
-        return _Plan(args, fp8_dtype, out_dtype, requantize)
+        return _Plan(args, fp8_dtype, out_dtype, requantize, dynamic)
 
     def emit(self, node: fx.Node, plan: _Plan) -> None:
         args = plan.args
@@ -346,7 +452,10 @@ class _Lowering:
             if plan.requantize is not None:
                 weight, weight_scale = self._requantize(node, weight, weight_scale,
                                                         plan.requantize, float(args["fp8_max"]))
-            scale_inv = self._scale_inv(node, input_scale)
+            if plan.dynamic is not None:
+                input_scale, scale_inv = self._dynamic_scale(node, x, plan)
+            else:
+                scale_inv = self._scale_inv(node, input_scale)
             cast = self.graph.call_function(
                 _hpu_op("cast_to_fp8_v2"), (x, scale_inv, False, False, plan.fp8_dtype))
             qx = self.graph.call_function(operator.getitem, (cast, 0))
@@ -378,10 +487,14 @@ def lower_to_hpu(
     e4m3_max: float | None = None,
     fuse_bias: bool = True,
 ) -> int:
-    """Replace every ``fp8fx::linear`` node of ``gm`` by Gaudi's cast + FP8 gemm; in place.
+    """Replace every ``fp8fx::linear`` node of ``gm``, and every ``fp8fx::scaled_linear`` node
+    whose scheme has a Gaudi form (dynamic per-token or per-tensor activations, per-tensor or
+    per-channel weights; static activations), by Gaudi's cast + FP8 gemm; in place.
 
     Returns the number of nodes rewritten (0 for a graph without any, which is left untouched
-    and needs no Gaudi). ``out_dtype`` is used only where the graph does not record the
+    and needs no Gaudi). The ``fp8fx::scaled_linear`` nodes left as they are (block weights,
+    group activations, weight-only: module docstring) get the reason in
+    ``node.meta["fp8fx_hpu"]`` (:func:`kept_reason`). ``out_dtype`` is used only where the graph does not record the
     input's dtype. ``e4m3_max`` is the hardware E4M3 saturation (240 Gaudi2, 448 Gaudi3;
     detected when omitted). ``fuse_bias=False`` adds the bias after the gemm, as INC does.
     Raises :class:`~fp8fx.errors.QuantizationError` when the Gaudi ops are not registered
@@ -392,7 +505,16 @@ def lower_to_hpu(
         raise QuantizationError(
             f"lower_to_hpu needs a torch.fx.GraphModule, got {type(gm).__name__}; capture the "
             "model first (dynamo backend, torch.export or torch.fx.symbolic_trace)")
-    nodes = [n for n in gm.graph.nodes if _is_fp8fx_linear(n)]
+    nodes = []
+    for n in gm.graph.nodes:
+        if _is_fp8fx_linear(n):
+            nodes.append(n)
+        elif _is_fp8fx_scaled_linear(n):
+            reason = kept_reason(n)
+            if reason is None:
+                nodes.append(n)
+            else:
+                n.meta["fp8fx_hpu"] = f"kept as fp8fx.scaled_linear (its eager kernel runs): {reason}"
     if not nodes:
         return 0
     _require_hpu_ops(nodes)

@@ -292,11 +292,13 @@ def _cache_tag() -> str:
     """A hash of the sources the decomposition is made of: this module, the quantization it
     calls (``fp8fx.numerics``, ``fp8fx.kernels.linear``) and the format table (``fp8fx.fp8``)."""
     from fp8fx import fp8, numerics
-    from fp8fx.kernels import linear
+    from fp8fx.backends import inductor_schemes
+    from fp8fx.kernels import linear, schemes
 
     digest = hashlib.sha256()
     try:
-        for module in (__file__, numerics.__file__, linear.__file__, fp8.__file__):
+        for module in (__file__, numerics.__file__, linear.__file__, fp8.__file__, inductor_schemes.__file__,
+                       schemes.__file__):
             digest.update(Path(module).read_bytes())
     except (OSError, TypeError):  # not plain files (zip import): the decomposition's bytecode
         digest = hashlib.sha256(_decompose_linear.__code__.co_code)
@@ -312,6 +314,9 @@ def register_lowering() -> None:
     op = torch.ops.fp8fx.linear.default
     for table in _decomposition_tables():
         table[op] = _decompose_linear
+    from fp8fx.backends.inductor_schemes import register_scheme_lowerings
+
+    register_scheme_lowerings(_decomposition_tables())
     from torch.compiler import config as compiler_config
 
     tag = _cache_tag()

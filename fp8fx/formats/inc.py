@@ -76,6 +76,13 @@ Choices made here:
   zip and pickle are wrapped, never leaked.
 * Multi-card measurements are merged by :func:`merge_measurements` (elementwise max), which INC
   leaves to external scripts.
+* Observers that write a clipped value (``percentile``, ``mse``: docs/observers.md) put it in
+  ``Nodes`` where INC reads the maxabs, and keep the true maxabs under the top-level key
+  ``"MaxAbs"`` (same layout; :attr:`Measurements.maxabs`); the parameters they used, and the
+  ``kv_cache_strategy`` of per-head measurements ((H, 1) arrays), go under ``"ObserverParams"``
+  (:attr:`Measurements.observer_params`). INC's loader looks only at ``Nodes``; both keys are
+  covered by the write id's digest, checked on read (a clipped value above its maxabs is
+  refused) and merged (max of both; parts with different parameters are refused).
 """
 
 from __future__ import annotations
@@ -102,7 +109,7 @@ from ..fileio import atomic_paths
 __all__ = [
     "NodeMeasurement", "Measurements", "measurement_file_paths", "mod_list_path",
     "write_measurements", "read_measurements", "merge_measurements", "write_scales",
-    "read_scales", "MEASURE_MODE", "SCALE_MODE", "WRITE_ID_KEY",
+    "read_scales", "MEASURE_MODE", "SCALE_MODE", "WRITE_ID_KEY", "MAXABS_KEY", "PARAMS_KEY",
 ]
 
 MEASURE_MODE = "DynamicRange"
@@ -112,6 +119,8 @@ _NODE_KEYS = ("inputs", "outputs", "params")
 _LEGACY_KEYS = {"input": "inputs", "output": "outputs"}
 _WORKER_RE = re.compile(r"_(\d+)_(\d+)$")
 WRITE_ID_KEY = "WriteId"
+MAXABS_KEY = "MaxAbs"
+PARAMS_KEY = "ObserverParams"
 _WRITE_ID_RE = re.compile(r"[0-9a-f]{32}-[0-9a-f]{16}")
 _RERUN = ("re-run calibration (fp8fx.prepare in MEASURE mode, the calibration batches, then "
           "fp8fx.finalize_calibration) to write a fresh set")
@@ -197,6 +206,12 @@ class Measurements:
     local_rank: int | None = None
     source: str | None = None
     num_samples: int | None = None
+    #: observers that write a clipped value in ``nodes`` (percentile, mse) keep the true maxabs
+    #: here, same layout, top-level key ``"MaxAbs"`` (INC reads only ``Nodes``); None otherwise
+    maxabs: dict[str, NodeMeasurement] | None = None
+    #: how the values were made (observer parameters, ``kv_cache_strategy``), top-level key
+    #: ``"ObserverParams"``; None (INC's files, plain maxabs): maxabs per tensor
+    observer_params: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,6 +506,116 @@ def _write_files(files: Sequence[tuple[Path, Any]], what: str) -> None:
             "(fp8fx.finalize_calibration).") from e
 
 
+def _params_to_write(params: Any) -> dict[str, Any]:
+    if not isinstance(params, Mapping) or not all(
+            isinstance(k, str) and (isinstance(v, (str, int, float)) and not isinstance(v, bool))
+            for k, v in params.items()):
+        raise MeasurementError(f"measurements to write: 'observer_params' must map names to numbers or "
+                               f"strings, got {params!r}; fix the Measurements object.")
+    for k, v in params.items():
+        if isinstance(v, float) and not np.isfinite(v):
+            raise MeasurementError(f"measurements to write: 'observer_params.{k}' is {v}; give a finite number.")
+    return dict(params)
+
+
+def _same_layout(value: np.ndarray | None, amax: np.ndarray | None, where: str) -> None:
+    """A clipped value and its maxabs: same shape, value never above the maxabs."""
+    if (value is None) != (amax is None):
+        raise MeasurementError(f"{where}: present in one of '{MAXABS_KEY}' and 'Nodes' only; regenerate the file.")
+    if value is None:
+        return
+    if value.shape != amax.shape:
+        raise MeasurementError(f"{where}: shape {amax.shape} in '{MAXABS_KEY}' but {value.shape} in 'Nodes'; "
+                               "regenerate the file.")
+    if np.any(value > amax * (1 + 1e-6)):
+        raise MeasurementError(f"{where}: the value in 'Nodes' ({float(np.max(value))}) is above the maxabs in "
+                               f"'{MAXABS_KEY}' ({float(np.max(amax))}); a clipped value never is: the file is "
+                               "corrupt or edited, regenerate it.")
+
+
+def _check_maxabs_nodes(maxabs: Mapping[str, NodeMeasurement], nodes: Mapping[str, NodeMeasurement],
+                        where: str) -> None:
+    for name, node in maxabs.items():
+        if name not in nodes:
+            raise MeasurementError(f"{where}: node '{name}' is in '{MAXABS_KEY}' but not in 'Nodes'; "
+                                   "regenerate the file.")
+        ref = nodes[name]
+        at = f"{where}: node '{name}' key"
+        if len(node.inputs) != len(ref.inputs) or (node.outputs is None) != (ref.outputs is None) or \
+                len(node.outputs or []) != len(ref.outputs or []):
+            raise MeasurementError(f"{at} '{MAXABS_KEY}': not the same inputs/outputs as in 'Nodes'; "
+                                   "regenerate the file.")
+        for i, (a, v) in enumerate(zip(node.inputs, ref.inputs)):
+            _same_layout(v, a, f"{at} 'inputs[{i}]'")
+        for i, (a, v) in enumerate(zip(node.outputs or [], ref.outputs or [])):
+            _same_layout(v, a, f"{at} 'outputs[{i}]'")
+
+
+def _extras_to_write(m: Measurements, arrays: Mapping[str, Any]) -> dict[str, Any]:
+    """The top-level keys besides INC's: ``ObserverParams`` and ``MaxAbs`` (when set)."""
+    extra: dict[str, Any] = {}
+    if m.observer_params is not None:
+        extra[PARAMS_KEY] = _params_to_write(m.observer_params)
+    if m.maxabs is not None:
+        where = "measurements to write"
+        _check_maxabs_nodes(m.maxabs, m.nodes, where)
+        out = {}
+        for name, node in m.maxabs.items():
+            entry: dict[str, Any] = {"inputs": [None if x is None else _measured(x, f"{where}: node '{name}' key "
+                                                                              f"'{MAXABS_KEY}.inputs[{i}]'")
+                                                for i, x in enumerate(node.inputs)]}
+            if node.outputs is not None:
+                entry["outputs"] = [_measured(x, f"{where}: node '{name}' key '{MAXABS_KEY}.outputs[{i}]'")
+                                    for i, x in enumerate(node.outputs)]
+            out[str(name)] = entry
+        extra[MAXABS_KEY] = out
+    return extra
+
+
+def _parse_extras(doc: Mapping[str, Any], nodes: Mapping[str, NodeMeasurement],
+                  path: Path) -> tuple[dict[str, NodeMeasurement] | None, dict[str, Any] | None]:
+    params = doc.get(PARAMS_KEY)
+    if params is not None:
+        if not isinstance(params, dict) or not all(
+                isinstance(k, str) and isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                for k, v in params.items()):
+            raise MeasurementError(f"{path}: '{PARAMS_KEY}' must map parameter names to numbers or strings, "
+                                   f"got {str(params)[:80]!r}; regenerate the file.")
+        params = dict(params)
+    raw = doc.get(MAXABS_KEY)
+    if raw is None:
+        return None, params
+    if not isinstance(raw, dict):
+        raise MeasurementError(f"{path}: '{MAXABS_KEY}' must map module names to entries, got "
+                               f"{type(raw).__name__}; regenerate the file.")
+    maxabs = {str(n): _parse_node(str(n), e, path) for n, e in raw.items()}
+    _check_maxabs_nodes(maxabs, nodes, str(path))
+    return maxabs, params
+
+
+def _merge_maxabs(parts: Sequence[Measurements], label: list[str]) -> dict[str, NodeMeasurement] | None:
+    have = [p.maxabs is not None for p in parts]
+    if not any(have):
+        return None
+    if not all(have):
+        raise MeasurementError(f"cannot merge: {label[have.index(False)]} has no '{MAXABS_KEY}' but "
+                               f"{label[have.index(True)]} has; merge files measured with one observer.")
+    out: dict[str, NodeMeasurement] = {}
+    for name, node in parts[0].maxabs.items():
+        ins, outs = list(node.inputs), None if node.outputs is None else list(node.outputs)
+        for i, p in enumerate(parts[1:], 1):
+            other = p.maxabs.get(name)
+            where = f"node '{name}' ({label[0]} vs {label[i]}) key '{MAXABS_KEY}'"
+            if other is None or len(other.inputs) != len(ins):
+                raise MeasurementError(f"{where}: missing or with a different number of inputs.")
+            ins = [_merge_arrays(a, b, f"{where}.inputs[{j}]") for j, (a, b) in enumerate(zip(ins, other.inputs))]
+            if outs is not None:
+                outs = [_merge_arrays(a, b, f"{where}.outputs[{j}]")
+                        for j, (a, b) in enumerate(zip(outs, other.outputs or []))]
+        out[name] = NodeMeasurement(inputs=ins, outputs=outs)
+    return out
+
+
 def write_measurements(m: Measurements, prefix: str | os.PathLike[str], *,
                        rank: int | None = None, world_size: int | None = None) -> list[Path]:
     """Write ``m`` as INC does: ``.json``, ``.npz`` and ``_mod_list.json``, as one set.
@@ -516,12 +641,13 @@ def write_measurements(m: Measurements, prefix: str | os.PathLike[str], *,
         if node.params:
             a["params"] = {k: _measured(v, f"{where} 'params.{k}'") for k, v in node.params.items()}
         arrays[str(name)] = a
+    extra = _extras_to_write(m, arrays)
     local_rank = rank if rank is not None else m.local_rank
     head = _header(MEASURE_MODE, m.global_rank, local_rank, m.num_samples)
-    head[WRITE_ID_KEY] = f"{uuid.uuid4().hex}-{_content_digest({**head, 'Nodes': arrays})}"
-    json_text = json.dumps({**head, "Nodes": _to_lists(arrays)}, indent=4, allow_nan=False)
+    head[WRITE_ID_KEY] = f"{uuid.uuid4().hex}-{_content_digest({**head, 'Nodes': arrays, **extra})}"
+    json_text = json.dumps({**head, "Nodes": _to_lists(arrays), **_to_lists(extra)}, indent=4, allow_nan=False)
     list_text = json.dumps(list(arrays), indent=4)
-    _write_files([(npz_path, lambda t: _save_npz(t, {**head, "Nodes": arrays})),
+    _write_files([(npz_path, lambda t: _save_npz(t, {**head, "Nodes": arrays, **extra})),
                   (json_path, lambda t: t.write_text(json_text, encoding="utf-8")),
                   (list_path, lambda t: t.write_text(list_text, encoding="utf-8"))],
                  "measurement files")
@@ -627,9 +753,10 @@ def read_measurements(prefix_or_path: str | os.PathLike[str], *, observer: str =
             _check_mod_list(mod_list_path(p, observer, rank, world_size), doc["Nodes"], path)
     nodes = {str(name): _parse_node(str(name), entry, path) for name, entry in doc["Nodes"].items()}
     num = doc.get("NumSamples")
+    maxabs, params = _parse_extras(doc, nodes, path)
     return Measurements(nodes=nodes, observer=observer, global_rank=doc.get("GlobalRank"),
                         local_rank=doc.get("LocalRank"), source=str(path),
-                        num_samples=None if num is None else int(num))
+                        num_samples=None if num is None else int(num), maxabs=maxabs, observer_params=params)
 
 
 def _merge_arrays(a: np.ndarray | None, b: np.ndarray | None, where: str) -> np.ndarray | None:
@@ -651,6 +778,9 @@ def merge_measurements(parts: Sequence[Measurements]) -> Measurements:
     label = [p.source or f"part {i}" for i, p in enumerate(parts)]
     first = parts[0]
     for i, p in enumerate(parts[1:], 1):
+        if p.observer_params != first.observer_params:
+            raise MeasurementError(f"cannot merge {label[i]} (observer parameters {p.observer_params}) with "
+                                   f"{label[0]} ({first.observer_params}); merge files measured with one config.")
         if p.observer != first.observer:
             raise MeasurementError(f"cannot merge observer '{p.observer}' ({label[i]}) with "
                                    f"'{first.observer}' ({label[0]}); merge files of one observer.")
@@ -689,7 +819,8 @@ def merge_measurements(parts: Sequence[Measurements]) -> Measurements:
     samples = {p.num_samples for p in parts}
     return Measurements(nodes=nodes, observer=first.observer,
                         source="merged(" + ", ".join(label) + ")",
-                        num_samples=samples.pop() if len(samples) == 1 else None)
+                        num_samples=samples.pop() if len(samples) == 1 else None,
+                        maxabs=_merge_maxabs(parts, label), observer_params=first.observer_params)
 
 
 # --------------------------------------------------------------------------------------------

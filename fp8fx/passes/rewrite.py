@@ -36,6 +36,7 @@ from ..config import FP8Config
 from ..errors import MeasurementError, QuantizationError
 from ..formats.inc import Measurements
 from ..modules import Fp8Experts, Fp8Linear
+from ..schemes import LinearScheme, WeightGranularity
 from .annotate import Decision
 from .match import _ADDMM_FNS, _LINEAR_FNS, Match, OpKind, _is_fn
 
@@ -45,9 +46,10 @@ __all__ = ["LinearQuant", "LinearSwap", "plan_linears", "measured_amax", "weight
 
 @dataclass
 class LinearQuant:
-    weight: torch.Tensor        # FP8 [out, in] (or [E, out, in] for MoE experts)
-    weight_scale: torch.Tensor  # 0-d or [out] ([E] or [E, out] for experts), float32
-    input_scale: torch.Tensor   # 0-d, float32
+    weight: torch.Tensor              # FP8 [out, in] (or [E, out, in] for MoE experts)
+    weight_scale: torch.Tensor        # 0-d, [out] or [out/bn, in/bk] (with a leading [E] for experts), float32
+    input_scale: torch.Tensor | None  # 0-d float32 (static activations), else None
+    scheme: LinearScheme = LinearScheme()
 
 
 def _source(meas: Measurements | None) -> str:
@@ -80,28 +82,37 @@ def oriented_weight(weight: torch.Tensor, match: Match) -> torch.Tensor:
     return weight.transpose(-2, -1) if match.weight_transposed else weight
 
 
-def _weight_quant_2d(w: torch.Tensor, method: str, cfg: FP8Config, backoff: float, where: str):
-    w_scale = numerics.weight_scale(w, method, fp8_dtype=cfg.fp8_dtype, target=cfg.target.value,
-                                    backoff=backoff, where=where)
-    return numerics.quantize_weight(w, w_scale, cfg.fp8_dtype, cfg.fp8_max).contiguous(), w_scale
+def _weight_quant_2d(w: torch.Tensor, method: str, cfg: FP8Config, backoff: float, where: str,
+                     scheme: LinearScheme):
+    w_scale = numerics.weight_scale_for(w, method, scheme.weights.value, scheme.block, fp8_dtype=cfg.fp8_dtype,
+                                        target=cfg.target.value, backoff=backoff, where=where)
+    if scheme.weights is WeightGranularity.BLOCK:
+        w_q = numerics.quantize_weight_blocks(w, w_scale, scheme.block, cfg.fp8_dtype, cfg.fp8_max)
+    else:
+        w_q = numerics.quantize_weight(w, w_scale, cfg.fp8_dtype, cfg.fp8_max)
+    return w_q.contiguous(), w_scale
 
 
-def weight_quant(weight: torch.Tensor, name: str, type_name: str, cfg: FP8Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(FP8 weight, float32 weight scale) of one Linear weight ``[out, in]``.
+def weight_quant(weight: torch.Tensor, name: str, type_name: str, cfg: FP8Config,
+                 scheme: LinearScheme | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 weight, float32 weight scale) of one Linear weight ``[out, in]`` in ``scheme``
+    (default: ``cfg.scheme_for`` the node).
 
-    A stacked MoE experts weight ``[E, out, in]`` gets one scale per expert: ``[E]`` (per-tensor
-    methods) or ``[E, out]`` (per-channel methods), each expert scaled as its own Linear.
+    A stacked MoE experts weight ``[E, out, in]`` gets one scale (or row of scales) per expert:
+    ``[E]``, ``[E, out]`` or ``[E, out blocks, in blocks]``, each expert scaled as its own Linear.
     """
     method = cfg.scale_method_for(name, type_name).value
     _, weight_backoff = cfg.backoffs_for(name, type_name)
     w = weight.detach()
+    if scheme is None:
+        scheme = cfg.scheme_for(name, type_name, experts=w.dim() == 3)
     if w.dim() == 3:
-        parts = [_weight_quant_2d(w[e], method, cfg, weight_backoff, f"node {name!r} expert {e}")
+        parts = [_weight_quant_2d(w[e], method, cfg, weight_backoff, f"node {name!r} expert {e}", scheme)
                  for e in range(w.shape[0])]
         w_q = torch.stack([p[0] for p in parts])
-        w_scale = torch.stack([p[1].reshape(-1) if p[1].dim() else p[1] for p in parts])
+        w_scale = torch.stack([p[1] for p in parts])
     else:
-        w_q, w_scale = _weight_quant_2d(w, method, cfg, weight_backoff, f"node {name!r}")
+        w_q, w_scale = _weight_quant_2d(w, method, cfg, weight_backoff, f"node {name!r}", scheme)
     return w_q, w_scale.to(device=w.device, dtype=torch.float32)
 
 
@@ -119,10 +130,13 @@ def input_scale(name: str, type_name: str, cfg: FP8Config, meas: Measurements | 
 def linear_quant(weight: torch.Tensor, name: str, type_name: str, cfg: FP8Config,
                  meas: Measurements | None) -> LinearQuant:
     """FP8 weight and scales of one Linear, from its weight ``[out, in]`` (or an experts stack
-    ``[E, out, in]``) and its measured input maxabs."""
-    x_scale = input_scale(name, type_name, cfg, meas, weight.device)  # first: a missing measurement
-    w_q, w_scale = weight_quant(weight, name, type_name, cfg)          # fails before the costly part
-    return LinearQuant(weight=w_q, weight_scale=w_scale, input_scale=x_scale)
+    ``[E, out, in]``) and, for static activations, its measured input maxabs."""
+    scheme = cfg.scheme_for(name, type_name, experts=weight.dim() == 3)
+    x_scale = None
+    if scheme.static:  # first: a missing measurement fails before the costly part
+        x_scale = input_scale(name, type_name, cfg, meas, weight.device)
+    w_q, w_scale = weight_quant(weight, name, type_name, cfg, scheme)
+    return LinearQuant(weight=w_q, weight_scale=w_scale, input_scale=x_scale, scheme=scheme)
 
 
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -155,10 +169,10 @@ class LinearSwap:
         """Swap the modules in (once); returns the names of the matches done."""
         for name, (module, q) in self.linears.items():
             bias = None if module.bias is None else module.bias.detach()
-            new = Fp8Linear(q.weight, q.weight_scale, q.input_scale, bias, self.fp8_max)
+            new = Fp8Linear(q.weight, q.weight_scale, q.input_scale, bias, self.fp8_max, q.scheme)
             _set_submodule(self.model, name, new)
         for path, (module, quants) in self.experts.items():
-            parts = {leaf: (q.weight, q.weight_scale, q.input_scale) for leaf, q in quants.items()}
+            parts = {leaf: (q.weight, q.weight_scale, q.input_scale, q.scheme) for leaf, q in quants.items()}
             _set_submodule(self.model, path, Fp8Experts(module, parts, self.fp8_max))
         self.linears, self.experts = {}, {}
         return self.done
@@ -237,9 +251,14 @@ def _graph_quant(param: torch.Tensor, m: Match, cfg: FP8Config, meas: Measuremen
         w = _TRANSPOSED.get(q.weight)
         if w is None:
             w = _TRANSPOSED[q.weight] = q.weight.transpose(-2, -1).contiguous()
-        return LinearQuant(w, q.weight_scale, q.input_scale)
-    w_q, w_scale = weight_quant(oriented_weight(param, m), m.name, m.module_type, cfg)  # per output channel
-    return LinearQuant(w_q, w_scale, q.input_scale)
+        return LinearQuant(w, q.weight_scale, q.input_scale, q.scheme)
+    w_q, w_scale = weight_quant(oriented_weight(param, m), m.name, m.module_type, cfg, q.scheme)  # per channel/block
+    return LinearQuant(w_q, w_scale, q.input_scale, q.scheme)
+
+
+def _scheme_args(s: LinearScheme) -> tuple[str, int, int, int]:
+    """``(activations, group_size, block_n, block_k)``: the scheme arguments of the FP8 ops."""
+    return (s.activations.op_name, s.op_group, *s.op_block)
 
 
 def _bias_arg(node: fx.Node):  # noqa: ANN202
@@ -281,17 +300,25 @@ def rewrite_linears_in_graph(cg: CapturedGraph, decisions: list[Decision], cfg: 
         planned.append((node, m, _graph_quant(param, m, cfg, meas, quantize, oriented)))
     for i, (node, m, q) in enumerate(planned):
         prefix = f"fp8fx_q{i}_"
-        for suffix, t in (("weight", q.weight), ("weight_scale", q.weight_scale), ("input_scale", q.input_scale)):
-            gm.register_buffer(prefix + suffix, t)
-            _declare_constant(gm, prefix + suffix)
+        tensors = (("weight", q.weight), ("weight_scale", q.weight_scale), ("input_scale", q.input_scale))
+        for suffix, t in tensors:
+            if t is not None:
+                gm.register_buffer(prefix + suffix, t)
+                _declare_constant(gm, prefix + suffix)
         x = nodes[m.inputs[0]]
+        s = q.scheme
         with gm.graph.inserting_before(node):
-            attrs = [gm.graph.get_attr(prefix + s) for s in ("weight", "weight_scale", "input_scale")]
+            w_attr, ws_attr, xs_attr = (None if t is None else gm.graph.get_attr(prefix + k) for k, t in tensors)
             if m.experts:
                 offsets = node.kwargs["offs"] if "offs" in node.kwargs else node.args[2]
-                new = gm.graph.call_function(torch.ops.fp8fx.grouped_linear.default, (x, *attrs, offsets, cfg.fp8_max))
+                new = gm.graph.call_function(torch.ops.fp8fx.grouped_linear.default,
+                                             (x, w_attr, ws_attr, xs_attr, offsets, cfg.fp8_max, *_scheme_args(s)))
+            elif s.uses_linear_op:
+                new = gm.graph.call_function(torch.ops.fp8fx.linear.default,
+                                             (x, w_attr, ws_attr, xs_attr, _bias_arg(node), cfg.fp8_max))
             else:
-                new = gm.graph.call_function(torch.ops.fp8fx.linear.default, (x, *attrs, _bias_arg(node), cfg.fp8_max))
+                new = gm.graph.call_function(torch.ops.fp8fx.scaled_linear.default,
+                                             (x, w_attr, ws_attr, xs_attr, _bias_arg(node), cfg.fp8_max, *_scheme_args(s)))
         new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
         new.meta["fp8fx"] = {**node.meta.get("fp8fx", {}), "rewritten": True}
         node.replace_all_uses_with(new)

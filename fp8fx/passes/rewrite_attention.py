@@ -19,6 +19,12 @@ kv_cache    input 0 (the written keys/values), one scale       ``qdq`` on the wr
             shared by the write and every read                 storage: :mod:`fp8fx.kv_cache`
 ==========  =================================================  ==================================
 
+Per-head scales (``observer_params.kv_cache_strategy = "attn_head"``): a kv_cache node's scale
+and an SDPA's q, k and v scales are one per head (dim -3), from per-head measurements ((H, 1)
+arrays, written by a calibration with the same strategy: a file without that record is refused),
+and the rewrite uses the ``.heads`` overloads of ``fp8fx.qdq``/``fp8fx.sdpa``; the probabilities,
+the output and the matmul/softmax scales stay per tensor.
+
 The KV cache uses ``kv_cache_dtype`` (E4M3 by default, E5M2 as an option). All scales are computed before the graph changes: a missing
 measurement raises :class:`~fp8fx.errors.MeasurementError` naming the node and leaves the graph
 as it was.
@@ -39,6 +45,7 @@ from ..errors import MeasurementError, QuantizationError
 from ..formats.inc import Measurements
 from .annotate import Decision
 from .match import OpKind, sdpa_arguments
+from .observe import per_head_inputs
 from .rewrite import measured_amax
 
 __all__ = ["GRAPH_KINDS", "AttentionQuant", "attention_quant", "plan_attention", "rewrite_attention_in_graph"]
@@ -49,10 +56,11 @@ GRAPH_KINDS = frozenset({OpKind.MATMUL, OpKind.SOFTMAX, OpKind.SDPA, OpKind.KV_C
 
 @dataclass(frozen=True)
 class AttentionQuant:
-    """The static scales of one attention-path node, in the order its fp8fx op takes them."""
+    """The static scales of one attention-path node, in the order its fp8fx op takes them; an
+    entry is a tuple of floats (one per head) for per-head scales."""
 
     kind: OpKind
-    scales: tuple[float, ...]
+    scales: tuple[float | tuple[float, ...], ...]
     fp8_dtype: torch.dtype
     fp8_max: float
 
@@ -66,13 +74,43 @@ def attention_quant(name: str, kind: OpKind, type_name: str, cfg: FP8Config,
     entries = {OpKind.MATMUL: [("inputs", 0), ("inputs", 1)], OpKind.SOFTMAX: [("outputs", 0)],
                OpKind.SDPA: [("inputs", 0), ("inputs", 1), ("inputs", 2), ("outputs", 1), ("outputs", 0)],
                OpKind.KV_CACHE: [("inputs", 0)]}[kind]
-    scales = []
+    heads = per_head_inputs(kind, cfg.observer_params) if method.needs_measurement else ()
+    scales: list[float | tuple[float, ...]] = []
     for role, i in entries:
+        where = f"node {name!r} {role}[{i}]"
+        if role == "inputs" and i in heads:
+            scales.append(tuple(float(numerics.activation_scale(a, method.value, fp8_dtype=fp8_dtype,
+                                                                target=cfg.target.value, backoff=backoff,
+                                                                where=f"{where} head {h}"))
+                                for h, a in enumerate(_head_amax(name, meas, i))))
+            continue
         amax = measured_amax(name, meas, role, i) if method.needs_measurement else None
         s = numerics.activation_scale(amax, method.value, fp8_dtype=fp8_dtype, target=cfg.target.value,
-                                      backoff=backoff, where=f"node {name!r} {role}[{i}]")
+                                      backoff=backoff, where=where)
         scales.append(float(s))
     return AttentionQuant(kind, tuple(scales), fp8_dtype, fp8_max)
+
+
+def _head_amax(name: str, meas: Measurements | None, i: int) -> torch.Tensor:
+    """The per-head maxabs ``[H]`` of ``inputs[i]``; refuses measurements not made per head."""
+    measured_amax(name, meas, "inputs", i)  # missing node/entry, non-finite: its errors
+    strategy = (meas.observer_params or {}).get("kv_cache_strategy", "tensor")
+    if strategy != "attn_head":
+        raise MeasurementError(
+            f"node {name!r}: the config asks for per-head scales (observer_params.kv_cache_strategy "
+            f"'attn_head'), but the measurements{' in ' + meas.source if meas.source else ''} were made "
+            f"with kv_cache_strategy {strategy!r} (one value per tensor). Calibrate again with "
+            "kv_cache_strategy 'attn_head', or convert with 'tensor'")
+    return torch.as_tensor(meas.nodes[name].inputs[i], dtype=torch.float32).reshape(-1)
+
+
+def _args(scales: tuple) -> tuple:  # noqa: ANN001
+    """Scales as op arguments: per-head tuples as lists (``float[]``)."""
+    return tuple(list(s) if isinstance(s, tuple) else s for s in scales)
+
+
+def _overload(packet, scales: tuple):  # noqa: ANN001, ANN202
+    return packet.heads if any(isinstance(s, tuple) for s in scales) else packet.default
 
 
 def plan_attention(decisions: list[Decision], cfg: FP8Config, meas: Measurements | None) -> dict[str, AttentionQuant]:
@@ -157,9 +195,9 @@ def _check(node: fx.Node, kind: OpKind, name: str) -> None:
 def _sdpa(gm: fx.GraphModule, node: fx.Node, q: AttentionQuant) -> None:
     a = sdpa_arguments(node)
     with gm.graph.inserting_before(node):
-        new = _call(gm.graph, torch.ops.fp8fx.sdpa.default,
+        new = _call(gm.graph, _overload(torch.ops.fp8fx.sdpa, q.scales),
                     (a["query"], a["key"], a["value"], a["attn_mask"], 0.0, bool(a["is_causal"]), a["scale"],
-                     bool(a["enable_gqa"]), *q.scales, q.fp8_max, q.fp8_dtype), node)
+                     bool(a["enable_gqa"]), *_args(q.scales), q.fp8_max, q.fp8_dtype), node)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
 
@@ -174,7 +212,8 @@ def _kv_cache(gm: fx.GraphModule, node: fx.Node, q: AttentionQuant) -> None:
     else:
         new = (node.args[0] if node.args else node.kwargs["tensors"])[1]
     with gm.graph.inserting_before(node):
-        rounded = _call(gm.graph, torch.ops.fp8fx.qdq.default, (new, *q.scales, q.fp8_max, q.fp8_dtype), node)
+        rounded = _call(gm.graph, _overload(torch.ops.fp8fx.qdq, q.scales),
+                        (new, *_args(q.scales), q.fp8_max, q.fp8_dtype), node)
     node.replace_input_with(new, rounded)
 
 
