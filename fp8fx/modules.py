@@ -209,8 +209,8 @@ def grouped_linear(x: Tensor, weight: Tensor, weight_scale: Optional[Tensor], in
             f"fp8fx::grouped_linear got a {weight.dtype} weight with weight_scale "
             f"{'set' if weight_scale is not None else 'None'} and input_scale "
             f"{'set' if input_scale is not None else 'None'} (activations {activations!r}): an FP8 weight "
-            "needs a weight scale and, with static activations only, an input scale; a high-precision "
-            "weight neither. Convert again from the high-precision model")
+            "with static activations needs both scales, with dynamic or no activation quantization a weight "
+            "scale only; a high-precision weight neither. Convert again from the high-precision model")
     if fp8 and (not static or block_n > 0):
         return _grouped_scaled(x, weight, weight_scale, input_scale, offsets, fp8_max, activations, group_size,
                                block_n, block_k)
@@ -305,7 +305,8 @@ class Fp8Experts(nn.Module):
                     WeightGranularity.CHANNEL if w_scale.dim() == 2 else WeightGranularity.TENSOR)
                 if scheme.static != (x_scale is not None):
                     raise QuantizationError(f"Fp8Experts {proj}: scheme '{scheme.describe()}' "
-                                            f"{'needs' if scheme.static else 'takes no'} input scale")
+                                            f"{'needs' if scheme.static else 'takes no'} input scale; pass the "
+                                            "scales that scheme produces (fp8fx.convert / fp8fx.quantize do)")
                 self.schemes[proj] = scheme
                 self.register_parameter(proj, nn.Parameter(w, requires_grad=False))
                 self.register_buffer(f"{proj}_weight_scale", w_scale.detach().to(torch.float32))

@@ -652,7 +652,9 @@ def expand_block_scale(scale: Tensor, shape: tuple[int, int], block: tuple[int, 
     if tuple(scale.shape) != (nb, kb):
         raise QuantizationError(f"block weight scale has shape {tuple(scale.shape)}; a [{n}, {k}] weight in "
                                 f"{bn}x{bk} blocks needs [{nb}, {kb}]")
-    return scale[:, None, :, None].expand(nb, bn, kb, bk).reshape(nb * bn, kb * bk)[:n, :k]
+    # reshape/narrow rather than indexing: traceable by Inductor and by fake tensors of any device
+    tiles = scale.reshape(nb, 1, kb, 1).expand(nb, bn, kb, bk).reshape(nb * bn, kb * bk)
+    return tiles.narrow(0, 0, n).narrow(1, 0, k)
 
 
 def weight_scale_for(weight: Tensor, method: str, granularity: str, block: tuple[int, int] = (128, 128), *,

@@ -41,8 +41,8 @@ from torch import Tensor
 
 from fp8fx import ops  # noqa: F401  (registers torch.ops.fp8fx.scaled_linear)
 from fp8fx.errors import QuantizationError
-from fp8fx.kernels.schemes import AMAX_FLOOR, check_scaled_linear
-from fp8fx.numerics import quantize_fp32
+from fp8fx.kernels.schemes import activation_scale, check_scaled_linear, dynamic_scale, expand_group_scale
+from fp8fx.numerics import expand_block_scale, quantize_fp32
 
 from .inductor import (_GROUP_ELEMS, _MIN_CUDA_CAPABILITY, _SCALED_MM_ALIGNMENT, _epilogue, _fp8_to_float32,
                        _is_one, _materialized, _reduction_parts)
@@ -50,33 +50,15 @@ from .inductor import (_GROUP_ELEMS, _MIN_CUDA_CAPABILITY, _SCALED_MM_ALIGNMENT,
 __all__ = ["register_scheme_lowerings", "decompose_scaled_linear"]
 
 
-def _amax_scale(a: Tensor, fp8_max: float) -> Tensor:
-    return a.to(torch.float32).clamp_min(AMAX_FLOOR) / fp8_max
-
-
 def _activation(x2d: Tensor, input_scale: Optional[Tensor], activations: str, group_size: int,
                 fp8_max: float, fp8_dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor]]:
     """``(a, row_scale)``: ``a`` float32 ``[M, K]`` (``q_x``, or ``q_x * s`` for group scales, or
     ``x`` itself for weight-only) and the ``[1, 1]``/``[M, 1]`` scale left for the epilogue."""
-    m, k = x2d.shape
     if activations == "none":
         return x2d.to(torch.float32), None
-    if activations == "static":
-        s = input_scale.to(torch.float32).reshape(1, 1)
-    elif activations == "tensor":
-        s = _amax_scale(x2d.abs().amax().reshape(1, 1), fp8_max)
-    elif activations == "token":
-        s = _amax_scale(x2d.abs().amax(dim=-1, keepdim=True), fp8_max)
-    else:  # group
-        groups = -(-k // group_size)
-        a = x2d.abs()
-        if k % group_size:
-            a = torch.nn.functional.pad(a, (0, groups * group_size - k))
-        g = _amax_scale(a.reshape(m, groups, group_size).amax(dim=-1), fp8_max)
-        full = g.unsqueeze(-1).expand(m, groups, group_size).reshape(m, groups * group_size).narrow(1, 0, k)
-        q = quantize_fp32(x2d, full, fp8_dtype, fp8_max).to(torch.float32)
-        return q * full, None
-    return quantize_fp32(x2d, s, fp8_dtype, fp8_max).to(torch.float32), s
+    s = activation_scale(x2d, input_scale, activations, group_size, fp8_max)
+    q = quantize_fp32(x2d, s, fp8_dtype, fp8_max).to(torch.float32)
+    return (q * s, None) if activations == "group" else (q, s)
 
 
 def _weight32(weight: Tensor, weight_scale: Tensor, block_n: int, block_k: int) -> tuple[Tensor, Optional[Tensor]]:
@@ -85,10 +67,7 @@ def _weight32(weight: Tensor, weight_scale: Tensor, block_n: int, block_k: int) 
     w = _fp8_to_float32(weight)
     if block_n <= 0:
         return w, weight_scale.to(torch.float32)
-    n, k = weight.shape
-    nb, kb = weight_scale.shape
-    tiles = weight_scale.to(torch.float32).reshape(nb, 1, kb, 1).expand(nb, block_n, kb, block_k)
-    return w * tiles.reshape(nb * block_n, kb * block_k).narrow(0, 0, n).narrow(1, 0, k), None
+    return w * expand_block_scale(weight_scale.to(torch.float32), tuple(weight.shape), (block_n, block_k)), None
 
 
 def _cpu_gemm(a: Tensor, weight: Tensor, weight_scale: Tensor, block_n: int, block_k: int) -> tuple[Tensor, Optional[Tensor]]:
@@ -161,8 +140,8 @@ def _cuda_block_gemm(x2d: Tensor, weight: Tensor, weight_scale: Tensor, fp8_max:
             or k % _CUDA_BLOCK or kb % 4):
         return None
     m = x2d.shape[0]
-    g = _amax_scale(x2d.abs().reshape(m, kb, _CUDA_BLOCK).amax(dim=-1), fp8_max)  # [M, K/128]
-    full = g.unsqueeze(-1).expand(m, kb, _CUDA_BLOCK).reshape(m, k)
+    g = dynamic_scale(x2d, "group", _CUDA_BLOCK, fp8_max)  # [M, K/128]
+    full = expand_group_scale(g, k, _CUDA_BLOCK)
     q = quantize_fp32(x2d, full, weight.dtype, fp8_max)
     scale_a = g.t().clone(memory_format=torch.contiguous_format).t()  # outer-dim-major: strides (1, M)
     scale_b = weight_scale.to(torch.float32).contiguous().t()  # [K/128, N/128]; .t() is [N/128, K/128] row-major

@@ -41,7 +41,7 @@ from ..numerics import expand_block_scale, quantize_fp32
 from .linear import _BLOCK_ELEMS, _EXACT_MAX_M, _MIN_GEMM_ROWS, _TO_HALF, _convert_blocks, check_fp8_weight, \
     cpu_has_bf16, has_nan_codes, _nan_code_rows, quantize_activation_fast
 
-__all__ = ["ACTIVATIONS", "AMAX_FLOOR", "check_scaled_linear", "dynamic_scale", "expand_group_scale",
+__all__ = ["ACTIVATIONS", "AMAX_FLOOR", "check_scaled_linear", "dynamic_scale", "expand_group_scale", "activation_scale",
            "scaled_linear_reference", "scaled_linear_fast", "dequantized_weight"]
 
 ACTIVATIONS = ("static", "tensor", "token", "group", "none")
@@ -101,14 +101,16 @@ def dynamic_scale(x2d: Tensor, activations: str, group_size: int, fp8_max: float
 
 
 def expand_group_scale(scale: Tensor, k: int, group_size: int) -> Tensor:
-    """A ``[M, G]`` group scale as ``[M, K]`` (views only)."""
+    """A ``[M, G]`` group scale as ``[M, K]`` (views only; ``narrow``/``unsqueeze`` keep it
+    traceable with fake tensors of any device)."""
     m, g = scale.shape
-    return scale[:, :, None].expand(m, g, group_size).reshape(m, g * group_size)[:, :k]
+    return scale.unsqueeze(-1).expand(m, g, group_size).reshape(m, g * group_size).narrow(1, 0, k)
 
 
-def _activation_scale(x2d: Tensor, input_scale: Optional[Tensor], activations: str, group_size: int,
-                      fp8_max: float) -> Tensor:
-    """``[1, 1]``, ``[M, 1]`` or ``[M, K]`` float32: the scale each element of ``x2d`` is quantized with."""
+def activation_scale(x2d: Tensor, input_scale: Optional[Tensor], activations: str, group_size: int,
+                     fp8_max: float) -> Tensor:
+    """``[1, 1]``, ``[M, 1]`` or ``[M, K]`` float32: the scale each element of ``x2d`` is quantized
+    with (not for ``"none"``). The eager kernels and the Inductor decomposition both use it."""
     if activations == "static":
         return input_scale.to(torch.float32).reshape(1, 1)
     s = dynamic_scale(x2d, activations, group_size, fp8_max)
@@ -134,7 +136,7 @@ def scaled_linear_reference(x: Tensor, weight: Tensor, weight_scale: Tensor, inp
     if activations == "none":
         xd = x2d.to(torch.float32)
     else:
-        s = _activation_scale(x2d, input_scale, activations, group_size, fp8_max)
+        s = activation_scale(x2d, input_scale, activations, group_size, fp8_max)
         xd = quantize_fp32(x2d, s, weight.dtype, fp8_max).to(torch.float32) * s
     y = xd @ dequantized_weight(weight, weight_scale, block_n, block_k).t()
     if bias is not None:
@@ -172,7 +174,7 @@ def scaled_linear_fast(x: Tensor, weight: Tensor, weight_scale: Tensor, input_sc
     if activations == "none":
         xa = x2d.to(torch.float32)
     else:
-        s = _activation_scale(x2d, input_scale, activations, group_size, fp8_max)
+        s = activation_scale(x2d, input_scale, activations, group_size, fp8_max)
         per_element = s.shape[1] != 1
         xa = _quantized_rows(x2d, s, fp8_dtype, fp8_max, dequantize=per_element)
         row_scale = None if per_element else s
@@ -187,7 +189,7 @@ def scaled_linear_fast(x: Tensor, weight: Tensor, weight_scale: Tensor, input_sc
         rows = max(rows, _MIN_GEMM_ROWS)
     if blocked:  # whole tiles per converted block
         rows = max(block_n, rows // block_n * block_n)
-        tile_scale = expand_block_scale(ws * factor, (n, k), (block_n, block_k))
+        ws_factor = ws * factor
     # bfloat16 x on a bfloat16 CPU, more than a few rows: when both GEMM operands are exact in
     # bfloat16 (FP8 values, or x itself for weight-only; no block or group scale folded in), a
     # bfloat16 GEMM (float32 accumulation, product rounded to bfloat16) as linear_fast does
@@ -198,8 +200,9 @@ def scaled_linear_fast(x: Tensor, weight: Tensor, weight_scale: Tensor, input_sc
         xa = xa.to(torch.bfloat16)
         block16 = torch.empty((min(rows, n), k), dtype=torch.bfloat16, device=x.device)
     for r0, r1, w32 in _convert_blocks(weight.contiguous(), rows):
-        if blocked:
-            w32.mul_(tile_scale[r0:r1])
+        if blocked:  # this block's tiles only: no weight-sized scale tensor
+            tiles = ws_factor[r0 // block_n:-(-r1 // block_n)]
+            w32.mul_(expand_block_scale(tiles, (r1 - r0, k), (block_n, block_k)))
         rhs = w32
         if block16 is not None:
             rhs = block16[: r1 - r0]
