@@ -238,8 +238,33 @@ class Candidate:
     max_m: Optional[int] = None
 
 
+def _fp32(c: Case) -> Callable[[], Tensor]:
+    x32, w32 = c.x.float(), c.w_bf16.float()  # the baseline of CPUs without bf16 instructions
+    return lambda: F.linear(x32, w32)
+
+
+def _compiled_fp32_x(c: Case) -> Callable[[], Tensor]:
+    """The op compiled for float32 activations: an FP8 model made from a float32 one."""
+    from fp8fx.backends import inductor
+
+    inductor.register_lowering()
+    compiled = torch.compile(_op_call, dynamic=False, fullgraph=True)
+    x32 = c.x.float()
+    return lambda: compiled(x32, c.w_fp8, c.w_scale, c.x_scale, None, FP8_MAX)
+
+
+def _gemv(c: Case) -> Callable[[], Tensor]:
+    """``fp8fx.kernels.gemv.gemv_fp8`` alone on the quantized activation (un-scaled, float32
+    output): the decode path's product, without quantization and epilogue."""
+    from fp8fx.kernels import gemv
+
+    qx = _quantize_x(c).float()
+    return lambda: gemv.gemv_fp8(qx, c.w_fp8)
+
+
 CPU_CANDIDATES: tuple[Candidate, ...] = (
     Candidate("bf16", lambda c: (lambda: F.linear(c.x, c.w_bf16)), False, 0),
+    Candidate("fp32", _fp32, False, 0),
     Candidate("reference", _reference, temp_bytes_per_elem=4),
     Candidate("fp8fx_op", _fp8fx_op, temp_bytes_per_elem=0),
     Candidate("scaled_mm", _scaled_mm),
@@ -249,7 +274,10 @@ CPU_CANDIDATES: tuple[Candidate, ...] = (
               compiled=True),
     Candidate("inductor_op", _compiled(_op_call), temp_bytes_per_elem=None,
               compiled=True),
+    Candidate("inductor_op_fp32x", _compiled_fp32_x, temp_bytes_per_elem=None, compiled=True),
+    Candidate("gemv", _gemv, temp_bytes_per_elem=0, max_m=64),
 )
+BASELINES = ("bf16", "fp32")  # high precision: every ratio is also taken to the faster one
 
 
 # ---------------------------------------------------------------- timing
@@ -359,9 +387,14 @@ def run_row(cands: tuple[Candidate, ...], shape: str, M: int, args: argparse.Nam
     rank = {cd.name: i for i, cd in enumerate(cands)}
     rows.sort(key=lambda r: rank[r["candidate"]])
     base = next((r.get("median_ms") for r in rows if r["candidate"] == "bf16"), None)
+    hp = [r for r in rows if r["candidate"] in BASELINES and r.get("median_ms") is not None]
+    best = min(hp, key=lambda r: r["median_ms"]) if hp else None
     for r in rows:
         if base and r.get("median_ms") is not None:
             r["vs_bf16"] = round(r["median_ms"] / base, 3)
+        if best and r.get("median_ms") is not None:
+            r["vs_best_hp"] = round(r["median_ms"] / best["median_ms"], 3)
+            r["best_hp"] = best["candidate"]
     return rows
 
 
@@ -516,7 +549,7 @@ def _fmt_cell(r: Optional[dict]) -> str:
         return "error"
     ms = r["median_ms"]
     txt = f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
-    return f"{txt} ({r['vs_bf16']:.2f}x)" if "vs_bf16" in r else txt
+    return f"{txt} ({r['vs_best_hp']:.2f}x)" if "vs_best_hp" in r else txt
 
 
 def _mb(nbytes: Optional[int]) -> str:
@@ -530,15 +563,18 @@ def tables(rows: list[dict]) -> str:
         drows = [r for r in rows if r["device"] == device]
         names = list(dict.fromkeys(r["candidate"] for r in drows))
         keys = list(dict.fromkeys((r["shape"], r["M"]) for r in drows))
-        out.append(f"\n{device}: median ms per call (ratio to bf16)\n")
-        out.append("| K x N | M | " + " | ".join(names) + " | other CPU |")
-        out.append("|---|---:|" + "---:|" * (len(names) + 1))
+        out.append(f"\n{device}: median ms per call (ratio to the faster of bf16 and fp32, "
+                   "named per row)\n")
+        out.append("| K x N | M | " + " | ".join(names) + " | faster hp | other CPU |")
+        out.append("|---|---:|" + "---:|" * (len(names) + 2))
         for shape, m in keys:
             cells = [_fmt_cell(next((r for r in drows if r["shape"] == shape and r["M"] == m
                                      and r["candidate"] == n), None)) for n in names]
             share = next(r.get("other_cpu_share") for r in drows
                          if r["shape"] == shape and r["M"] == m)
-            out.append(f"| {shape} | {m} | " + " | ".join(cells) + f" | {share:.0%} |")
+            fastest = next((r.get("best_hp") for r in drows if r["shape"] == shape
+                            and r["M"] == m and "best_hp" in r), "-")
+            out.append(f"| {shape} | {m} | " + " | ".join(cells) + f" | {fastest} | {share:.0%} |")
         out.append(f"\n{device}: per candidate (4096x4096 bytes; max over rows)\n")
         out.append("| candidate | weight MB | temp MB | rel err vs reference | compile s |")
         out.append("|---|---:|---:|---:|---:|")
@@ -561,19 +597,55 @@ def summary(rows: list[dict], extra: dict[str, Any], args: argparse.Namespace,
             wall_s: float) -> dict[str, Any]:
     best: dict[str, Any] = {}
     for r in rows:
-        if r["candidate"] in ("bf16",) or "median_ms" not in r:
+        if r["candidate"] in BASELINES or "median_ms" not in r or r["candidate"] == "gemv":
             continue
         key = f"{r['device']}:{r['shape']}:M={r['M']}"
         if key not in best or r["median_ms"] < best[key]["median_ms"]:
             best[key] = {"candidate": r["candidate"], "median_ms": r["median_ms"],
-                         "vs_bf16": r.get("vs_bf16")}
-    return {"kind": "summary", "machine": machine_info(), "command": " ".join(sys.argv),
+                         "vs_bf16": r.get("vs_bf16"), "vs_best_hp": r.get("vs_best_hp"),
+                         "best_hp": r.get("best_hp")}
+    return {"kind": "summary", "machine": machine_info(), "cpu_class": cpu_class(),
+            "command": " ".join(sys.argv),
             "shapes": args.shapes_list, "m": args.m_list, "warmup": args.warmup,
             "repeats": args.repeats, "budget_s": args.budget, **extra,
             "fastest_fp8_candidate": best, "wall_s": round(wall_s, 1)}
 
 
 # ---------------------------------------------------------------- main
+
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def emulate_isa(isa: str) -> None:
+    """``--isa avx2``: re-run this script with ATen and oneDNN capped at AVX2 (they read their
+    variables when torch loads) and Inductor's vector width at 256 bits."""
+    if isa != "avx2":
+        return
+    if any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.simdlen = 256
+
+
+def cpu_class() -> str:
+    """ATen's CPU capability, bf16 GEMM instructions or not, emulation settings, GEMV path."""
+    import torch._inductor.config as inductor_config
+    from fp8fx.kernels.linear import cpu_has_bf16
+
+    parts = [torch.backends.cpu.get_cpu_capability(),
+             "bf16 GEMM instructions" if cpu_has_bf16() else "no bf16 GEMM instructions"]
+    env = [f"{k}={os.environ[k]}" for k in AVX2_ENV if k in os.environ]
+    if env or inductor_config.cpp.simdlen:
+        parts.append("emulated: " + ", ".join(env + [f"cpp.simdlen={inductor_config.cpp.simdlen}"]))
+    try:
+        from fp8fx.kernels import gemv
+    except ImportError:  # an fp8fx from before the GEMV kernel
+        parts.append("fp8 GEMV: none")
+    else:
+        parts.append(f"fp8 GEMV: {gemv.status()}")
+    return "; ".join(parts)
+
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -603,7 +675,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="CPU rows: wall clock, or the thread's CPU time (needs --threads 1)")
     p.add_argument("--json-out", default="", help="also write the JSON lines to this file")
     p.add_argument("--no-table", action="store_true")
+    p.add_argument("--isa", choices=("native", "avx2"), default="native",
+                   help="avx2: emulate an AVX2-only CPU (ATEN_CPU_CAPABILITY=avx2, "
+                        "ONEDNN_MAX_CPU_ISA=AVX2, Inductor cpp.simdlen=256)")
     args = p.parse_args(argv)
+    emulate_isa(args.isa)
     if args.quick:
         args.shapes, args.m, args.warmup, args.repeats = "small", "1,16", 1, 3
     if args.shapes == "all":
@@ -630,7 +706,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if not args.candidates_set <= names:
         p.error(f"--candidates: unknown {sorted(args.candidates_set - names)}; "
                 f"choose from {sorted(names)}")
-    args.candidates_set.add("bf16")  # every ratio needs the baseline
+    args.candidates_set |= set(BASELINES)  # every ratio needs the baselines
     if args.clock == "thread" and args.threads != 1:
         p.error("--clock thread measures the calling thread only: use it with --threads 1")
     return args

@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -59,8 +60,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fp8fx  # noqa: E402
 from fp8fx import data, ops  # noqa: E402
 
-VARIANTS = ("bf16_eager", "bf16_compiled", "fp8fx_eager_reference", "fp8fx_eager",
-            "fp8fx_compiled_before", "fp8fx_compiled", "fp8fx_backend", "inc_qdq")
+VARIANTS = ("fp32_eager", "fp32_compiled", "bf16_eager", "bf16_compiled", "fp8fx_eager_reference",
+            "fp8fx_eager", "fp8fx_compiled_before", "fp8fx_compiled", "fp8fx_backend", "inc_qdq")
+# the high-precision baselines: every FP8 figure is also divided by the fastest of them
+BASELINES = ("fp32_eager", "fp32_compiled", "bf16_eager", "bf16_compiled")
+# ``--schemes``: the schemes of ``fp8fx.quantize`` (no calibration), eager and compiled
+SCHEMES = {"fp8_dynamic": "FP8_DYNAMIC", "fp8_block": "FP8_BLOCK"}
+SCHEME_VARIANTS = tuple(f"{k}_{mode}" for k in SCHEMES for mode in ("eager", "compiled"))
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # --isa avx2
 # not in the default list (meant for a GPU; pass them with --variants):
 # ``raw_scaled_mm`` - the converted model with each fp8fx::linear call replaced by a bare
 # torch._scaled_mm on the same FP8 weights and static scales (eager);
@@ -151,13 +158,21 @@ def _kernel_for(name: str):
         yield
 
 
-def _variant(name: str, base, qcfg: fp8fx.FP8Config, calib) -> tuple[Any, Callable]:
-    """(model, how to call its forward) for one variant."""
-    model = copy.deepcopy(base)
-    if name == "bf16_eager":
+def _variant(name: str, base, qcfg: fp8fx.FP8Config, calib, fp8_dtype: torch.dtype
+             ) -> tuple[Any, Callable]:
+    """(model, how to call its forward) for one variant; the FP8 ones are made from the model
+    in ``fp8_dtype`` (their activations' and non-Linear ops' dtype)."""
+    if name in BASELINES:
+        model = copy.deepcopy(base).to(torch.float32 if name.startswith("fp32") else torch.bfloat16)
+        if name.endswith("_compiled"):
+            model.forward = torch.compile(model.forward, dynamic=True)
         return model, model
-    if name == "bf16_compiled":
-        model.forward = torch.compile(model.forward, dynamic=True)
+    model = copy.deepcopy(base).to(fp8_dtype)
+    if name in SCHEME_VARIANTS:
+        fp8fx.quantize(model, SCHEMES[name.rsplit("_", 1)[0]],
+                       example_kwargs={"input_ids": calib[0]})
+        if name.endswith("_compiled"):
+            model.forward = torch.compile(model.forward, dynamic=True)
         return model, model
     if name.startswith(("fp8fx_eager", "fp8fx_compiled")) or name == "raw_scaled_mm":
         fp8fx.convert(model, qcfg, example_kwargs={"input_ids": calib[0]})
@@ -196,6 +211,8 @@ def _variant(name: str, base, qcfg: fp8fx.FP8Config, calib) -> tuple[Any, Callab
 
 
 def _available(name: str) -> str | None:
+    if name in SCHEME_VARIANTS and not hasattr(fp8fx, "quantize"):
+        return "this fp8fx has no fp8fx.quantize (the schemes API)"
     if name == "inc_qdq":
         try:
             import neural_compressor.torch.quantization  # noqa: F401
@@ -261,7 +278,7 @@ def _measure(name: str, args: argparse.Namespace, base, qcfg, calib, prompt) -> 
     torch._dynamo.reset()
     t0 = time.perf_counter()
     try:
-        model, call = _variant(name, base, qcfg, calib)
+        model, call = _variant(name, base, qcfg, calib, args.fp8_torch_dtype)
     except Exception as exc:  # a peer that fails here is reported, not fatal
         return {"variant": name, "skipped": f"failed: {type(exc).__name__}: {str(exc)[:200]}"}
     setup = time.perf_counter() - t0
@@ -298,11 +315,18 @@ def run(args: argparse.Namespace) -> list[dict]:
                 done.append(row)
             ref = next((r for r in done if r["variant"] == "bf16_compiled" and "prefill_s" in r),
                        None)
+            hp = [r for r in done if r["variant"] in BASELINES and "prefill_s" in r]
+            best = {key: min(hp, key=lambda r: r[key]) if hp else None
+                    for key in ("prefill_s", "decode_s_per_token")}
             for r in done:
                 if ref and "prefill_s" in r:
                     r["prefill_vs_bf16_compiled"] = r["prefill_s"] / ref["prefill_s"]
                     r["decode_vs_bf16_compiled"] = (r["decode_s_per_token"]
                                                     / ref["decode_s_per_token"])
+                for key, short in (("prefill_s", "prefill"), ("decode_s_per_token", "decode")):
+                    if best[key] is not None and key in r:  # this round's fastest baseline
+                        r[f"{short}_vs_best_hp"] = r[key] / best[key][key]
+                        r[f"{short}_best_hp"] = best[key]["variant"]
             rows += done
     return rows
 
@@ -317,18 +341,25 @@ def summarize(rows: list[dict]) -> list[dict]:
             continue
         agg: dict[str, Any] = {"variant": name, "rounds": len(rs)}
         for key in ("prefill_s", "decode_s_per_token", "first_call_s", "prefill_vs_bf16_compiled",
-                    "decode_vs_bf16_compiled"):
+                    "decode_vs_bf16_compiled", "prefill_vs_best_hp", "decode_vs_best_hp"):
             vals = [r[key] for r in rs if key in r]
             if vals:
                 agg[key] = statistics.median(vals)
                 agg[key + "_range"] = [min(vals), max(vals)]
+        for key in ("prefill_best_hp", "decode_best_hp"):
+            names = [r[key] for r in rs if key in r]
+            if names:
+                agg[key] = max(set(names), key=names.count)
         out.append(agg)
     return out
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'variant':22} {'prefill ms':>11} {'x bf16c':>8} {'(range)':>13} {'decode ms/tok':>14} "
-            f"{'x bf16c':>8} {'(range)':>13} {'1st call s':>11}")
+    """Per variant: medians, the ratio to the fastest high-precision baseline of each round
+    (``x best hp``, its range over rounds) and to bf16 compiled."""
+    head = (f"{'variant':22} {'prefill ms':>11} {'x best hp':>9} {'(range)':>11} {'x bf16c':>8} "
+            f"{'decode ms/tok':>14} {'x best hp':>9} {'(range)':>11} {'x bf16c':>8} "
+            f"{'1st call s':>11}")
     lines = [head, "-" * len(head)]
 
     def rng(r: dict, key: str) -> str:
@@ -339,13 +370,53 @@ def table(rows: list[dict]) -> str:
         if "skipped" in r:
             lines.append(f"{r['variant']:22} skipped: {r['skipped']}")
             continue
+        nan = float("nan")
         lines.append(f"{r['variant']:22} {r['prefill_s'] * 1e3:11.1f} "
-                     f"{r.get('prefill_vs_bf16_compiled', float('nan')):8.2f} "
-                     f"{rng(r, 'prefill_vs_bf16_compiled'):>13} "
+                     f"{r.get('prefill_vs_best_hp', nan):9.2f} {rng(r, 'prefill_vs_best_hp'):>11} "
+                     f"{r.get('prefill_vs_bf16_compiled', nan):8.2f} "
                      f"{r['decode_s_per_token'] * 1e3:14.2f} "
-                     f"{r.get('decode_vs_bf16_compiled', float('nan')):8.2f} "
-                     f"{rng(r, 'decode_vs_bf16_compiled'):>13} {r['first_call_s']:11.1f}")
+                     f"{r.get('decode_vs_best_hp', nan):9.2f} {rng(r, 'decode_vs_best_hp'):>11} "
+                     f"{r.get('decode_vs_bf16_compiled', nan):8.2f} {r['first_call_s']:11.1f}")
+    best = next((r for r in rows if "prefill_best_hp" in r), None)
+    if best:
+        lines.append(f"fastest high-precision baseline: prefill {best['prefill_best_hp']}, "
+                     f"decode {best['decode_best_hp']} (most rounds)")
     return "\n".join(lines)
+
+
+def cpu_class() -> str:
+    """The CPU class the kernels ran for: ATen's capability, bfloat16 GEMMs or not, and the
+    emulation settings when an AVX2 CPU is emulated."""
+    from fp8fx.kernels.linear import cpu_has_bf16
+
+    cap = torch.backends.cpu.get_cpu_capability()
+    parts = [cap, "bf16 GEMM instructions" if cpu_has_bf16() else "no bf16 GEMM instructions"]
+    import torch._inductor.config as inductor_config
+
+    env = {k: v for k, v in os.environ.items() if k in AVX2_ENV}
+    simdlen = inductor_config.cpp.simdlen
+    if env or simdlen:
+        parts.append("emulated: " + ", ".join([f"{k}={v}" for k, v in env.items()]
+                                              + [f"cpp.simdlen={simdlen}"]))
+    try:
+        from fp8fx.kernels import gemv
+    except ImportError:  # an fp8fx from before the GEMV kernel
+        parts.append("fp8 GEMV: none")
+    else:
+        parts.append(f"fp8 GEMV: {gemv.status()}")
+    return "; ".join(parts)
+
+
+def emulate_isa(isa: str) -> None:
+    """``--isa avx2``: re-run this script with ATen and oneDNN capped at AVX2 (they read their
+    variables when torch loads) and Inductor's vector width at 256 bits."""
+    if isa != "avx2":
+        return
+    if any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.simdlen = 256
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,19 +443,38 @@ def main(argv: list[str] | None = None) -> int:
                    help="wall clock, or the thread's CPU time (CPU, --threads 1 only)")
     p.add_argument("--quick", action="store_true", help="--repeats 2 --decode-tokens 8 --prefill-len 256")
     p.add_argument("--json", help="also write the rows (JSON lines) to this file")
+    p.add_argument("--fp8-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="dtype of the model the FP8 variants are made from (activations, non-Linear "
+                        "ops); auto: bf16 where bf16 GEMMs have instructions, else fp32")
+    p.add_argument("--schemes", action="store_true",
+                   help="the schemes of fp8fx.quantize (FP8_DYNAMIC, FP8_BLOCK) and static FP8 "
+                        "against the fp32/bf16 baselines, eager and compiled")
+    p.add_argument("--isa", choices=("native", "avx2"), default="native",
+                   help="avx2: emulate an AVX2-only CPU (ATEN_CPU_CAPABILITY=avx2, "
+                        "ONEDNN_MAX_CPU_ISA=AVX2, Inductor cpp.simdlen=256)")
     args = p.parse_args(argv)
+    emulate_isa(args.isa)
+    from fp8fx.kernels.linear import cpu_has_bf16
+
+    fp8_dtype = args.fp8_dtype if args.fp8_dtype != "auto" else ("bf16" if cpu_has_bf16() else "fp32")
+    args.fp8_dtype = fp8_dtype
+    args.fp8_torch_dtype = torch.bfloat16 if fp8_dtype == "bf16" else torch.float32
+    if args.schemes:
+        args.variants = ",".join((*BASELINES, "fp8fx_eager", "fp8fx_compiled", *SCHEME_VARIANTS))
     if args.quick:
         args.repeats, args.decode_tokens, args.prefill_len = 2, 8, 256
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS + EXTRA_VARIANTS]
+    known = VARIANTS + EXTRA_VARIANTS + SCHEME_VARIANTS
+    unknown = [v for v in args.variants if v not in known]
     if unknown:
-        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS + EXTRA_VARIANTS)}")
+        p.error(f"--variants: unknown {unknown}; choose from {list(known)}")
     if args.clock == "thread" and (args.threads != 1 or args.device != "cpu"):
         p.error("--clock thread measures the calling thread only: use it with --threads 1 on CPU")
     rows = run(args)
     summary = summarize(rows)
     info = {"machine": {"torch": torch.__version__, "threads": args.threads, "device": args.device,
                         "cpu": _cpu_name(), "command": " ".join(sys.argv),
+                        "cpu_class": cpu_class(), "fp8_model_dtype": args.fp8_dtype,
                         "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
                         "model": (f"llama-3-8b-shaped (random, {args.layers} layers)" if args.llama8b
                                   else (args.model or "SmolLM2-135M"))}}

@@ -9,6 +9,7 @@ the realistic case.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -113,9 +114,10 @@ def _code_lines(codes: list[str]) -> list[str]:
 
 def _assert_lowered(codes: list[str]) -> None:
     lines = _code_lines(codes)
-    assert not [line for line in lines if "fp8fx" in line]  # no call of the eager op
+    assert not [line for line in lines if "fp8fx.linear" in line]  # no call of the eager op
     assert any("cpp_fused" in line for line in lines)  # real Inductor kernels
-    assert any("extern_kernels.mm(" in line for line in lines)  # the M > 1 GEMMs
+    # the M > 1 products: GEMMs, or the C++ GEMV on the FP8 bytes for a few static rows
+    assert any("extern_kernels.mm(" in line or "fp8fx_cpp.gemv_fp8" in line for line in lines)
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -167,17 +169,13 @@ def _reduction_bodies(code: str) -> list[str]:
 
 @pytest.mark.parametrize("fmt", [E4M3, E5M2])
 def test_decode_reduction_reads_fp8_bytes_without_casts(fmt: torch.dtype) -> None:
-    """``M == 1``: one reduction over the FP8 bytes; the activation is quantized once, outside
-    it (no FP8 cast in the loop: neither the activation's nor the weight's)."""
-    from torch._inductor.utils import run_and_get_code
-
+    """``M == 1`` without the C++ GEMV: one reduction over the FP8 bytes; the activation is
+    quantized once, outside it (no FP8 cast in the loop: neither the activation's nor the
+    weight's)."""
     inductor.register_lowering()
     layer = fp8_linear(64, 40, fmt, True, True, torch.bfloat16, seed=7).eval()
     x = torch.randn(1, 64).to(torch.bfloat16)
-    compiled = torch.compile(layer, dynamic=False, fullgraph=True)
-    with torch.no_grad():
-        got, codes = run_and_get_code(compiled, x)
-        want = layer(x)
+    got, codes, want = _compile_afresh(layer, x, _cpu_gemv=_NO_GEMV)
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0.0)
     bodies = [b for code in codes for b in _reduction_bodies(code)]
     assert len(bodies) == 1, "expected exactly one reduction (the GEMV)"
@@ -190,13 +188,21 @@ def test_decode_reduction_reads_fp8_bytes_without_casts(fmt: torch.dtype) -> Non
     assert not [line for line in _code_lines(codes) if "extern_kernels.mm(" in line]
 
 
-def _compile_afresh(layer, x, attr: str, value):
-    """(compiled output, generated code, eager output) with ``inductor.<attr>`` patched: a value
-    that is not part of the compile cache key, so the graph is compiled afresh, caches off."""
+def _NO_GEMV(*args):  # noqa: N802  (``inductor._cpu_gemv`` as where the C++ kernel is not built)
+    return None
+
+
+def _compile_afresh(layer, x, **patches):
+    """(compiled output, generated code, eager output) with ``inductor.<name>`` patched for
+    each ``name=value``: values that are not part of the compile cache key, so the graph is
+    compiled afresh, caches off."""
     from torch._inductor.utils import run_and_get_code
 
-    with mock.patch.object(inductor, attr, value), torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
+    with contextlib.ExitStack() as stack:
+        for attr, value in patches.items():
+            stack.enter_context(mock.patch.object(inductor, attr, value))
+        stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+        stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
         torch._dynamo.reset()
         compiled = torch.compile(layer, dynamic=False, fullgraph=True)
         with torch.no_grad():
@@ -213,7 +219,7 @@ def test_decode_reduction_is_split_below_the_cascade_threshold() -> None:
     layer = fp8_linear(768, 8, E5M2, False, True, torch.float32, seed=9).eval()
     x = torch.randn(1, 768)
     assert inductor._reduction_parts(768) == 1 and inductor._reduction_parts(14336) == 4
-    got, codes, want = _compile_afresh(layer, x, "_MAX_REDUCTION", 256)
+    got, codes, want = _compile_afresh(layer, x, _MAX_REDUCTION=256, _cpu_gemv=_NO_GEMV)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
     assert not [line for line in _code_lines(codes) if "CascadeSumHelper" in line]
     assert any(re.search(r"x\d+<static_cast<int64_t>\(256L\)", code) for code in codes)
@@ -226,11 +232,71 @@ def test_gemm_path_converts_the_weight_in_groups() -> None:
     layer = fp8_linear(24, 40, E4M3, True, True, torch.bfloat16, seed=8).eval()
     x = torch.randn(5, 24).to(torch.bfloat16)
     # the group size is not part of the compile cache key: compile this graph afresh
-    got, codes, want = _compile_afresh(layer, x, "_GROUP_ELEMS", 24 * 16)
+    got, codes, want = _compile_afresh(layer, x, _GROUP_ELEMS=24 * 16, _cpu_gemv=_NO_GEMV)
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7,
                                atol=2**-7 * float(want.float().abs().max()))
     mms = [line for line in _code_lines(codes) if "extern_kernels.mm(" in line]
     assert len(mms) == 3  # 40 rows in groups of 14, 14, 12
+
+
+@pytest.mark.parametrize("rows, dtype", [(1, torch.bfloat16), (3, torch.float32),
+                                         (16, torch.bfloat16)])
+def test_few_rows_call_the_cpp_gemv_on_the_fp8_bytes(rows: int, dtype: torch.dtype) -> None:
+    """Static ``M`` up to ``_GEMV_MAX_M``: one extern call of the C++ GEMV per Linear, on the FP8 weight itself (no conversion kernel, no
+    GEMM, no reduction); float32 accumulation, the reference's numerics up to summation
+    order."""
+    from fp8fx.kernels import gemv
+    from fp8fx.kernels import linear as kl
+
+    if not gemv.available():
+        pytest.skip(f"C++ GEMV not in use: {gemv.status()}")
+    inductor.register_lowering()
+    layer = fp8_linear(40, 24, E4M3, True, True, dtype, seed=12).eval()
+    x = torch.randn(rows, 40).to(dtype)
+    uses_gemv = rows <= kl._GEMV_MAX_M
+    got, codes, want = _compile_afresh(layer, x)
+    lines = _code_lines(codes)
+    calls = [line for line in lines if "= torch.ops.fp8fx_cpp.gemv_fp8.default(" in line]
+    assert len(calls) == int(uses_gemv)
+    if uses_gemv:
+        assert not [line for line in lines if "extern_kernels.mm(" in line]
+        assert not [b for code in codes for b in _reduction_bodies(code)]
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=0.0)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+def test_many_rows_convert_groups_by_the_cpp_op() -> None:
+    """More rows than the GEMV takes: each weight group is converted by the C++ op into float32
+    (exact), then multiplied; the reference's numerics up to summation order (float32 x)."""
+    from fp8fx.kernels import gemv
+
+    if not gemv.available():
+        pytest.skip(f"C++ kernels not in use: {gemv.status()}")
+    inductor.register_lowering()
+    layer = fp8_linear(24, 40, E4M3, True, True, torch.float32, seed=14).eval()
+    x = torch.randn(20, 24)
+    got, codes, want = _compile_afresh(layer, x, _GROUP_ELEMS=24 * 16)
+    lines = _code_lines(codes)
+    assert len([line for line in lines if "= torch.ops.fp8fx_cpp.fp8_to_float32" in line]) == 3
+    assert len([line for line in lines if "extern_kernels.mm(" in line]) == 3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+
+
+def test_symbolic_rows_keep_the_generated_kernels() -> None:
+    """A dynamic ``M`` (prefill) never takes the GEMV: it is chosen by a static size only, so
+    no guard is added on the symbolic one."""
+    from torch._inductor.utils import run_and_get_code
+
+    inductor.register_lowering()
+    layer = fp8_linear(32, 16, E4M3, False, True, torch.float32, seed=13).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        got, codes = run_and_get_code(compiled, torch.randn(7, 32))
+    lines = _code_lines(codes)
+    assert not [line for line in lines if "fp8fx_cpp.gemv_fp8" in line]
+    assert [line for line in lines if "extern_kernels.mm(" in line]
+    torch._dynamo.reset()
 
 
 def test_register_is_idempotent_and_tags_the_cache() -> None:

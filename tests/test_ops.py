@@ -278,3 +278,169 @@ def test_ops_registers_and_reexports_the_kernels() -> None:
 def test_nan_code_mask_is_exactly_the_nan_codes() -> None:
     codes = all_codes(E4M3)
     assert torch.equal(K._nan_code_mask(codes), codes.to(torch.float32).isnan())
+
+
+# ---- the few-row GEMV (fp8fx.kernels.gemv): C++ kernel and torch fallback -------------------
+
+from fp8fx.errors import QuantizationError  # noqa: E402
+from fp8fx.kernels import gemv as G  # noqa: E402
+
+
+@contextlib.contextmanager
+def _isa_body(level: int):
+    """The C++ kernel with one ISA body forced (1: AVX2, 2: AVX512), restored afterwards."""
+    if not G.available():
+        pytest.skip(f"C++ GEMV not in use: {G.status()}")
+    if level == 2 and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("the AVX512 body needs an AVX512 CPU")
+    torch.ops.fp8fx_cpp.set_level(level)
+    try:
+        yield G.gemv_fp8
+    finally:
+        torch.ops.fp8fx_cpp.set_level(G._isa_level()[0])
+
+
+@contextlib.contextmanager
+def _gemv_path(path: str):
+    if path == "torch":
+        yield G.gemv_fp8_torch
+    else:
+        with _isa_body(2 if path == "cpp_avx512" else 1) as fn:
+            yield fn
+
+
+GEMV_PATHS = ["cpp_avx512", "cpp_avx2", "torch"]
+
+
+def _exact_product(x: Tensor, w: Tensor) -> Tensor:
+    """float64 product of the exact values, NaN where the reference's float32 product is NaN."""
+    y = x.double() @ w.to(torch.float32).double().t()
+    ref = x @ w.to(torch.float32).t()
+    return torch.where(ref.isnan(), float("nan"), y)
+
+
+@pytest.mark.parametrize("path", GEMV_PATHS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 17])
+def test_gemv_all_codes_and_tails(path, fmt, m) -> None:
+    """Every code of the format in the weight (NaN, inf, subnormals included), K and N off every
+    vector and tile width, M off the row tiles: NaN exactly where the float32 product has it,
+    the rest within float32 summation error of the exact sum."""
+    n, k = 11, 256 + 21
+    w = torch.zeros(n * k, dtype=torch.uint8)
+    w[torch.randperm(n * k, generator=torch.Generator().manual_seed(m))[:256]] = torch.arange(
+        256, dtype=torch.uint8)
+    w = w.view(fmt).reshape(n, k)
+    if fmt == E5M2:  # inf codes meeting x of both signs would give NaN anyway: keep them finite
+        w.view(torch.uint8)[(w.view(torch.uint8) & 0x7F) >= 0x7C] = 0x3C
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(100 + m)).to(fmt).float()
+    with _gemv_path(path) as fn:
+        got = fn(x, w)
+    want = _exact_product(x, w)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert got.isnan().tolist() == want.isnan().tolist()
+    ok = ~want.isnan()
+    bound = 1e-6 * (x.abs().double() @ w.float().abs().double().t())[ok] + 1e-30
+    assert bool(((got.double()[ok] - want[ok]).abs() <= bound).all())
+    if fmt == E4M3:  # the codes were spread over every row: each NaN code makes its column NaN
+        rows = ((w.view(torch.uint8) & 0x7F) == 0x7F).any(1)
+        assert got.isnan().all(0).tolist() == rows.tolist()
+
+
+@pytest.mark.parametrize("path", GEMV_PATHS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemv_subnormal_codes_survive_flushed_denormals(path, fmt) -> None:
+    codes = torch.tensor([[0x01, 0x02, 0x07, 0x81, 0x03, 0x85, 0, 0x06] * 3], dtype=torch.uint8)
+    w = codes.view(fmt)
+    x = torch.ones(1, w.shape[1])
+    want = _exact_product(x, w).float()
+    with _gemv_path(path) as fn, flush_denormal():
+        got = fn(x, w)
+    assert bool(same_bits(got, want).all()) and float(want.abs().max()) > 0
+
+
+@pytest.mark.parametrize("level", [1, 2])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("flush", [False, True])
+def test_cpp_dequant_is_exact_for_all_256_codes(level, fmt, flush) -> None:
+    """The C++ conversion op (Inductor's M > 16 path), each ISA body: bit for bit the FP8
+    cast, NaN codes NaN, subnormal codes exact with denormals flushed; rows off the vector
+    width (a tail) too."""
+    with _isa_body(level):
+        op = G.cpp_dequant_op()
+        for shape in ((16, 16), (8, 32), (32, 8), (256, 1)):
+            codes = all_codes(fmt).reshape(shape)
+            with flush_denormal() if flush else contextlib.nullcontext():
+                got = op(codes)
+            assert got.dtype == torch.float32 and got.shape == shape
+            assert bool(same_bits(got, codes.to(torch.float32)).all()), shape
+
+
+@pytest.mark.parametrize("path", GEMV_PATHS)
+def test_gemv_empty_and_per_row_results(path) -> None:
+    w = torch.randn(6, 33).to(E4M3)
+    with _gemv_path(path) as fn:
+        assert fn(torch.randn(0, 33), w).shape == (0, 6)
+        assert fn(torch.randn(2, 33), w[:0]).shape == (2, 0)
+        assert bool((fn(torch.randn(3, 0), w[:, :0]) == 0).all())
+        x = torch.randn(3, 33)
+        torch.testing.assert_close(fn(x, w)[1:2], fn(x[1:2], w), rtol=1e-6, atol=1e-6)
+
+
+def test_gemv_checks_its_inputs() -> None:
+    w = torch.randn(4, 8).to(E4M3)
+    with pytest.raises(QuantizationError, match="float8_e4m3fn or float8_e5m2"):
+        G.gemv_fp8(torch.randn(1, 8), w.float())
+    with pytest.raises(QuantizationError, match="float32 x"):
+        G.gemv_fp8(torch.randn(1, 8).bfloat16(), w)
+    with pytest.raises(QuantizationError, match=r"\(1, 9\)"):
+        G.gemv_fp8(torch.randn(1, 9), w)
+
+
+def test_gemv_status_names_the_path() -> None:
+    assert G.status().startswith("C++ kernel" if G.available() else "torch fallback")
+    if G.available():
+        assert G.cpp_op() is torch.ops.fp8fx_cpp.gemv_fp8
+
+
+def test_gemv_env_switch_turns_the_cpp_kernel_off() -> None:
+    script = ("import os; os.environ['FP8FX_CPP_KERNELS'] = '0'\n"
+              "from fp8fx.kernels import gemv\n"
+              "assert not gemv.available() and 'FP8FX_CPP_KERNELS=0' in gemv.status()\n")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("available", [True, False])
+@pytest.mark.parametrize("rows", [1, 4, 16, 17])
+def test_linear_fast_few_rows_with_and_without_the_cpp_gemv(available, rows) -> None:
+    """The eager kernel's few-row path (the C++ GEMV) and its fallback agree with the
+    reference; per-channel scale, bias and NaN codes included."""
+    if available and not G.available():
+        pytest.skip(f"C++ GEMV not in use: {G.status()}")
+    special = [((3, 7), 0x7F)]
+    w, ws, xs, b, fp8_max = _layer(E4M3, 21, 50, True, torch.float32, seed=rows, special=special)
+    x = torch.randn(rows, 50) * 2
+    with mock.patch.object(G, "available", lambda: available), \
+            mock.patch.object(G, "gemv_fp8", wraps=G.gemv_fp8) as spy:
+        got = K.linear_fast(x, w, ws, xs, b, fp8_max)
+    assert spy.call_count == int(available and rows <= K._GEMV_MAX_M)
+    want = K.linear_reference(x, w, ws, xs, b, fp8_max)
+    _check(got, want, x, w, ws, xs, rows)
+    assert got.isnan().all(0).tolist() == [i == 3 for i in range(21)]
+
+
+def test_cpu_has_bf16_follows_the_capability_cap() -> None:
+    K.cpu_has_bf16.cache_clear()
+    try:
+        with mock.patch.object(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2"):
+            assert K.cpu_has_bf16() is False
+        K.cpu_has_bf16.cache_clear()
+        with mock.patch.dict("os.environ", {"ONEDNN_MAX_CPU_ISA": "AVX2"}):
+            assert K.cpu_has_bf16() is False
+    finally:
+        K.cpu_has_bf16.cache_clear()

@@ -26,7 +26,12 @@ values are exact in bfloat16 and float32, so the GEMM operands are exactly the r
 only the GEMM differs:
 
 =====================================  =========================================================
-CPU, ``M == 1`` (static)               ``(q_x * q_w).sum(-1)`` in float32: one reduction that
+CPU, few static rows (``M`` up to     an extern call of the C++ GEMV
+``_GEMV_MAX_M``), C++ kernel built     (``torch.ops.fp8fx_cpp.gemv_fp8``,
+                                       :mod:`fp8fx.kernels.gemv`) on ``q_x`` in float32 and
+                                       the FP8 weight itself: float32 accumulation, equal to
+                                       the reference up to summation order
+CPU, ``M == 1`` (static), no C++ GEMV  ``(q_x * q_w).sum(-1)`` in float32: one reduction that
                                        reads the FP8 bytes; ``q_x`` is computed once into a
                                        buffer (``_materialized``), not per output row; float32
                                        accumulation, equal to the reference up to summation
@@ -56,7 +61,17 @@ for all 256 codes of both formats and forms no float32 denormal (a test runs it 
 denormals flushed). Its shifts, biases and special codes come from the format table
 (:mod:`fp8fx.fp8`).
 
-* ``M == 1``: the reduction streams the FP8 bytes (1 byte per weight against bfloat16's 2),
+* Few static rows (decode, decode with a batch): the C++ GEMV of :mod:`fp8fx.kernels.gemv`
+  (``fp8fx.kernels.linear.gemv_rows`` decides, by the same limits as the eager kernel), an
+  extern call Inductor schedules between its generated kernels (activation quantization
+  before, the epilogue fused after). The reduction below vectorizes well on AVX512 but on an
+  AVX2 CPU (``cpp.simdlen=256``) Inductor turns its int8/int32 vector conversions into scalar
+  loops through stack buffers and it ran at 4.5x bfloat16's time; the C++ kernel converts
+  in registers on both ISAs. A symbolic ``M`` (prefill under ``dynamic=True``) never takes
+  it, so no guard is added. ``register_lowering()`` builds the kernel (once per machine,
+  cached on disk by torch) before any compile, so that graphs served from the compile cache
+  find its op defined; the cache tag records whether it is in use.
+* ``M == 1`` without the C++ GEMV: the reduction streams the FP8 bytes (1 byte per weight against bfloat16's 2),
   which beats bfloat16 on LLM-sized weights; on small cache-resident weights the ~20
   instructions per 16 weights of the conversion are the cost, and with a long ``K`` the
   float32 ``q_x`` no longer fits L1. ``q_x`` is computed once (``_materialized``): inlined
@@ -178,7 +193,8 @@ def _dequant_mm(qx: Tensor, weight: Tensor) -> Tensor:
 def _cpu_dequant_mm(qx: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
     """``q_x @ q_wᵀ`` in ``dtype`` (both operands exact in it) for ``M > 1`` on CPU.
 
-    The weight is converted by ``_fp8_to_float32`` into a float32 buffer (``_materialized``:
+    The weight is converted by the C++ conversion op where it is built (``_cpp_dequant``),
+    else by ``_fp8_to_float32`` into a float32 buffer (``_materialized``:
     fused with the cast to bfloat16, the conversion runs at Inductor's 32-lane bfloat16 width
     and is much slower) in row groups of ``_GROUP_ELEMS`` elements, each multiplied as soon
     as it is converted: a weight-sized temporary comes from ``mmap`` and page-faults on every
@@ -190,10 +206,22 @@ def _cpu_dequant_mm(qx: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
     groups = max(1, -(-n * k // _GROUP_ELEMS)) if static else 1
     rows = -(-n // groups)
     parts = []
+    dequant = _cpp_dequant()
     for r0 in range(0, n, rows):
-        b = _materialized(_fp8_to_float32(weight[r0:r0 + rows]))
+        group = weight[r0:r0 + rows]
+        b = dequant(group) if dequant is not None else _materialized(_fp8_to_float32(group))
         parts.append(torch.mm(a, b.to(dtype).t()))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _cpp_dequant():
+    """The C++ FP8 -> float32 conversion op (:mod:`fp8fx.kernels.gemv`) where it is built, else
+    None. Inductor vectorizes ``_fp8_to_float32`` well on AVX512, but on an AVX2 CPU its
+    int8/int32 vector conversions become scalar loops; the extern op converts in registers on
+    both and writes the same exact float32 group."""
+    from fp8fx.kernels import gemv
+
+    return gemv.cpp_dequant_op()
 
 
 def _reduction_parts(k: int) -> int:
@@ -216,19 +244,37 @@ def _is_one(size: object) -> bool:
     return bool(statically_known_true(size == 1))
 
 
+def _static_rows(size: object) -> Optional[int]:
+    """``size`` as an int when it is static (no guard added on a symbolic size), else None."""
+    return size if isinstance(size, int) else None
+
+
+def _cpu_gemv(qx: Tensor, weight: Tensor) -> Optional[Tensor]:
+    """``q_x @ q_wᵀ`` (float32) by the C++ GEMV op for a static, small ``M`` where it is
+    built (``fp8fx.kernels.linear.gemv_rows``), else None. An extern call in the graph that
+    reads the FP8 bytes; its fake kernel gives Inductor the shape."""
+    from fp8fx.kernels import gemv
+    from fp8fx.kernels.linear import gemv_rows
+
+    m = _static_rows(qx.shape[0])
+    if m is None or not gemv_rows(m):
+        return None
+    return gemv.cpp_op()(qx.to(torch.float32), weight)
+
+
 def _cpu_linear(x2d: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Tensor,
                 bias: Optional[Tensor], fp8_max: float) -> Tensor:
     qx = quantize_activation(x2d, input_scale, weight.dtype, fp8_max)
-    if _is_one(x2d.shape[0]):
+    bf16_gemm = x2d.dtype == torch.bfloat16 and cpu_has_bf16()
+    acc = _cpu_gemv(qx, weight)
+    if acc is None and _is_one(x2d.shape[0]):  # no C++ kernel: a reduction Inductor generates
         n, k = weight.shape
         qx32 = _materialized(qx.to(torch.float32))
         parts = _reduction_parts(k)
         prod = qx32.reshape(1, parts, k // parts) * _fp8_to_float32(weight).reshape(n, parts, -1)
         acc = prod.sum(dim=-1).sum(dim=-1).unsqueeze(0)
-    elif x2d.dtype == torch.bfloat16 and cpu_has_bf16():
-        acc = _cpu_dequant_mm(qx, weight, torch.bfloat16)
-    else:
-        acc = _cpu_dequant_mm(qx, weight, torch.float32)
+    elif acc is None:
+        acc = _cpu_dequant_mm(qx, weight, torch.bfloat16 if bf16_gemm else torch.float32)
     return _epilogue(acc, input_scale * weight_scale, bias, x2d.dtype)
 
 
@@ -293,15 +339,20 @@ def _cache_tag() -> str:
     calls (``fp8fx.numerics``, ``fp8fx.kernels.linear``) and the format table (``fp8fx.fp8``)."""
     from fp8fx import fp8, numerics
     from fp8fx.backends import inductor_schemes
-    from fp8fx.kernels import linear, schemes
+    from fp8fx.kernels import gemv, linear, schemes
 
+    # what the decomposition chooses by: graphs with or without the C++ GEMV op (building it
+    # here, before any compile, also defines the op for graphs served from the cache), and
+    # bfloat16 or float32 GEMMs
+    choices = repr((gemv.available(), linear.cpu_has_bf16())).encode()
     digest = hashlib.sha256()
     try:
         for module in (__file__, numerics.__file__, linear.__file__, fp8.__file__, inductor_schemes.__file__,
-                       schemes.__file__):
+                       schemes.__file__, gemv.__file__):
             digest.update(Path(module).read_bytes())
     except (OSError, TypeError):  # not plain files (zip import): the decomposition's bytecode
         digest = hashlib.sha256(_decompose_linear.__code__.co_code)
+    digest.update(choices)
     return f"fp8fx-inductor-{digest.hexdigest()[:16]}"
 
 

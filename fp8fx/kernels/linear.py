@@ -35,6 +35,13 @@ more than an integer pass over the same bytes; figures in ``benchmarks/README.md
   (tests sweep all FP8 midpoints and hypothesis draws floats); used from
   ``_FAST_QUANT_MIN_NUMEL`` elements on, in row blocks; below that the two native casts are
   cheaper than the eight ops.
+* **Few rows** (decode, decode with a batch): up to ``_GEMV_MAX_M`` rows, ``q_x`` in float32
+  goes to
+  :func:`fp8fx.kernels.gemv.gemv_fp8`, a C++ kernel that converts the FP8 bytes in registers
+  as it streams them (float32 accumulation, NaN codes' columns NaN), then the float32
+  epilogue: the reference's numerics up to summation order, reading one byte per weight.
+  Where that kernel is not built (no compiler, no AVX2, ``FP8FX_CPP_KERNELS=0``) the blocks
+  below do the same product (:func:`gemv_rows` decides).
 * **GEMM**: the weight is converted in row blocks of ``_BLOCK_ELEMS`` elements (at least
   ``_MIN_GEMM_ROWS`` rows when ``x`` has that many, for the GEMM's sake), each handed to the
   GEMM while it is in cache, and the epilogue writes those columns of ``y``: no weight-sized
@@ -48,13 +55,17 @@ more than an integer pass over the same bytes; figures in ``benchmarks/README.md
   the Inductor lowering's bfloat16 GEMM. ``_EXACT_MAX_M`` is where the bfloat16 GEMM starts
   to win (measured: ``benchmarks/README.md``).
 
-The kernel stays slower than a bfloat16 ``F.linear`` because every call converts the whole
-weight; compiled (``fp8fx.backends.inductor``), decode streams the FP8 bytes instead.
+Above the few-row path the kernel stays slower than a bfloat16 ``F.linear`` because every
+call converts the whole weight. :func:`cpu_has_bf16` follows ATen's CPU capability and
+oneDNN's ISA cap, so ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` makes an AVX512 CPU
+take the paths of an AVX2 one (float32 GEMMs); figures per CPU class in
+``benchmarks/README.md``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -66,10 +77,12 @@ from ..fp8 import E4M3, FORMATS, FP8Format
 from ..numerics import quantize_fp32
 
 __all__ = ["check_fp8_weight", "quantize_activation", "linear_reference", "fp8_to_half_bits",
-           "has_nan_codes", "fp8_to_float32", "quantize_activation_fast", "linear_fast"]
+           "has_nan_codes", "fp8_to_float32", "quantize_activation_fast", "linear_fast",
+           "cpu_has_bf16", "gemv_rows"]
 
 _BLOCK_ELEMS = 1 << 20  # weight elements converted per block: 2 MiB int16 + 4 MiB float32
 _EXACT_MAX_M = 4  # rows up to which bfloat16 x still takes the exact float32 GEMM
+_GEMV_MAX_M = 16  # rows up to which the C++ GEMV beats block conversion + a GEMM
 _MIN_GEMM_ROWS = 256  # weight rows per block at least, for x with at least as many rows
 _FAST_QUANT_MIN_NUMEL = 1 << 14  # activations this large round by float ops, not casts
 
@@ -220,12 +233,33 @@ def quantize_activation_fast(x: Tensor, scale: Tensor, fp8_dtype: torch.dtype,
 # --------------------------------------------------------------------------------------------
 
 
+# oneDNN's ISA names up to AVX512 without BF16 (``ONEDNN_MAX_CPU_ISA``, documented by oneDNN):
+# with one of these, its bfloat16 GEMM has no bfloat16 instructions to use
+_ONEDNN_ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2",
+                                       "AVX512_CORE", "AVX512_CORE_VNNI"})
+
+
 @functools.cache
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has bfloat16 GEMM instructions (AVX512-BF16 or AMX)."""
+    """Whether bfloat16 GEMMs run on bfloat16 instructions here (AVX512-BF16 or AMX): the CPU
+    has them, ATen's CPU capability is AVX512 (``ATEN_CPU_CAPABILITY=avx2`` caps it) and
+    ``ONEDNN_MAX_CPU_ISA`` does not cap oneDNN below AVX512-BF16."""
     cpu = getattr(torch, "cpu", None)
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in probes)
+    if not any(bool(getattr(cpu, name, lambda: False)()) for name in probes):
+        return False
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() not in _ONEDNN_ISAS_WITHOUT_BF16
+
+
+def gemv_rows(m: int) -> bool:
+    """Whether ``m`` activation rows take :func:`fp8fx.kernels.gemv.gemv_fp8` (where its C++
+    kernel is built) instead of block conversion + a GEMM: up to ``_GEMV_MAX_M`` rows, where
+    it beat both the float32 and the bfloat16 GEMM path (``benchmarks/README.md``)."""
+    from . import gemv
+
+    return 0 < m <= _GEMV_MAX_M and gemv.available()
 
 
 def _quantized_x(x2d: Tensor, input_scale: Tensor, fp8_dtype: torch.dtype, fp8_max: float,
@@ -275,10 +309,18 @@ def linear_fast(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Te
         return linear_reference(x, weight, weight_scale, input_scale, bias, fp8_max)
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
-    gemm_dtype = (torch.bfloat16 if x.dtype == torch.bfloat16 and m > _EXACT_MAX_M
-                  and cpu_has_bf16() else torch.float32)
+    use_gemv = gemv_rows(m)
+    gemm_dtype = (torch.bfloat16 if not use_gemv and x.dtype == torch.bfloat16
+                  and m > _EXACT_MAX_M and cpu_has_bf16() else torch.float32)
     qx = _quantized_x(x2d, input_scale, fp8_dtype, fp8_max, gemm_dtype)
     weight = weight.contiguous()
+    if use_gemv:  # few rows: stream the FP8 bytes (NaN codes handled there)
+        from .gemv import gemv_fp8
+
+        acc = gemv_fp8(qx, weight).mul_(input_scale * weight_scale)
+        if bias is not None:
+            acc.add_(bias.float())
+        return acc.to(x.dtype).reshape(*x.shape[:-1], n)
     scale = (input_scale * weight_scale) * _TO_HALF[fp8_dtype][2]  # a power of two: exact
     per_channel = scale.dim() > 0
     bias32 = None if bias is None else bias.float()

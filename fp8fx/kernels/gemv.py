@@ -1,0 +1,457 @@
+"""``gemv_fp8``: the few-row product of float32 activations and an FP8 weight, streaming its bytes.
+
+``gemv_fp8(x, w) -> y``: ``x`` float32 ``[M, K]``, ``w`` a ``float8_e4m3fn`` / ``float8_e5m2``
+weight ``[N, K]``; ``y[m, n] = sum_k x[m, k] * float(w[n, k])`` in float32, un-scaled (no weight
+or activation scale, no bias). The primitive of the decode path (``M`` up to a few tokens) of
+``fp8fx::linear`` (eager kernel and Inductor lowering) and of any op that multiplies by an FP8
+weight: the caller quantizes ``x`` (its values are then FP8 values, exact in float32) and
+applies its scales to ``y``.
+
+Why a C++ kernel
+----------------
+At ``M == 1`` the product is bound by the bytes it reads: an FP8 weight is half a bfloat16 one,
+so the limit is half of bfloat16's time. Reaching it needs the FP8 -> float32 conversion to run
+in registers as the bytes stream by. Inductor's reduction over an integer-op conversion does so
+on AVX512, but on an AVX2 CPU its int8/int32 vector conversions are scalar loops through stack
+buffers and the reduction ran at 4.5x bfloat16's time (``benchmarks/README.md``). The kernel
+here is a short C++ loop compiled once per machine (``torch.utils.cpp_extension.load_inline``,
+cached on disk by torch; the same compiler Inductor needs), with one code body instantiated for
+AVX512 and for AVX2 (``#pragma GCC target``; nothing else of the file is built for a newer
+ISA). Which one runs follows ``torch.backends.cpu.get_cpu_capability()``, so
+``ATEN_CPU_CAPABILITY=avx2`` selects the AVX2 body on an AVX512 machine as it does ATen's.
+
+Per 16 weights: one 16-byte load, sign-extend to int16, shift and mask into the float16 bit
+pattern (E5M2: ``code << 8``; E4M3: ``(code << 7) & 0xBF80``, the value times ``2**-8``), the
+hardware float16 -> float32 conversion (F16C; exact for every code, float16 subnormals
+included, whatever the denormal mode), then one FMA per activation row. Tiles of 4 weight rows
+x 4 activation rows (AVX512) or 2 x 4 (AVX2) keep the converted weight in registers while each
+activation row is multiplied; float32 partial sums per lane, added at the end of the row
+(float32 accumulation, only the summation order differs from a float32 ``matmul``). E4M3's
+factor ``2**8`` multiplies the finished sum (exact: a power of two, and sums of FP8 products are
+far from float32's denormal and overflow ranges). E4M3 NaN codes (``0x7F``, ``0xFF``) are found
+on the fly (a byte max of ``code & 0x7F`` per row, two instructions per 16 weights) and make
+their output column NaN, as ``NaN * q`` does in the float32 product; E5M2's inf and NaN codes
+are float16 inf and NaN already. Rows are split over ATen's intra-op threads.
+
+Fallback
+--------
+Without a working compiler, on a CPU without AVX2, or with ``FP8FX_CPP_KERNELS=0`` in the
+environment, ``gemv_fp8`` computes the same product by torch ops (:func:`gemv_fp8_torch`: the
+weight converted in cache-sized row blocks by :mod:`fp8fx.kernels.linear`'s integer-op
+conversion, a float32 ``mm`` per block). :func:`status` says which path is in use and why.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..errors import QuantizationError
+from ..fp8 import FORMATS
+
+__all__ = ["gemv_fp8", "gemv_fp8_torch", "available", "status", "cpp_op", "cpp_dequant_op"]
+
+_ENV_SWITCH = "FP8FX_CPP_KERNELS"  # "0": never build or use the C++ kernel
+_ISA_LEVEL = {"AVX512": 2, "AVX2": 1}  # torch's CPU capability -> the kernel body to run
+_BLOCK_ELEMS = 1 << 20  # fallback: weight elements converted per block
+
+# One kernel body, instantiated once per ISA inside a ``#pragma GCC target`` region. The ISA
+# section above it defines: VF (float vector), LANES, VPC (vectors per 16 weights),
+# MR x NR (tile; NR1 weight rows when M == 1), zero(), loadx(p), fma(a, b, c), hsum(v), and cvt<FMT>(p, out, nanmax).
+_BODY = r"""
+template <int FMT, int MRT, int NRT>
+static inline __attribute__((always_inline)) void chunk(
+    const float* __restrict x, int64_t xs, const uint8_t* __restrict w, int64_t ws,
+    VF (&acc)[MRT][NRT], __m128i (&nanmax)[NRT]) {
+  VF wv[NRT][VPC];
+  for (int n = 0; n < NRT; ++n) cvt<FMT>(w + n * ws, wv[n], nanmax[n]);
+  for (int m = 0; m < MRT; ++m) {
+    for (int v = 0; v < VPC; ++v) {
+      const VF xv = loadx(x + m * xs + v * LANES);
+      for (int n = 0; n < NRT; ++n) acc[m][n] = fma(xv, wv[n][v], acc[m][n]);
+    }
+  }
+}
+
+template <int FMT, int MRT, int NRT>
+static void tile(const float* __restrict x, int64_t K, const uint8_t* __restrict w,
+                 float* __restrict y, int64_t N, float factor) {
+  VF acc[MRT][NRT];
+  __m128i nanmax[NRT];
+  for (int n = 0; n < NRT; ++n) {
+    nanmax[n] = _mm_setzero_si128();
+    for (int m = 0; m < MRT; ++m) acc[m][n] = zero();
+  }
+  const int64_t kfull = K & ~int64_t(15);
+  for (int64_t k = 0; k < kfull; k += 16) chunk<FMT, MRT, NRT>(x + k, K, w + k, K, acc, nanmax);
+  if (kfull < K) {  // the last, partial chunk: zero-padded copies
+    const int64_t rest = K - kfull;
+    alignas(64) uint8_t wtail[NRT][16];
+    alignas(64) float xtail[MRT][16];
+    for (int n = 0; n < NRT; ++n) {
+      std::memset(wtail[n], 0, 16);
+      std::memcpy(wtail[n], w + n * K + kfull, rest);
+    }
+    for (int m = 0; m < MRT; ++m)
+      for (int j = 0; j < 16; ++j) xtail[m][j] = j < rest ? x[m * K + kfull + j] : 0.0f;
+    chunk<FMT, MRT, NRT>(&xtail[0][0], 16, &wtail[0][0], 16, acc, nanmax);
+  }
+  for (int n = 0; n < NRT; ++n) {
+    const bool nan = FMT == 0 &&
+        _mm_movemask_epi8(_mm_cmpeq_epi8(nanmax[n], _mm_set1_epi8(0x7F))) != 0;
+    for (int m = 0; m < MRT; ++m)
+      y[m * N + n] = nan ? std::numeric_limits<float>::quiet_NaN() : hsum(acc[m][n]) * factor;
+  }
+}
+
+template <int FMT, int NRT>
+static void rows(const float* x, int64_t M, int64_t K, const uint8_t* w, float* y, int64_t N,
+                 float factor) {
+  for (int64_t m0 = 0; m0 < M; m0 += MR) {
+    const float* xm = x + m0 * K;
+    float* ym = y + m0 * N;
+    switch (M - m0 >= MR ? MR : M - m0) {
+      case 1: tile<FMT, 1, NRT>(xm, K, w, ym, N, factor); break;
+      case 2: tile<FMT, 2, NRT>(xm, K, w, ym, N, factor); break;
+      case 3: tile<FMT, 3, NRT>(xm, K, w, ym, N, factor); break;
+      default: tile<FMT, MR, NRT>(xm, K, w, ym, N, factor); break;
+    }
+  }
+}
+
+template <int FMT, int NRT>
+static void run_tiles(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+                      float* y, float factor) {
+  const int64_t blocks = (N + NRT - 1) / NRT;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, NRT * K));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * NRT;
+      if (n0 + NRT <= N) {
+        rows<FMT, NRT>(x, M, K, w + n0 * K, y + n0, N, factor);
+      } else {
+        for (int64_t n = n0; n < N; ++n) rows<FMT, 1>(x, M, K, w + n * K, y + n, N, factor);
+      }
+    }
+  });
+}
+
+template <int FMT>
+static void run(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y,
+                float factor) {
+  // one activation row leaves registers for more weight rows in flight
+  if (M == 1) run_tiles<FMT, NR1>(x, M, K, w, N, y, factor);
+  else run_tiles<FMT, NR>(x, M, K, w, N, y, factor);
+}
+
+template <int FMT>
+static void dequant_rows(const uint8_t* w, int64_t n0, int64_t n1, int64_t K, float* out) {
+  const float factor = FMT == 0 ? 256.0f : 1.0f;
+  const VF vf = set1(factor);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * K;
+    float* o = out + n * K;
+    int64_t k = 0;
+    alignas(64) uint8_t wt[16];
+    alignas(64) float ot[16];
+    for (; k < K; k += 16) {
+      const bool tail = k + 16 > K;
+      const uint8_t* p = wr + k;
+      if (tail) {
+        std::memset(wt, 0, 16);
+        std::memcpy(wt, p, K - k);
+        p = wt;
+      }
+      __m128i nanmax = _mm_setzero_si128();
+      VF v[VPC];
+      cvt<FMT>(p, v, nanmax);
+      float* dst = tail ? ot : o + k;
+      for (int j = 0; j < VPC; ++j) storeu(dst + j * LANES, mul(v[j], vf));
+      if (FMT == 0 && _mm_movemask_epi8(_mm_cmpeq_epi8(nanmax, _mm_set1_epi8(0x7F))) != 0) {
+        for (int j = 0; j < 16; ++j)  // E4M3 NaN codes: rare, fixed one by one
+          if ((p[j] & 0x7F) == 0x7F) dst[j] = std::numeric_limits<float>::quiet_NaN();
+      }
+      if (tail) std::memcpy(o + k, ot, (K - k) * sizeof(float));
+    }
+  }
+}
+
+static void dequant(int fmt, const uint8_t* w, int64_t N, int64_t K, float* out) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, K));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    if (fmt == 0) dequant_rows<0>(w, n0, n1, K, out); else dequant_rows<1>(w, n0, n1, K, out);
+  });
+}
+
+static void gemv(int fmt, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N,
+                 float* y, float factor) {
+  if (fmt == 0) run<0>(x, M, K, w, N, y, factor); else run<1>(x, M, K, w, N, y, factor);
+}
+"""
+
+_AVX512 = r"""
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f")
+namespace isa_avx512 {
+typedef __m512 VF;
+constexpr int LANES = 16, VPC = 1, MR = 4, NR = 4, NR1 = 8;
+static inline VF zero() { return _mm512_setzero_ps(); }
+static inline VF loadx(const float* p) { return _mm512_loadu_ps(p); }
+static inline VF fma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
+static inline VF mul(VF a, VF b) { return _mm512_mul_ps(a, b); }
+static inline VF set1(float f) { return _mm512_set1_ps(f); }
+static inline void storeu(float* p, VF v) { _mm512_storeu_ps(p, v); }
+static inline float hsum(VF v) { return _mm512_reduce_add_ps(v); }
+template <int FMT>
+static inline void cvt(const uint8_t* p, VF* out, __m128i& nanmax) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m256i h = _mm256_cvtepi8_epi16(b);
+  if (FMT == 0) {
+    h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16(short(0xBF80)));
+    nanmax = _mm_max_epu8(nanmax, _mm_and_si128(b, _mm_set1_epi8(0x7F)));
+  } else {
+    h = _mm256_slli_epi16(h, 8);
+  }
+  out[0] = _mm512_cvtph_ps(h);
+}
+%BODY%
+}  // namespace isa_avx512
+#pragma GCC pop_options
+"""
+
+_AVX2 = r"""
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace isa_avx2 {
+typedef __m256 VF;
+constexpr int LANES = 8, VPC = 2, MR = 4, NR = 2, NR1 = 4;
+static inline VF zero() { return _mm256_setzero_ps(); }
+static inline VF loadx(const float* p) { return _mm256_loadu_ps(p); }
+static inline VF fma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
+static inline VF mul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+static inline VF set1(float f) { return _mm256_set1_ps(f); }
+static inline void storeu(float* p, VF v) { _mm256_storeu_ps(p, v); }
+static inline float hsum(VF v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+template <int FMT>
+static inline void cvt(const uint8_t* p, VF* out, __m128i& nanmax) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m256i h = _mm256_cvtepi8_epi16(b);
+  if (FMT == 0) {
+    h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16(short(0xBF80)));
+    nanmax = _mm_max_epu8(nanmax, _mm_and_si128(b, _mm_set1_epi8(0x7F)));
+  } else {
+    h = _mm256_slli_epi16(h, 8);
+  }
+  out[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+  out[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+}
+%BODY%
+}  // namespace isa_avx2
+#pragma GCC pop_options
+"""
+
+_ENTRY = r"""
+static std::atomic<int> g_level{0};
+
+void set_level(int64_t level) { g_level.store(int(level)); }
+
+at::Tensor gemv_fp8(const at::Tensor& x_in, const at::Tensor& w_in) {
+  TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu(), "gemv_fp8: CPU tensors only");
+  TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && x_in.size(1) == w_in.size(1),
+              "gemv_fp8: x [M, K] and w [N, K] expected, got ", x_in.sizes(), " and ",
+              w_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "gemv_fp8: x must be float32");
+  const auto wt = w_in.scalar_type();
+  TORCH_CHECK(wt == at::kFloat8_e4m3fn || wt == at::kFloat8_e5m2,
+              "gemv_fp8: w must be float8_e4m3fn or float8_e5m2");
+  const int level = g_level.load();
+  TORCH_CHECK(level >= 1, "gemv_fp8: no vector ISA selected (fp8fx.kernels.gemv sets it)");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor w = w_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return y.zero_();
+  const int fmt = wt == at::kFloat8_e4m3fn ? 0 : 1;
+  const float factor = fmt == 0 ? 256.0f : 1.0f;
+  const auto* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
+  if (level >= 2) {
+    isa_avx512::gemv(fmt, x.data_ptr<float>(), M, K, wp, N, y.data_ptr<float>(), factor);
+  } else {
+    isa_avx2::gemv(fmt, x.data_ptr<float>(), M, K, wp, N, y.data_ptr<float>(), factor);
+  }
+  return y;
+}
+
+at::Tensor fp8_to_float32(const at::Tensor& w_in) {
+  TORCH_CHECK(w_in.device().is_cpu() && w_in.dim() == 2, "fp8_to_float32: a 2-D CPU weight");
+  const auto wt = w_in.scalar_type();
+  TORCH_CHECK(wt == at::kFloat8_e4m3fn || wt == at::kFloat8_e5m2,
+              "fp8_to_float32: w must be float8_e4m3fn or float8_e5m2");
+  const int level = g_level.load();
+  TORCH_CHECK(level >= 1, "fp8_to_float32: no vector ISA selected (fp8fx.kernels.gemv sets it)");
+  const at::Tensor w = w_in.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor out = at::empty({N, K}, w.options().dtype(at::kFloat));
+  if (N == 0 || K == 0) return out;
+  const int fmt = wt == at::kFloat8_e4m3fn ? 0 : 1;
+  const auto* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
+  if (level >= 2) isa_avx512::dequant(fmt, wp, N, K, out.data_ptr<float>());
+  else isa_avx2::dequant(fmt, wp, N, K, out.data_ptr<float>());
+  return out;
+}
+
+TORCH_LIBRARY(fp8fx_cpp, m) {
+  m.def("gemv_fp8(Tensor x, Tensor w) -> Tensor");
+  m.def("fp8_to_float32(Tensor w) -> Tensor");
+  m.def("set_level(int level) -> ()");
+}
+TORCH_LIBRARY_IMPL(fp8fx_cpp, CPU, m) {
+  m.impl("gemv_fp8", &gemv_fp8);
+  m.impl("fp8_to_float32", &fp8_to_float32);
+}
+TORCH_LIBRARY_IMPL(fp8fx_cpp, CatchAll, m) { m.impl("set_level", &set_level); }
+"""
+
+_HEADER = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+"""
+
+
+def _source() -> str:
+    return (_HEADER + _AVX512.replace("%BODY%", _BODY) + _AVX2.replace("%BODY%", _BODY)
+            + _ENTRY)
+
+
+_NAME = "fp8fx_gemv_" + hashlib.sha256(_source().encode()).hexdigest()[:12]
+
+
+def _isa_level() -> tuple[int, str]:
+    """(kernel body to run: 2 AVX512, 1 AVX2, 0 none, why) from torch's CPU capability."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    level = _ISA_LEVEL.get(cap, 0)
+    return level, f"CPU capability {cap}"
+
+
+@functools.cache
+def _load() -> tuple[Optional[object], str]:
+    """(the ``torch.ops.fp8fx_cpp`` namespace or None, a sentence saying which path and why).
+
+    Built on the first call in a process (the build itself is cached on disk by torch)."""
+    if os.environ.get(_ENV_SWITCH, "1") == "0":
+        return None, f"torch fallback ({_ENV_SWITCH}=0)"
+    level, why = _isa_level()
+    if level == 0:
+        return None, f"torch fallback ({why}: the C++ kernel needs AVX2 or AVX512)"
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        load_inline(name=_NAME, cpp_sources=[_source()], functions=None,
+                    extra_cflags=["-O3"], is_python_module=False, verbose=False)
+        ns = torch.ops.fp8fx_cpp
+        ns.set_level(level)
+        torch.library.register_fake("fp8fx_cpp::gemv_fp8")(_gemv_fake)
+        torch.library.register_fake("fp8fx_cpp::fp8_to_float32")(_dequant_fake)
+    except Exception as exc:  # no compiler, a failed build: the torch ops do the same math
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ''}"
+        warnings.warn(f"fp8fx: the C++ FP8 GEMV kernel could not be built ({reason}); using "
+                      f"torch ops instead (slower at decode). Set {_ENV_SWITCH}=0 to skip the "
+                      "build", RuntimeWarning, stacklevel=3)
+        return None, f"torch fallback (build failed: {reason})"
+    return ns, f"C++ kernel, {'AVX512' if level == 2 else 'AVX2'} body ({why})"
+
+
+def _gemv_fake(x: Tensor, w: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+def _dequant_fake(w: Tensor) -> Tensor:
+    return w.new_empty(w.shape, dtype=torch.float32)
+
+
+def cpp_dequant_op():
+    """``torch.ops.fp8fx_cpp.fp8_to_float32`` (``fp8_to_float32(Tensor w) -> Tensor``: a 2-D
+    FP8 weight to float32, exact, NaN codes NaN; the same conversion as the GEMV, written out),
+    or None where :func:`available` is False."""
+    ns = _load()[0]
+    return None if ns is None else ns.fp8_to_float32
+
+
+def available() -> bool:
+    """Whether the C++ kernel is built and in use (builds it on the first call)."""
+    return _load()[0] is not None
+
+
+def status() -> str:
+    """Which path :func:`gemv_fp8` takes here, and why."""
+    return _load()[1]
+
+
+def cpp_op():
+    """``torch.ops.fp8fx_cpp.gemv_fp8`` (schema ``gemv_fp8(Tensor x, Tensor w) -> Tensor``,
+    CPU kernel in C++, fake kernel for tracing), or None where :func:`available` is False."""
+    ns = _load()[0]
+    return None if ns is None else ns.gemv_fp8
+
+
+def _check(x: Tensor, w: Tensor) -> None:
+    if w.dtype not in FORMATS:
+        raise QuantizationError(f"gemv_fp8 got a {w.dtype} weight; it needs float8_e4m3fn or "
+                                "float8_e5m2 (the FP8 weight itself, not a dequantized copy)")
+    if x.dtype != torch.float32 or x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise QuantizationError(
+            f"gemv_fp8 needs float32 x [M, K] and an FP8 weight [N, K]; got x {x.dtype} "
+            f"{tuple(x.shape)} and w {tuple(w.shape)}: quantize x and pass it as float32 "
+            "rows with the weight's in-features")
+
+
+def gemv_fp8_torch(x: Tensor, w: Tensor) -> Tensor:
+    """:func:`gemv_fp8` by torch ops: the weight converted in row blocks (integer ops, exact),
+    a float32 ``mm`` per block, NaN codes' columns set to NaN."""
+    from .linear import _TO_HALF, _convert_blocks, _nan_code_rows, has_nan_codes
+
+    _check(x, w)
+    n, k = w.shape
+    y = torch.empty((x.shape[0], n), dtype=torch.float32, device=x.device)
+    if n == 0 or x.shape[0] == 0:
+        return y
+    if k == 0:
+        return y.zero_()
+    w = w.contiguous()
+    for r0, r1, w32 in _convert_blocks(w, max(1, _BLOCK_ELEMS // k)):
+        y[:, r0:r1] = torch.mm(x, w32.t())
+    factor = _TO_HALF[w.dtype][2]
+    if factor != 1.0:
+        y.mul_(factor)
+    if has_nan_codes(w):
+        y.masked_fill_(_nan_code_rows(w), float("nan"))
+    return y
+
+
+def gemv_fp8(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ float(w)ᵀ`` in float32 (module docstring): ``x`` float32 ``[M, K]``, ``w`` FP8
+    ``[N, K]``, result float32 ``[M, N]``, no scales applied. The C++ kernel where it is
+    built (:func:`status`), else :func:`gemv_fp8_torch`; the two agree up to summation order."""
+    _check(x, w)
+    op = cpp_op() if x.device.type == "cpu" else None
+    if op is None:
+        return gemv_fp8_torch(x, w)
+    return op(x, w)
