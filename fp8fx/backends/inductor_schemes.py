@@ -6,11 +6,15 @@ quantization (one pointwise kernel), the weight conversion by integer ops (never
 :func:`fp8fx.backends.inductor._fp8_to_float32`) and the GEMM, with the scales that factor out
 of the GEMM in the epilogue. The GEMM takes the same forms as ``fp8fx::linear``'s lowering:
 
-* CPU, one row (decode): ``(q_x * w).sum(-1)``, a reduction that reads the FP8 bytes once;
-  block scales multiply the converted weight inside that reduction, group scales the
-  quantized activation (computed once, ``_materialized``).
-* CPU, more rows: the weight converted into float32 row groups, each multiplied as soon as it
-  is converted (no weight-sized temporary).
+* CPU, per-tensor/per-channel weights: ``fp8fx::linear``'s forms, the scales in the epilogue:
+  for a few static rows (decode) the C++ GEMV of :mod:`fp8fx.kernels.gemv` on the quantized
+  activation, which streams the FP8 bytes on AVX2 and AVX512 alike; more rows, the weight
+  converted into row groups (the C++ conversion op where built), each multiplied as soon as it
+  is converted (no weight-sized temporary), in bfloat16 where both operands are exact in it.
+* CPU, block weights: one row, ``(q_x * w).sum(-1)``, a reduction that reads the FP8 bytes
+  once with the block scales multiplying the converted weight inside it (group scales
+  multiply the quantized activation, computed once, ``_materialized``); more rows, float32 row
+  groups of whole tiles.
 * CUDA (compute capability 8.9+, E4M3, ``K, N % 16 == 0``): per-token x per-channel scales go
   to ``torch._scaled_mm``'s row-wise form (``scale_a [M, 1]``, ``scale_b [1, N]``, bfloat16
   output, which that form requires; float32 and float16 models take the dequantized ``mm``);
@@ -44,8 +48,10 @@ from fp8fx.errors import QuantizationError
 from fp8fx.kernels.schemes import activation_scale, check_scaled_linear, dynamic_scale, expand_group_scale
 from fp8fx.numerics import expand_block_scale, quantize_fp32
 
-from .inductor import (_GROUP_ELEMS, _MIN_CUDA_CAPABILITY, _SCALED_MM_ALIGNMENT, _epilogue, _fp8_to_float32,
-                       _is_one, _materialized, _reduction_parts)
+from fp8fx.kernels.linear import cpu_has_bf16
+
+from .inductor import (_GROUP_ELEMS, _MIN_CUDA_CAPABILITY, _SCALED_MM_ALIGNMENT, _cpu_dequant_mm, _cpu_gemv,
+                       _epilogue, _fp8_to_float32, _is_one, _materialized, _reduction_parts)
 
 __all__ = ["register_scheme_lowerings", "decompose_scaled_linear"]
 
@@ -70,8 +76,19 @@ def _weight32(weight: Tensor, weight_scale: Tensor, block_n: int, block_k: int) 
     return w * expand_block_scale(weight_scale.to(torch.float32), tuple(weight.shape), (block_n, block_k)), None
 
 
-def _cpu_gemm(a: Tensor, weight: Tensor, weight_scale: Tensor, block_n: int, block_k: int) -> tuple[Tensor, Optional[Tensor]]:
+def _cpu_gemm(a: Tensor, weight: Tensor, weight_scale: Tensor, block_n: int, block_k: int,
+              gemm_dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor]]:
+    """``(acc, col_scale)`` on the CPU: per-tensor/per-channel weights take ``fp8fx::linear``'s
+    GEMM forms (the C++ GEMV for a few static rows, else the converted row groups in
+    ``gemm_dtype``); block weights, whose scales multiply the converted weight, the reduction
+    (one row) or float32 row groups."""
     n, k = weight.shape
+    if block_n <= 0:
+        acc = _cpu_gemv(a, weight)
+        if acc is None and not _is_one(a.shape[0]):
+            acc = _cpu_dequant_mm(a, weight, gemm_dtype)
+        if acc is not None:
+            return acc, weight_scale.to(torch.float32)
     if _is_one(a.shape[0]):
         a32 = _materialized(a)
         w, col = _weight32(weight, weight_scale, block_n, block_k)
@@ -81,11 +98,10 @@ def _cpu_gemm(a: Tensor, weight: Tensor, weight_scale: Tensor, block_n: int, blo
     static = isinstance(n, int) and isinstance(k, int)
     groups = max(1, -(-n * k // _GROUP_ELEMS)) if static else 1
     rows = -(-n // groups)
-    if block_n > 0:
-        rows = -(-rows // block_n) * block_n  # whole tiles per group
+    rows = -(-rows // block_n) * block_n  # whole tiles per group
     out, col = [], None
     for r0 in range(0, n, rows):
-        ws = weight_scale[r0 // block_n:(r0 + rows) // block_n] if block_n > 0 else weight_scale
+        ws = weight_scale[r0 // block_n:(r0 + rows) // block_n]
         w, col = _weight32(weight[r0:r0 + rows], ws, block_n, block_k)
         out.append(torch.mm(a, _materialized(w).t()))
     return (out[0] if len(out) == 1 else torch.cat(out, dim=1)), col
@@ -172,7 +188,10 @@ def decompose_scaled_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, inp
         w, col = _weight32(weight, weight_scale, block_n, block_k)
         acc = torch.mm(a, w.t())
     else:
-        acc, col = _cpu_gemm(a, weight, weight_scale, block_n, block_k)
+        # bfloat16 GEMM where both operands are exact in bfloat16 (as fp8fx::linear's lowering)
+        exact16 = x.dtype == torch.bfloat16 and activations != "group" and cpu_has_bf16()
+        acc, col = _cpu_gemm(a, weight, weight_scale, block_n, block_k,
+                             torch.bfloat16 if exact16 else torch.float32)
     scale = col
     if row_scale is not None:
         scale = row_scale if scale is None else row_scale * scale

@@ -20,6 +20,8 @@ Definition (:func:`scaled_linear_reference`): ``x`` quantized to ``w.dtype`` wit
 The eager kernel (:func:`scaled_linear_fast`) follows :func:`fp8fx.kernels.linear.linear_fast`
 (also in its one bfloat16 GEMM case: bfloat16 ``x`` with more than ``_EXACT_MAX_M`` rows on a
 CPU with AVX512-BF16/AMX, where both operands are exact in bfloat16):
+a few rows (decode) with per-tensor/per-channel weights take the C++ GEMV
+(:func:`fp8fx.kernels.gemv.gemv_fp8`) on the quantized activation; otherwise
 the weight is converted block by block into reused buffers (integer ops, exact), each block is
 multiplied as soon as it is converted, and the scales go into the epilogue where they factor out
 of the GEMM (per-tensor, per-channel and per-token scales: ``acc * s_x[m] * s_w[n]``) or into
@@ -39,7 +41,7 @@ from ..errors import QuantizationError
 from ..fp8 import FORMATS
 from ..numerics import expand_block_scale, quantize_fp32
 from .linear import _BLOCK_ELEMS, _EXACT_MAX_M, _MIN_GEMM_ROWS, _TO_HALF, _convert_blocks, check_fp8_weight, \
-    cpu_has_bf16, has_nan_codes, _nan_code_rows, quantize_activation_fast
+    cpu_has_bf16, gemv_rows, has_nan_codes, _nan_code_rows, quantize_activation_fast
 
 __all__ = ["ACTIVATIONS", "AMAX_FLOOR", "check_scaled_linear", "dynamic_scale", "expand_group_scale", "activation_scale",
            "scaled_linear_reference", "scaled_linear_fast", "dequantized_weight"]
@@ -181,6 +183,15 @@ def scaled_linear_fast(x: Tensor, weight: Tensor, weight_scale: Tensor, input_sc
     factor = _TO_HALF[fp8_dtype][2]  # _convert_blocks yields w / factor (a power of two)
     blocked = block_n > 0
     ws = weight_scale.to(torch.float32)
+    if not blocked and gemv_rows(m):  # few rows: stream the FP8 bytes (NaN codes handled there)
+        from .gemv import gemv_fp8
+
+        acc = gemv_fp8(xa, weight.contiguous()).mul_(ws)
+        if row_scale is not None:
+            acc.mul_(row_scale)
+        if bias is not None:
+            acc.add_(bias.to(torch.float32))
+        return acc.to(x.dtype).reshape(*x.shape[:-1], n)
     col_scale = None if blocked else (ws * factor)
     bias32 = None if bias is None else bias.to(torch.float32)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
