@@ -117,7 +117,7 @@ def _assert_lowered(codes: list[str]) -> None:
     assert not [line for line in lines if "fp8fx.linear" in line]  # no call of the eager op
     assert any("cpp_fused" in line for line in lines)  # real Inductor kernels
     # the M > 1 products: GEMMs, or the C++ GEMV on the FP8 bytes for a few static rows
-    assert any("extern_kernels.mm(" in line or "fp8fx_cpp.gemv_fp8" in line for line in lines)
+    assert any("extern_kernels.mm(" in line or "fp8fx_cpp.qgemv" in line for line in lines)
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -175,7 +175,7 @@ def test_decode_reduction_reads_fp8_bytes_without_casts(fmt: torch.dtype) -> Non
     inductor.register_lowering()
     layer = fp8_linear(64, 40, fmt, True, True, torch.bfloat16, seed=7).eval()
     x = torch.randn(1, 64).to(torch.bfloat16)
-    got, codes, want = _compile_afresh(layer, x, _cpu_gemv=_NO_GEMV)
+    got, codes, want = _compile_afresh(layer, x, _cpu_gemv=_NO_GEMV, _cpu_qgemv=_NO_GEMV)
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=0.0)
     bodies = [b for code in codes for b in _reduction_bodies(code)]
     assert len(bodies) == 1, "expected exactly one reduction (the GEMV)"
@@ -188,7 +188,7 @@ def test_decode_reduction_reads_fp8_bytes_without_casts(fmt: torch.dtype) -> Non
     assert not [line for line in _code_lines(codes) if "extern_kernels.mm(" in line]
 
 
-def _NO_GEMV(*args):  # noqa: N802  (``inductor._cpu_gemv`` as where the C++ kernel is not built)
+def _NO_GEMV(*args):  # noqa: N802  (``inductor._cpu_gemv``/``_cpu_qgemv`` as where the C++ kernel is not built)
     return None
 
 
@@ -219,7 +219,7 @@ def test_decode_reduction_is_split_below_the_cascade_threshold() -> None:
     layer = fp8_linear(768, 8, E5M2, False, True, torch.float32, seed=9).eval()
     x = torch.randn(1, 768)
     assert inductor._reduction_parts(768) == 1 and inductor._reduction_parts(14336) == 4
-    got, codes, want = _compile_afresh(layer, x, _MAX_REDUCTION=256, _cpu_gemv=_NO_GEMV)
+    got, codes, want = _compile_afresh(layer, x, _MAX_REDUCTION=256, _cpu_gemv=_NO_GEMV, _cpu_qgemv=_NO_GEMV)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
     assert not [line for line in _code_lines(codes) if "CascadeSumHelper" in line]
     assert any(re.search(r"x\d+<static_cast<int64_t>\(256L\)", code) for code in codes)
@@ -232,7 +232,7 @@ def test_gemm_path_converts_the_weight_in_groups() -> None:
     layer = fp8_linear(24, 40, E4M3, True, True, torch.bfloat16, seed=8).eval()
     x = torch.randn(5, 24).to(torch.bfloat16)
     # the group size is not part of the compile cache key: compile this graph afresh
-    got, codes, want = _compile_afresh(layer, x, _GROUP_ELEMS=24 * 16, _cpu_gemv=_NO_GEMV)
+    got, codes, want = _compile_afresh(layer, x, _GROUP_ELEMS=24 * 16, _cpu_gemv=_NO_GEMV, _cpu_qgemv=_NO_GEMV)
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7,
                                atol=2**-7 * float(want.float().abs().max()))
     mms = [line for line in _code_lines(codes) if "extern_kernels.mm(" in line]
@@ -242,8 +242,9 @@ def test_gemm_path_converts_the_weight_in_groups() -> None:
 @pytest.mark.parametrize("rows, dtype", [(1, torch.bfloat16), (3, torch.float32),
                                          (16, torch.bfloat16)])
 def test_few_rows_call_the_cpp_gemv_on_the_fp8_bytes(rows: int, dtype: torch.dtype) -> None:
-    """Static ``M`` up to ``_GEMV_MAX_M``: one extern call of the C++ GEMV per Linear, on the FP8 weight itself (no conversion kernel, no
-    GEMM, no reduction); float32 accumulation, the reference's numerics up to summation
+    """Static ``M`` up to ``_GEMV_MAX_M``: one extern call of the C++ kernel per Linear
+    (quantization, GEMV on the FP8 weight itself, epilogue; no conversion kernel, no GEMM, no
+    reduction); float32 accumulation, the reference's numerics up to summation
     order."""
     from fp8fx.kernels import gemv
     from fp8fx.kernels import linear as kl
@@ -256,10 +257,11 @@ def test_few_rows_call_the_cpp_gemv_on_the_fp8_bytes(rows: int, dtype: torch.dty
     uses_gemv = rows <= kl._GEMV_MAX_M
     got, codes, want = _compile_afresh(layer, x)
     lines = _code_lines(codes)
-    calls = [line for line in lines if "= torch.ops.fp8fx_cpp.gemv_fp8.default(" in line]
+    calls = [line for line in lines if "= torch.ops.fp8fx_cpp.qgemv.default(" in line]
     assert len(calls) == int(uses_gemv)
-    if uses_gemv:
+    if uses_gemv:  # quantization, GEMV and epilogue in that one call: no generated kernel
         assert not [line for line in lines if "extern_kernels.mm(" in line]
+        assert not [line for line in lines if "cpp_fused" in line]
         assert not [b for code in codes for b in _reduction_bodies(code)]
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=0.0)
     torch.testing.assert_close(got.float(), want.float(), **tol)
@@ -294,7 +296,7 @@ def test_symbolic_rows_keep_the_generated_kernels() -> None:
     with torch.no_grad():
         got, codes = run_and_get_code(compiled, torch.randn(7, 32))
     lines = _code_lines(codes)
-    assert not [line for line in lines if "fp8fx_cpp.gemv_fp8" in line]
+    assert not [line for line in lines if "fp8fx_cpp.gemv_fp8" in line or "fp8fx_cpp.qgemv" in line]
     assert [line for line in lines if "extern_kernels.mm(" in line]
     torch._dynamo.reset()
 

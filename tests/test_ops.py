@@ -418,7 +418,7 @@ def test_gemv_env_switch_turns_the_cpp_kernel_off() -> None:
 @pytest.mark.parametrize("available", [True, False])
 @pytest.mark.parametrize("rows", [1, 4, 16, 17])
 def test_linear_fast_few_rows_with_and_without_the_cpp_gemv(available, rows) -> None:
-    """The eager kernel's few-row path (the C++ GEMV) and its fallback agree with the
+    """The eager kernel's few-row path (the C++ ``qgemv``) and its fallback agree with the
     reference; per-channel scale, bias and NaN codes included."""
     if available and not G.available():
         pytest.skip(f"C++ GEMV not in use: {G.status()}")
@@ -426,7 +426,7 @@ def test_linear_fast_few_rows_with_and_without_the_cpp_gemv(available, rows) -> 
     w, ws, xs, b, fp8_max = _layer(E4M3, 21, 50, True, torch.float32, seed=rows, special=special)
     x = torch.randn(rows, 50) * 2
     with mock.patch.object(G, "available", lambda: available), \
-            mock.patch.object(G, "gemv_fp8", wraps=G.gemv_fp8) as spy:
+            mock.patch.object(G, "qgemv_op", wraps=G.qgemv_op) as spy:
         got = K.linear_fast(x, w, ws, xs, b, fp8_max)
     assert spy.call_count == int(available and rows <= K._GEMV_MAX_M)
     want = K.linear_reference(x, w, ws, xs, b, fp8_max)
@@ -444,3 +444,74 @@ def test_cpu_has_bf16_follows_the_capability_cap() -> None:
             assert K.cpu_has_bf16() is False
     finally:
         K.cpu_has_bf16.cache_clear()
+
+
+def _qgemv_in_torch(x, w, ws, xs, b, fp8_max, mode):
+    """``qgemv``'s definition in torch ops, in its order of float32 operations."""
+    from fp8fx.kernels.schemes import AMAX_FLOOR
+    from fp8fx.numerics import saturate_cast
+
+    x32 = x.float()
+    if mode == "none":
+        q, s = x32, None
+    else:
+        if mode == "static":
+            s = xs.float().reshape(1, 1)
+        else:
+            a = x32.abs()
+            amax = a.amax(-1, keepdim=True) if mode == "token" else a.amax().reshape(1, 1)
+            s = amax.clamp_min(AMAX_FLOOR) / fp8_max
+        q = saturate_cast(x32 / s, w.dtype, fp8_max).float()
+    acc = G.gemv_fp8(q, w)
+    wsr = ws.float().reshape(1, -1)
+    if mode == "static":
+        acc = acc * (s * wsr)
+    elif mode == "none":
+        acc = acc * wsr
+    else:
+        acc = (acc * wsr) * s
+    if b is not None:
+        acc = acc + b.float()
+    return acc.to(x.dtype)
+
+
+@pytest.mark.parametrize("mode", ["static", "token", "tensor", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", [E4M3, torch.float8_e5m2])
+def test_qgemv_is_its_torch_definition_bit_for_bit(mode, dtype, fmt) -> None:
+    """The fused few-row kernel (quantization + GEMV + epilogue in C++) gives exactly what the
+    same float32 operations in torch give: same FP8 codes (c10's rounding, saturation), same
+    scales, same epilogue order; NaN and inf rows, an all-zero row, a K no vector divides."""
+    if not G.available():
+        pytest.skip(f"C++ kernel not in use: {G.status()}")
+    g = torch.Generator().manual_seed(5)
+    n, k = 37, 45
+    w = (torch.randn(n, k, generator=g) * 3).to(fmt)
+    ws = torch.rand(n, generator=g) * 0.1 + 0.01
+    b = torch.randn(n, generator=g).to(dtype)
+    x = (torch.randn(5, k, generator=g) * 40).to(dtype)
+    x[1] = 0
+    if mode != "tensor":  # one non-finite row poisons every row of a per-tensor scale
+        x[2, 3] = float("nan")
+        x[3, 7] = float("inf")
+    fp8_max = float(torch.finfo(fmt).max)
+    xs = torch.tensor(0.25) if mode == "static" else None
+    for scale in (ws, ws[:1].reshape(())):
+        for bias in (b, None):
+            got = G.qgemv_op()(x, w, scale, xs, bias, fp8_max, G.QGEMV_MODES[mode], 1e-12)
+            want = _qgemv_in_torch(x, w, scale, xs, bias, fp8_max, mode)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_qgemv_checks_its_inputs() -> None:
+    if not G.available():
+        pytest.skip(f"C++ kernel not in use: {G.status()}")
+    w = torch.zeros(4, 8).to(E4M3)
+    op = G.qgemv_op()
+    with pytest.raises(RuntimeError, match="x_scale goes with mode 0"):
+        op(torch.randn(1, 8), w, torch.ones(4), None, None, 448.0, 0, 1e-12)
+    with pytest.raises(RuntimeError, match="w_scale must be one value or"):
+        op(torch.randn(1, 8), w, torch.ones(3), None, None, 448.0, 1, 1e-12)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        op(torch.randn(1, 8).double(), w, torch.ones(4), None, None, 448.0, 1, 1e-12)

@@ -302,7 +302,7 @@ def test_plain_torch_compile_of_a_quantized_model_lowers_the_op(preset):
             got, code = run_and_get_code(fn, input_ids=ids)
         assert not any("torch.ops.fp8fx." in c for c in code)  # decomposed, not an extern call
         if ids.shape[1] == 1 and gemv.available():  # decode streams the FP8 bytes through the GEMV
-            streams = any("fp8fx_cpp.gemv_fp8" in c for c in code)
+            streams = any("fp8fx_cpp.qgemv" in c for c in code)
             assert streams == (Scheme.preset(preset).linear.weights != WeightGranularity.BLOCK)
         assert sqnr_db(eager, got.logits.float()) > 30
     torch._dynamo.reset()

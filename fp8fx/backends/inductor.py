@@ -262,8 +262,28 @@ def _cpu_gemv(qx: Tensor, weight: Tensor) -> Optional[Tensor]:
     return gemv.cpp_op()(qx.to(torch.float32), weight)
 
 
+def _cpu_qgemv(x2d: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Optional[Tensor],
+               bias: Optional[Tensor], fp8_max: float, activations: str) -> Optional[Tensor]:
+    """The whole few-row op (quantization, GEMV, epilogue) as one call of the C++ kernel
+    (``fp8fx.kernels.gemv.qgemv_op``) for a static, small ``M`` where it is built, else None:
+    one extern call per Linear at decode instead of two generated kernels around the GEMV."""
+    from fp8fx.kernels import gemv
+    from fp8fx.kernels.linear import gemv_rows
+    from fp8fx.kernels.schemes import AMAX_FLOOR
+
+    m = _static_rows(x2d.shape[0])
+    if (m is None or not gemv_rows(m) or x2d.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+            or activations not in gemv.QGEMV_MODES):
+        return None
+    return gemv.qgemv_op()(x2d, weight, weight_scale, input_scale, bias, fp8_max, gemv.QGEMV_MODES[activations],
+                           AMAX_FLOOR)
+
+
 def _cpu_linear(x2d: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Tensor,
                 bias: Optional[Tensor], fp8_max: float) -> Tensor:
+    fused = _cpu_qgemv(x2d, weight, weight_scale, input_scale, bias, fp8_max, "static")
+    if fused is not None:
+        return fused
     qx = quantize_activation(x2d, input_scale, weight.dtype, fp8_max)
     bf16_gemm = x2d.dtype == torch.bfloat16 and cpu_has_bf16()
     acc = _cpu_gemv(qx, weight)

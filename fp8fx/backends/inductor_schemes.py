@@ -7,8 +7,9 @@ quantization (one pointwise kernel), the weight conversion by integer ops (never
 of the GEMM in the epilogue. The GEMM takes the same forms as ``fp8fx::linear``'s lowering:
 
 * CPU, per-tensor/per-channel weights: ``fp8fx::linear``'s forms, the scales in the epilogue:
-  for a few static rows (decode) the C++ GEMV of :mod:`fp8fx.kernels.gemv` on the quantized
-  activation, which streams the FP8 bytes on AVX2 and AVX512 alike; more rows, the weight
+  for a few static rows (decode) one call of the C++ kernel of :mod:`fp8fx.kernels.gemv`
+  (``qgemv``: quantization, GEMV and epilogue), which streams the FP8 bytes on AVX2 and AVX512
+  alike (group activations: the GEMV on the quantized activation); more rows, the weight
   converted into row groups (the C++ conversion op where built), each multiplied as soon as it
   is converted (no weight-sized temporary), in bfloat16 where both operands are exact in it.
 * CPU, block weights: one row, ``(q_x * w).sum(-1)``, a reduction that reads the FP8 bytes
@@ -50,7 +51,7 @@ from fp8fx.numerics import expand_block_scale, quantize_fp32
 
 from fp8fx.kernels.linear import cpu_has_bf16
 
-from .inductor import (_GROUP_ELEMS, _MIN_CUDA_CAPABILITY, _SCALED_MM_ALIGNMENT, _cpu_dequant_mm, _cpu_gemv,
+from .inductor import (_GROUP_ELEMS, _MIN_CUDA_CAPABILITY, _SCALED_MM_ALIGNMENT, _cpu_dequant_mm, _cpu_gemv, _cpu_qgemv,
                        _epilogue, _fp8_to_float32, _is_one, _materialized, _reduction_parts)
 
 __all__ = ["register_scheme_lowerings", "decompose_scaled_linear"]
@@ -172,6 +173,10 @@ def decompose_scaled_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, inp
     check_scaled_linear(x, weight, weight_scale, input_scale, activations, group_size, block_n, block_k)
     n, k = weight.shape
     x2d = x.reshape(-1, k)
+    if x.device.type == "cpu" and block_n <= 0:
+        fused = _cpu_qgemv(x2d, weight, weight_scale, input_scale, bias, fp8_max, activations)
+        if fused is not None:
+            return fused.reshape(*x.shape[:-1], n)
     a, row_scale = _activation(x2d, input_scale, activations, group_size, fp8_max, weight.dtype)
     if x.device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(x.device)

@@ -55,7 +55,8 @@ from torch import Tensor
 from ..errors import QuantizationError
 from ..fp8 import FORMATS
 
-__all__ = ["gemv_fp8", "gemv_fp8_torch", "available", "status", "cpp_op", "cpp_dequant_op"]
+__all__ = ["gemv_fp8", "gemv_fp8_torch", "available", "status", "cpp_op", "cpp_dequant_op", "qgemv_op",
+           "QGEMV_MODES"]
 
 _ENV_SWITCH = "FP8FX_CPP_KERNELS"  # "0": never build or use the C++ kernel
 _ISA_LEVEL = {"AVX512": 2, "AVX2": 1}  # torch's CPU capability -> the kernel body to run
@@ -312,13 +313,108 @@ at::Tensor fp8_to_float32(const at::Tensor& w_in) {
   return out;
 }
 
+// qgemv: the whole few-row FP8 Linear in one call (quantization of x, GEMV, epilogue).
+// mode 0: static scale x_scale; 1: one dynamic scale per row; 2: one per tensor; 3: x not
+// quantized (weight-only). The float32 operations and their order are those of the torch
+// paths (fp8fx.kernels.linear.linear_fast, fp8fx.kernels.schemes.scaled_linear_fast):
+// q = fp8(clamp(float(x) / s, -max, max)); amax NaN-propagating, floored at amax_floor;
+// y = acc * (s_x * s_w[n]) (static) or (acc * s_w[n]) * s_x[m] (dynamic), + bias, cast.
+template <typename T>
+static void quant_rows(const T* x, int64_t M, int64_t K, int mode, float static_scale,
+                       float fp8_max, float amax_floor, bool e4m3, float* q, float* sx) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  auto row_amax = [&](const T* xr, int64_t n) {
+    float amax = 0.0f;
+    for (int64_t k = 0; k < n; ++k) {
+      const float a = std::fabs(float(xr[k]));
+      if (std::isnan(a)) return nan;
+      if (a > amax) amax = a;
+    }
+    return amax;
+  };
+  auto to_scale = [&](float amax) {
+    return std::isnan(amax) ? nan : std::max(amax, amax_floor) / fp8_max;
+  };
+  float tensor_scale = static_scale;
+  if (mode == 2) tensor_scale = to_scale(row_amax(x, M * K));
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xr = x + m * K;
+    float* qr = q + m * K;
+    if (mode == 3) {
+      for (int64_t k = 0; k < K; ++k) qr[k] = float(xr[k]);
+      sx[m] = 1.0f;
+      continue;
+    }
+    const float s = mode == 1 ? to_scale(row_amax(xr, K)) : tensor_scale;
+    sx[m] = s;
+    for (int64_t k = 0; k < K; ++k) {
+      float v = float(xr[k]) / s;
+      v = v < -fp8_max ? -fp8_max : (v > fp8_max ? fp8_max : v);  // NaN stays NaN
+      qr[k] = e4m3 ? float(c10::Float8_e4m3fn(v)) : float(c10::Float8_e5m2(v));
+    }
+  }
+}
+
+at::Tensor qgemv(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& w_scale,
+                 const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& bias,
+                 double fp8_max, int64_t mode, double amax_floor) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2, "qgemv: a 2-D CPU x");
+  TORCH_CHECK(mode >= 0 && mode <= 3, "qgemv: mode must be 0..3, got ", mode);
+  TORCH_CHECK((mode == 0) == x_scale.has_value(), "qgemv: x_scale goes with mode 0 only");
+  const auto xt = x_in.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf,
+              "qgemv: x must be float32, bfloat16 or float16");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w_in.size(0);
+  TORCH_CHECK(w_in.dim() == 2 && w_in.size(1) == K, "qgemv: w [N, K] expected");
+  const at::Tensor ws = w_scale.to(at::kFloat).contiguous().reshape({-1});
+  TORCH_CHECK(ws.numel() == 1 || ws.numel() == N, "qgemv: w_scale must be one value or [N]");
+  const bool e4m3 = w_in.scalar_type() == at::kFloat8_e4m3fn;
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kFloat));
+  std::vector<float> sx(std::max<int64_t>(M, 1));
+  const float s0 = mode == 0 ? x_scale->to(at::kFloat).item<float>() : 1.0f;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xt, "qgemv", [&] {
+    quant_rows<scalar_t>(x.data_ptr<scalar_t>(), M, K, int(mode), s0, float(fp8_max),
+                         float(amax_floor), e4m3, q.data_ptr<float>(), sx.data());
+  });
+  const at::Tensor acc = gemv_fp8(q, w_in);
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = bias->to(at::kFloat).contiguous();
+    TORCH_CHECK(b.numel() == N, "qgemv: bias must have N values");
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* a = acc.data_ptr<float>();
+  const float* wsp = ws.data_ptr<float>();
+  const float* bp = bias.has_value() ? b.data_ptr<float>() : nullptr;
+  const bool per_channel = ws.numel() != 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xt, "qgemv_out", [&] {
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = 0; n < N; ++n) {
+        const float swn = wsp[per_channel ? n : 0];
+        float v = a[m * N + n];
+        if (mode == 0) v *= sx[m] * swn;
+        else if (mode == 3) v *= swn;
+        else v = (v * swn) * sx[m];
+        if (bp) v += bp[n];
+        yp[m * N + n] = scalar_t(v);
+      }
+    }
+  });
+  return y;
+}
+
 TORCH_LIBRARY(fp8fx_cpp, m) {
+  m.def("qgemv(Tensor x, Tensor w, Tensor w_scale, Tensor? x_scale, Tensor? bias, float fp8_max, "
+        "int mode, float amax_floor) -> Tensor");
   m.def("gemv_fp8(Tensor x, Tensor w) -> Tensor");
   m.def("fp8_to_float32(Tensor w) -> Tensor");
   m.def("set_level(int level) -> ()");
 }
 TORCH_LIBRARY_IMPL(fp8fx_cpp, CPU, m) {
   m.impl("gemv_fp8", &gemv_fp8);
+  m.impl("qgemv", &qgemv);
   m.impl("fp8_to_float32", &fp8_to_float32);
 }
 TORCH_LIBRARY_IMPL(fp8fx_cpp, CatchAll, m) { m.impl("set_level", &set_level); }
@@ -332,7 +428,12 @@ _HEADER = r"""
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <cmath>
 #include <limits>
+#include <optional>
+#include <vector>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
 """
 
 
@@ -370,6 +471,7 @@ def _load() -> tuple[Optional[object], str]:
         ns.set_level(level)
         torch.library.register_fake("fp8fx_cpp::gemv_fp8")(_gemv_fake)
         torch.library.register_fake("fp8fx_cpp::fp8_to_float32")(_dequant_fake)
+        torch.library.register_fake("fp8fx_cpp::qgemv")(_qgemv_fake)
     except Exception as exc:  # no compiler, a failed build: the torch ops do the same math
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ''}"
         warnings.warn(f"fp8fx: the C++ FP8 GEMV kernel could not be built ({reason}); using "
@@ -381,6 +483,29 @@ def _load() -> tuple[Optional[object], str]:
 
 def _gemv_fake(x: Tensor, w: Tensor) -> Tensor:
     return x.new_empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+
+
+def _qgemv_fake(x: Tensor, w: Tensor, w_scale: Tensor, x_scale: Optional[Tensor], bias: Optional[Tensor],
+                fp8_max: float, mode: int, amax_floor: float) -> Tensor:
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+#: ``qgemv``'s ``mode`` per activation scheme (``fp8fx.kernels.schemes.ACTIVATIONS``)
+QGEMV_MODES = {"static": 0, "token": 1, "tensor": 2, "none": 3}
+
+
+def qgemv_op():
+    """``torch.ops.fp8fx_cpp.qgemv`` or None where :func:`available` is False.
+
+    ``qgemv(x [M, K] float32/bfloat16/float16, w [N, K] FP8, w_scale () or [N], x_scale, bias,
+    fp8_max, mode, amax_floor) -> y [M, N]`` in ``x``'s dtype: a few-row FP8 Linear in one
+    call, the activation's quantization (``mode`` from :data:`QGEMV_MODES`; ``x_scale`` the
+    static scale for mode 0, else None; dynamic scales ``max(amax, amax_floor) / fp8_max``),
+    the GEMV and the epilogue, with the float32 operations of the torch paths in their order
+    (the C++ source's comment). One call instead of a quantization kernel, the GEMV and an
+    epilogue kernel: at decode, per-call overhead is a large part of a small Linear's time."""
+    ns = _load()[0]
+    return None if ns is None else ns.qgemv
 
 
 def _dequant_fake(w: Tensor) -> Tensor:

@@ -310,6 +310,11 @@ def linear_fast(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Te
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
     use_gemv = gemv_rows(m)
+    if use_gemv and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        from .gemv import QGEMV_MODES, qgemv_op  # quantization, GEMV and epilogue in one call
+
+        y = qgemv_op()(x2d, weight, weight_scale, input_scale, bias, fp8_max, QGEMV_MODES["static"], 0.0)
+        return y.reshape(*x.shape[:-1], n)
     gemm_dtype = (torch.bfloat16 if not use_gemv and x.dtype == torch.bfloat16
                   and m > _EXACT_MAX_M and cpu_has_bf16() else torch.float32)
     qx = _quantized_x(x2d, input_scale, fp8_dtype, fp8_max, gemm_dtype)

@@ -47,6 +47,8 @@ __all__ = ["ACTIVATIONS", "AMAX_FLOOR", "check_scaled_linear", "dynamic_scale", 
            "scaled_linear_reference", "scaled_linear_fast", "dequantized_weight"]
 
 ACTIVATIONS = ("static", "tensor", "token", "group", "none")
+#: the activation dtypes of the C++ few-row kernel (``fp8fx.kernels.gemv.qgemv_op``)
+_QGEMV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: dynamic scales are floored here so that an all-zero row gets a positive normal scale
 AMAX_FLOOR = 1e-12
 
@@ -172,6 +174,11 @@ def scaled_linear_fast(x: Tensor, weight: Tensor, weight_scale: Tensor, input_sc
                                        group_size, block_n, block_k)
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
+    if block_n <= 0 and activations != "group" and x.dtype in _QGEMV_DTYPES and gemv_rows(m):
+        from .gemv import QGEMV_MODES, qgemv_op  # few rows: the whole op in one C++ call
+
+        y = qgemv_op()(x2d, weight, weight_scale, input_scale, bias, fp8_max, QGEMV_MODES[activations], AMAX_FLOOR)
+        return y.reshape(*x.shape[:-1], n)
     row_scale = None  # [1, 1] or [M, 1]: factors out of the GEMM into the epilogue
     if activations == "none":
         xa = x2d.to(torch.float32)
