@@ -41,6 +41,8 @@ _EXPORTS = {
     "Scheme": "schemes", "LinearScheme": "schemes",
     "Fp8Linear": "modules", "Fp8Experts": "modules",
     "auto_blocklist": "sensitivity",
+    "save_pretrained": "export", "load_pretrained": "export", "check_checkpoint": "export",
+    "CheckpointError": "export",
     "Fp8fxError": "errors", "ConfigError": "errors", "MeasurementError": "errors",
     "CaptureError": "errors", "QuantizationError": "errors", "UnsupportedError": "errors",
 }

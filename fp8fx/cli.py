@@ -111,7 +111,44 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.add_argument("--seed", type=int, default=0, help="torch random seed (default: 0)")
     _add_sensitivity_arguments(q)
+    q.add_argument("--save", metavar="DIR", default=None, help="save the FP8 model as a checkpoint in DIR "
+                   "(atomically; checked before writing) in --format")
+    q.add_argument("--format", metavar="F", default=None, choices=("compressed-tensors", "vllm"),
+                   help="checkpoint format of --save: compressed-tensors (default; vLLM and transformers "
+                        "read it) or vllm (vLLM's 'fp8': per-tensor or block weights)")
+    c = sub.add_parser(
+        "check",
+        help="check an FP8 checkpoint folder (compressed-tensors or vLLM 'fp8') for what would load wrong",
+        description=("Read config.json, the safetensors headers and the scales of DIR and list every "
+                     "tensor or config key that its consumer (transformers, vLLM) would load wrong. Exit status 1 when "
+                     "there are problems, 0 when there are none."),
+    )
+    c.add_argument("dir", metavar="DIR", help="checkpoint folder")
     return parser
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """``fp8fx check DIR``: print the checkpoint's summary and its problems; 1 when any."""
+    from fp8fx.export import check_checkpoint
+    from fp8fx.export.checks import CheckpointError
+
+    try:
+        report = check_checkpoint(args.dir)
+    except CheckpointError as exc:  # unreadable before any format rule could run
+        print(f"{args.dir}: {len(exc.problems)} problem(s)")
+        for p in exc.problems:
+            print(f"  {p}")
+        return 1
+    print(f"{args.dir}: {report.summary()}")
+    for note in report.notes:
+        print(f"note: {note}")
+    if not report.problems:
+        print("no problems found")
+        return 0
+    print(f"{len(report.problems)} problem(s) that would load wrong:")
+    for p in report.problems:
+        print(f"  {p}")
+    return 1
 
 
 def _add_sensitivity_arguments(q: argparse.ArgumentParser) -> None:
@@ -439,6 +476,8 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
                     )
             if args.config:
                 _existing_file(args.config, "--config")
+            if args.format is not None and args.save is None:
+                raise Fp8fxError("--format names the format of --save DIR; give --save too")
             _check_report_path(args.report_json)
             calib_path, eval_path = _text_paths(args)
             out_dir = _out_dir(args, stack)
@@ -495,6 +534,11 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
             ppl_fp8 = evaluate.perplexity(model, eval_windows, progress=progress, desc="fp8")
         bytes_fp8 = evaluate.linear_weight_bytes(model)
         nodes = fp8fx.report(model) or {}
+        saved = None
+        if args.save is not None:
+            with clock.phase("save"):
+                saved = str(fp8fx.save_pretrained(model, args.save, format=args.format or "compressed-tensors",
+                                                  tokenizer=tokenizer))
 
     weight_hp = _count_skipping(bytes_hp, excluded)
     weight_fp8 = _count_skipping(bytes_fp8, excluded)
@@ -523,6 +567,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         "sensitivity": sensitivity_report,
         "scheme": _scheme_name(cfg),
         "calibration": "run" if calib_tokens else "skipped",
+        **({"saved": saved, "format": args.format or "compressed-tensors"} if saved is not None else {}),
     }
 
 
@@ -622,8 +667,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if args.command == "check":
+            return run_check(args)
         result = run_quantize(args)
         print(format_table(result))
+        if result.get("saved"):
+            print(f"saved: {result['saved']} ({result['format']})")
         if args.report_json:
             _write_json(args.report_json, result)
     except Fp8fxError as exc:
@@ -638,4 +687,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_parser", "format_table", "main", "run_quantize"]
+__all__ = ["build_parser", "format_table", "main", "run_quantize", "run_check"]

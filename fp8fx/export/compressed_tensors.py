@@ -1,0 +1,318 @@
+"""The compressed-tensors checkpoint (llm-compressor's format; read by vLLM and transformers).
+
+``config.json``::
+
+    "quantization_config": {
+      "quant_method": "compressed-tensors", "format": "float-quantized",
+      "quantization_status": "compressed",
+      "config_groups": {"group_0": {"targets": ["Linear"],
+          "weights": {"num_bits": 8, "type": "float", "symmetric": true, "dynamic": false,
+                      "strategy": "tensor" | "channel" | "block", "block_structure": [bo, bi]},
+          "input_activations": null | {"num_bits": 8, "type": "float", "symmetric": true,
+                      "strategy": "tensor" | "token" | "group", "dynamic": bool, "group_size": g}}},
+      "ignore": ["lm_head", ...],
+      "kv_cache_scheme": null | {"num_bits": 8, "type": "float", "symmetric": true,
+                                 "strategy": "tensor", "dynamic": false}}
+
+Tensors per quantized Linear ``L``: ``L.weight`` F8_E4M3 ``[out, in]``; ``L.weight_scale``
+``[1]`` (tensor), ``[out, 1]`` (channel) or ``[ceil(out/bo), ceil(in/bi)]`` (block); static
+activations add ``L.input_scale`` ``[1]``. An FP8 KV cache adds ``<attention>.k_scale`` and
+``v_scale``, ``[1]`` each. The scale shapes are the ones compressed-tensors' ``initialize_qparams``
+allocates (quantization/lifecycle/initialize.py): transformers loads the checkpoint into those
+parameters, so any other shape fails or, for a 0-d scale, does not load.
+
+One config group per distinct scheme: a model with one scheme targets the class ``Linear`` and
+lists the high-precision Linears in ``ignore``; several schemes target their modules by exact name.
+Targets match as compressed-tensors matches them (``utils/match.py``): an exact module name, a
+``re:`` regular expression (``re.match``), or the name of a class in the module's MRO.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UnsupportedError
+from ..modules import Fp8Linear
+from ..schemes import ActivationScheme, LinearScheme, WeightGranularity
+from .checks import (CONFIG, Manifest, Problem, Structure, block_shape, check_scale)
+from .plan import KVScales, Plan, QLinear
+
+NAME = "compressed-tensors"
+QUANT_METHOD = "compressed-tensors"
+FORMAT = "float-quantized"
+STATUS = "compressed"
+_Q = "quantization_config"
+
+__all__ = ["NAME", "quant_config", "linear_tensors", "kv_tensors", "check", "plan_from", "notes"]
+
+
+# ------------------------------------------------------------------------------------ writing
+def _weights(s: LinearScheme) -> dict[str, Any]:
+    out: dict[str, Any] = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
+                           "strategy": s.weights.value}
+    if s.weights is WeightGranularity.BLOCK:
+        out["block_structure"] = list(s.block)
+    return out
+
+
+def _activations(s: LinearScheme) -> dict[str, Any] | None:
+    a = s.activations
+    if a is ActivationScheme.NONE:
+        return None
+    strategy = {ActivationScheme.STATIC: "tensor", ActivationScheme.DYNAMIC_TENSOR: "tensor",
+                ActivationScheme.DYNAMIC_TOKEN: "token", ActivationScheme.DYNAMIC_GROUP: "group"}[a]
+    out: dict[str, Any] = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy,
+                           "dynamic": a is not ActivationScheme.STATIC}
+    if a is ActivationScheme.DYNAMIC_GROUP:
+        out["group_size"] = s.group_size
+    return out
+
+
+def quant_config(plan: Plan) -> dict[str, Any]:
+    bad = sorted(n for n, q in plan.linears.items() if q.fp8_dtype != torch.float8_e4m3fn)
+    if bad:
+        raise UnsupportedError(f"{', '.join(bad[:6])}: weights in {plan.linears[bad[0]].fp8_dtype}; compressed-tensors "
+                               "'float' 8-bit means E4M3 (float8_e4m3fn). Quantize with fp8_config E4M3")
+    schemes = plan.schemes()
+    groups: dict[str, Any] = {}
+    for i, s in enumerate(schemes):
+        members = [n for n, q in plan.linears.items() if q.scheme == s]
+        groups[f"group_{i}"] = {"targets": ["Linear"] if len(schemes) == 1 else members,
+                                "weights": _weights(s), "input_activations": _activations(s),
+                                "output_activations": None}
+    kv_dtypes = {k.fp8_dtype for k in plan.kv.values()}
+    if kv_dtypes - {torch.float8_e4m3fn}:
+        raise UnsupportedError("the KV cache is stored in E5M2, which compressed-tensors' kv_cache_scheme (8-bit "
+                               "'float' = E4M3) cannot say: calibrate with kv_cache_dtype fp8_e4m3 to export it")
+    kv = ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
+          if plan.kv else None)
+    return {"quant_method": QUANT_METHOD, "format": FORMAT, "quantization_status": STATUS,
+            "config_groups": groups, "ignore": list(plan.hp_linears), "kv_cache_scheme": kv}
+
+
+def linear_tensors(name: str, m: Fp8Linear) -> dict[str, Tensor]:
+    s = m.scheme
+    ws = m.weight_scale
+    if s.weights is WeightGranularity.TENSOR:
+        ws = ws.reshape(1)
+    elif s.weights is WeightGranularity.CHANNEL:
+        ws = ws.reshape(-1, 1)
+    out = {f"{name}.weight": m.weight, f"{name}.weight_scale": ws}
+    if m.input_scale is not None:
+        out[f"{name}.input_scale"] = m.input_scale.reshape(1)
+    if m.bias is not None:
+        out[f"{name}.bias"] = m.bias
+    return out
+
+
+def kv_tensors(path: str, kv: KVScales) -> dict[str, Tensor]:
+    return {f"{path}.k_scale": torch.tensor([kv.k], dtype=torch.float32),
+            f"{path}.v_scale": torch.tensor([kv.v], dtype=torch.float32)}
+
+
+# ------------------------------------------------------------------------------------ reading
+def _matches(name: str, module: nn.Module, target: str) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name or any(c.__name__ == target for c in type(module).__mro__ if issubclass(c, nn.Module))
+
+
+def _scheme(group: str, g: dict[str, Any], problems: list[Problem]) -> LinearScheme | None:
+    """The fp8fx scheme of one config group, or None (with problems) when fp8fx cannot run it."""
+    where = f"{CONFIG}: {_Q}.config_groups.{group}"
+    w = g.get("weights")
+    if not isinstance(w, dict):
+        problems.append(Problem(f"{where}.weights", "missing: the group quantizes no weights"))
+        return None
+    bad = [f"{k}={w.get(k)!r}" for k, v in (("num_bits", 8), ("type", "float")) if w.get(k) != v]
+    if w.get("symmetric", True) is not True:
+        bad.append("symmetric=false")
+    if w.get("dynamic", False):
+        bad.append(f"dynamic={w.get('dynamic')!r}")
+    if bad:
+        problems.append(Problem(f"{where}.weights", f"{', '.join(bad)}: not an FP8 (8-bit float, symmetric, static) "
+                                "weight scheme"))
+        return None
+    strategy, block = w.get("strategy"), None
+    if strategy not in ("tensor", "channel", "block"):
+        problems.append(Problem(f"{where}.weights.strategy", f"{strategy!r}; FP8 weights are 'tensor', 'channel' or "
+                                "'block'"))
+        return None
+    if strategy == "block":
+        block = w.get("block_structure")
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            problems.append(Problem(f"{where}.weights.block_structure", f"{block!r}; strategy 'block' needs "
+                                    "[rows, cols] of positive integers"))
+            return None
+    a = g.get("input_activations")
+    group_size = None
+    if a is None:
+        act = ActivationScheme.NONE
+    elif not isinstance(a, dict) or a.get("num_bits") != 8 or a.get("type") != "float" or \
+            a.get("symmetric", True) is not True:
+        problems.append(Problem(f"{where}.input_activations", f"{a!r}: not an FP8 (8-bit float, symmetric) "
+                                "activation scheme"))
+        return None
+    else:
+        dyn, st = a.get("dynamic", False), a.get("strategy")
+        if dyn not in (True, False):
+            problems.append(Problem(f"{where}.input_activations.dynamic", f"{dyn!r}; expected true or false"))
+            return None
+        table = {(False, "tensor"): ActivationScheme.STATIC, (True, "tensor"): ActivationScheme.DYNAMIC_TENSOR,
+                 (True, "token"): ActivationScheme.DYNAMIC_TOKEN, (True, "group"): ActivationScheme.DYNAMIC_GROUP}
+        act = table.get((dyn, st))
+        if act is None:
+            problems.append(Problem(f"{where}.input_activations", f"strategy {st!r} with dynamic={dyn}; FP8 "
+                                    "activations are static 'tensor', or dynamic 'tensor', 'token' or 'group'"))
+            return None
+        if act is ActivationScheme.DYNAMIC_GROUP:
+            group_size = a.get("group_size")
+            if not (isinstance(group_size, int) and group_size > 0):
+                problems.append(Problem(f"{where}.input_activations.group_size", f"{group_size!r}; strategy "
+                                        "'group' needs a positive group_size"))
+                return None
+    kwargs: dict[str, Any] = {"weights": strategy, "activations": act}
+    if block is not None:
+        kwargs["block"] = tuple(block)
+    if group_size is not None:
+        kwargs["group_size"] = group_size
+    if a is not None and g.get("output_activations"):
+        problems.append(Problem(f"{where}.output_activations", "fp8fx does not quantize Linear outputs"))
+        return None
+    return LinearScheme(**kwargs)
+
+
+def _header(q: dict[str, Any] | None, problems: list[Problem]) -> bool:
+    if q is None:
+        problems.append(Problem(f"{CONFIG}: {_Q}", "missing: the consumer loads the FP8 weights as high-precision "
+                                "parameters, without their scales"))
+        return False
+    if q.get("quant_method") != QUANT_METHOD:
+        problems.append(Problem(f"{CONFIG}: {_Q}.quant_method", f"{q.get('quant_method')!r}, expected "
+                                f"{QUANT_METHOD!r}"))
+        return False
+    if q.get("format") not in (FORMAT, "naive-quantized"):
+        problems.append(Problem(f"{CONFIG}: {_Q}.format", f"{q.get('format')!r}; FP8 weights are stored "
+                                f"{FORMAT!r} (missing means 'dense': the FP8 weights are not recognized)"))
+    if q.get("quantization_status") != STATUS:
+        problems.append(Problem(f"{CONFIG}: {_Q}.quantization_status", f"{q.get('quantization_status')!r}; a "
+                                f"checkpoint with FP8 weights must say {STATUS!r}: transformers then treats the stored "
+                                "weights as already quantized (omitted or 'frozen' loads, and gives wrong outputs)"))
+    if not isinstance(q.get("config_groups"), dict) or not q["config_groups"]:
+        problems.append(Problem(f"{CONFIG}: {_Q}.config_groups", "missing or empty: no module is quantized"))
+        return False
+    return True
+
+
+def plan_from(m: Manifest, st: Structure, problems: list[Problem]) -> Plan | None:
+    """The plan a compressed-tensors ``quantization_config`` describes for the model ``st``;
+    problems (config keys) are appended; None when the config cannot be read."""
+    q = m.quant
+    if not _header(q, problems):
+        return None
+    ignore = q.get("ignore") or []
+    if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
+        problems.append(Problem(f"{CONFIG}: {_Q}.ignore", f"{ignore!r}; expected a list of module names"))
+        return None
+    modules = dict(st.linears)
+    linears: dict[str, QLinear] = {}
+    for gname, g in q["config_groups"].items():
+        if not isinstance(g, dict) or not isinstance(g.get("targets"), list):
+            problems.append(Problem(f"{CONFIG}: {_Q}.config_groups.{gname}.targets", "missing: list the module names "
+                                    "or classes the group quantizes"))
+            continue
+        scheme = _scheme(gname, g, problems)
+        matched = [n for n, mod in modules.items() if any(_matches(n, mod, t) for t in g["targets"])
+                   and not any(_matches(n, mod, i) for i in ignore)]
+        if not matched:
+            problems.append(Problem(f"{CONFIG}: {_Q}.config_groups.{gname}.targets",
+                                    f"{g['targets']!r} match no Linear module of this model"))
+        for n in matched:
+            if n in linears:
+                problems.append(Problem(f"{CONFIG}: {_Q}.config_groups.{gname}", f"{n} is also targeted by another "
+                                        "group: which scheme applies is ambiguous"))
+            elif scheme is not None:
+                linears[n] = QLinear(scheme, torch.float8_e4m3fn)
+    for i in ignore:
+        if not i.startswith("re:") and not any(_matches(n, mod, i) for n, mod in st.modules.items()):
+            problems.append(Problem(f"{CONFIG}: {_Q}.ignore", f"{i!r} names no module of this model (a typo keeps "
+                                    "the module it meant quantized)"))
+    kv: dict[str, KVScales] = {}
+    kvs = q.get("kv_cache_scheme")
+    if kvs is not None:
+        where = f"{CONFIG}: {_Q}.kv_cache_scheme"
+        if not isinstance(kvs, dict) or kvs.get("num_bits") != 8 or kvs.get("type") != "float" or \
+                kvs.get("symmetric", True) is not True or kvs.get("dynamic", False) is not False:
+            problems.append(Problem(where, f"{kvs!r}: an FP8 KV cache is 8-bit float, symmetric, static"))
+        elif kvs.get("strategy") != "tensor":
+            problems.append(Problem(f"{where}.strategy", f"{kvs.get('strategy')!r}; fp8fx reads per-tensor KV scales "
+                                    "('tensor'), which is also what vLLM's compressed-tensors KV method accepts"))
+        else:
+            for path in st.attention:
+                kv[path] = KVScales(float("nan"), float("nan"), torch.float8_e4m3fn)  # values read on load
+    return Plan(linears, [n for n in modules if n not in linears], kv)
+
+
+def check(m: Manifest, st: Structure, plan: Plan | None, problems: list[Problem]) -> None:
+    """Every tensor the plan needs, with the name, dtype and shape compressed-tensors allocates."""
+    if plan is None:
+        return
+    for name, ql in plan.linears.items():
+        s = ql.scheme
+        w = m.tensors.get(f"{name}.weight")
+        if w is None:
+            problems.append(Problem(f"{name}.weight", "missing"))
+            continue
+        if w.dtype != "F8_E4M3":
+            problems.append(Problem(f"{name}.weight", f"dtype {w.dtype}; a quantized Linear's weight is F8_E4M3 "
+                                    "(a high-precision weight would be treated as FP8 codes)"))
+        if len(w.shape) != 2:
+            problems.append(Problem(f"{name}.weight", f"shape {list(w.shape)}; expected [out, in]"))
+            continue
+        out_f, in_f = w.shape
+        shapes = {WeightGranularity.TENSOR: [(1,)], WeightGranularity.CHANNEL: [(out_f, 1)],
+                  WeightGranularity.BLOCK: [block_shape(out_f, in_f, s.block)]}[s.weights]
+        check_scale(m, f"{name}.weight_scale", shapes, f"weights strategy {s.weights.value!r}", problems)
+        if s.static:
+            check_scale(m, f"{name}.input_scale", [(1,)], "static input activations", problems)
+        elif f"{name}.input_scale" in m.tensors:
+            problems.append(Problem(f"{name}.input_scale", f"present, but the scheme's activations are "
+                                    f"{s.activations.value!r}: the consumer ignores it (was the scheme meant to be "
+                                    "static?)"))
+        if s.activations is ActivationScheme.DYNAMIC_GROUP and in_f % s.group_size:
+            problems.append(Problem(f"{name}.weight", f"in_features {in_f} is not a multiple of the activation "
+                                    f"group_size {s.group_size}: compressed-tensors' dynamic group quantization "
+                                    "raises on this layer's input (ignore the layer or pick a group_size that "
+                                    "divides it)"))
+    for name in plan.hp_linears:
+        w = m.tensors.get(f"{name}.weight")
+        if w is not None and w.dtype in ("F8_E4M3", "F8_E5M2"):
+            problems.append(Problem(f"{name}.weight", f"{w.dtype}, but the config leaves {name} unquantized (ignored "
+                                    "or untargeted): it would load as raw FP8 codes without a scale"))
+        if f"{name}.weight_scale" in m.tensors:
+            problems.append(Problem(f"{name}.weight_scale", f"present, but the config leaves {name} unquantized: the "
+                                    "scale is dropped"))
+    for path in st.attention:
+        for key in ("k_scale", "v_scale"):
+            full = f"{path}.{key}"
+            if plan.kv:
+                check_scale(m, full, [(1,)], "kv_cache_scheme strategy 'tensor'", problems)
+            elif full in m.tensors:
+                problems.append(Problem(full, f"present but {_Q}.kv_cache_scheme is null: the KV-cache scale is "
+                                        "silently dropped and an FP8 cache runs at scale 1.0"))
+    if plan.kv and not st.attention:
+        problems.append(Problem(f"{CONFIG}: {_Q}.kv_cache_scheme", "set, but the model has no attention module "
+                                "with k_proj/v_proj and a layer_idx"))
+
+
+def notes(plan: Plan) -> list[str]:
+    """Consumers that read this file differently from vLLM (the file itself is right)."""
+    if not plan.kv:
+        return []
+    return ["transformers (seen with 5.24 and compressed-tensors 0.20) applies kv_cache_scheme only to attention "
+            "modules whose forward takes 'past_key_values': the k_scale/v_scale tensors load as unexpected keys and "
+            "its KV cache stays in high precision (vLLM and fp8fx.load_pretrained use them)"]

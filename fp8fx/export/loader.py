@@ -1,0 +1,122 @@
+"""load_pretrained: an fp8fx model from a compressed-tensors or vLLM "fp8" checkpoint.
+
+The model is built as the checkpoint's ``config.json`` names it, with its parameters on the
+meta device (:func:`~.checks.skeleton`); the checkpoint is validated first (the same checks as
+``fp8fx check``: a checkpoint that would load wrong is refused, listing why); then every
+quantized Linear becomes an :class:`~fp8fx.modules.Fp8Linear` holding the stored FP8 weight and
+scales as they are, and every other parameter gets the stored tensor. Tensors are read one at a
+time from the safetensors files, so the model never exists in high precision: the FP8 weights
+stay FP8 in memory. Tied embeddings are tied again by identity (``get_input_embeddings`` /
+``get_output_embeddings``).
+
+A checkpoint with KV-cache scales gives every transformers cache passed to the model (by
+``generate`` too) FP8 storage with those scales (:func:`fp8fx.kv_cache.fp8_cache`), as a model
+that :func:`fp8fx.convert` calibrated does; the scales are kept on the model so that
+:func:`fp8fx.save_pretrained` writes them again, in either format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..fp8 import E4M3
+from ..kv_cache import KVQuant, fp8_cache, is_cache
+from ..modules import Fp8Linear
+from ..schemes import WeightGranularity
+from . import vllm
+from .checks import CheckpointError, Problem, manifest_from_dir, skeleton
+from .core import validate
+from .plan import LOADED_ATTR, KVScales
+
+__all__ = ["load_pretrained", "LoadedCheckpoint"]
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """What :func:`load_pretrained` read that the modules do not hold."""
+
+    source: str
+    format: str
+    kv: dict[str, KVScales]
+
+
+def _set_param(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    owner, _, leaf = key.rpartition(".")
+    mod = model.get_submodule(owner)
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        mod._buffers[leaf] = tensor
+
+
+def _install_kv(model: nn.Module, attention: list[str], layers: dict[int, KVQuant]) -> None:
+    """A forward pre-hook on each attention module gives the cache it is handed FP8 storage:
+    also the caches the model creates inside its own forward (``use_cache`` without one)."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for value in (*args, *kwargs.values()):
+            if is_cache(value):
+                fp8_cache(value, layers)
+
+    for path in attention:
+        model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                    attn_implementation: str | None = None) -> nn.Module:
+    """Build a runnable fp8fx model from the checkpoint folder ``path`` (module docstring).
+
+    ``attn_implementation`` (``"sdpa"``, ``"eager"``, ...) is passed to the model's config as
+    ``from_pretrained`` does: a checkpoint does not record it."""
+    m = manifest_from_dir(path)
+    model = skeleton(m.config, m.source, attn_implementation)
+    report = validate(m, model=model)
+    if report.problems:
+        raise CheckpointError(f"fp8fx.load_pretrained: {m.source}", report.problems)
+    plan, st, fmt = report.plan, report.structure, report.format
+    assert plan is not None  # validate reports a problem whenever there is no plan
+    e4m3_max = E4M3.max
+    done: set[str] = set()
+    for name, q in plan.linears.items():
+        block = q.scheme.weights is WeightGranularity.BLOCK
+        scale_key = f"{name}.weight_scale_inv" if fmt is vllm and block else f"{name}.weight_scale"
+        bias_key = f"{name}.bias"
+        xs_key = f"{name}.input_scale"
+        weight = m.read(f"{name}.weight").to(device)
+        module = Fp8Linear(weight, m.read(scale_key).to(device), m.read(xs_key).to(device) if q.scheme.static else None,
+                           m.read(bias_key).to(device) if bias_key in m.tensors else None, e4m3_max, q.scheme)
+        model.set_submodule(name, module)
+        done.update({f"{name}.weight", bias_key, scale_key, xs_key})
+    for key in model.state_dict().keys():
+        if key in done or key not in m.tensors:
+            continue
+        _set_param(model, key, m.read(key).to(device))
+    if st.tied and st.output_embedding and st.input_embedding and st.output_embedding not in plan.linears:
+        out_mod, in_mod = model.get_submodule(st.output_embedding), model.get_submodule(st.input_embedding)
+        out_mod.weight = in_mod.weight
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:  # validate reports missing tensors; this is a guard against a model built differently
+        raise CheckpointError(f"fp8fx.load_pretrained: {m.source}",
+                              [Problem(n, "missing: no tensor in the checkpoint fills it") for n in left])
+    kv: dict[str, KVScales] = {}
+    layers: dict[int, KVQuant] = {}
+    for path_, _ in plan.kv.items():
+        k = float(m.read(f"{path_}.k_scale").float().reshape(-1)[0])
+        v = float(m.read(f"{path_}.v_scale").float().reshape(-1)[0])
+        kv[path_] = KVScales(k, v, torch.float8_e4m3fn)
+        layers[st.attention[path_]] = KVQuant(k, v, torch.float8_e4m3fn, e4m3_max)
+    model.__dict__[LOADED_ATTR] = LoadedCheckpoint(m.source, fmt.NAME, kv)
+    if layers:
+        _install_kv(model, list(plan.kv), layers)
+    gen = Path(path) / "generation_config.json"
+    if gen.is_file() and hasattr(model, "generation_config"):
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_dict(json.loads(gen.read_text()))
+    return model.to(device).eval()

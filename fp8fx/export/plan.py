@@ -1,0 +1,124 @@
+"""A format-neutral description of a quantized model: which Linears are FP8 in which scheme, which
+stay in high precision, and the KV-cache scales.
+
+:func:`plan_of` reads it from a model that :func:`fp8fx.convert` / :func:`fp8fx.quantize` (or
+:func:`fp8fx.load_pretrained`) returned, by walking ``named_modules()`` (module identity, never a
+parsed name): every :class:`~fp8fx.modules.Fp8Linear` is quantized with its own ``scheme``, every
+other ``nn.Linear`` is left in high precision, and the KV scales come from the model's fp8fx state
+(the calibrated ``kv_cache`` nodes) or from the checkpoint it was loaded from. Each format
+(:mod:`.compressed_tensors`, :mod:`.vllm`) turns a plan into its ``quantization_config`` and its
+tensor names, and a checkpoint's ``quantization_config`` back into a plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedError
+from ..fp8 import FORMATS
+from ..modules import Fp8Experts, Fp8Linear
+from ..schemes import LinearScheme
+
+__all__ = ["QLinear", "KVScales", "Plan", "plan_of", "LOADED_ATTR"]
+
+#: where :func:`fp8fx.load_pretrained` keeps what the checkpoint said that modules do not hold
+LOADED_ATTR = "_fp8fx_checkpoint"
+
+
+@dataclass(frozen=True)
+class QLinear:
+    scheme: LinearScheme
+    fp8_dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class KVScales:
+    """One attention module's KV-cache scales (per tensor) and the cache's FP8 dtype."""
+
+    k: float
+    v: float
+    fp8_dtype: torch.dtype
+
+
+@dataclass
+class Plan:
+    linears: dict[str, QLinear]                          # quantized Linear module -> scheme
+    hp_linears: list[str]                                # Linear modules left in high precision
+    kv: dict[str, KVScales] = field(default_factory=dict)  # attention module -> scales
+
+    def schemes(self) -> list[LinearScheme]:
+        return list(dict.fromkeys(q.scheme for q in self.linears.values()))
+
+
+def _kv_from_state(model: nn.Module) -> dict[str, KVScales]:
+    from ..passes.match import OpKind
+    from ..state import state_of
+
+    state = state_of(model)
+    if state is None or state.phase != "converted":
+        record = model.__dict__.get(LOADED_ATTR)
+        return dict(record.kv) if record is not None else {}
+    out: dict[str, KVScales] = {}
+    kv = {n: q for n, q in state.attention.items() if q.kind is OpKind.KV_CACHE}
+    others = sorted(n for n, q in state.attention.items() if q.kind is not OpKind.KV_CACHE)
+    if others:
+        raise UnsupportedError(
+            f"{type(model).__name__} has FP8 attention ops that no checkpoint format holds ({', '.join(others[:6])}"
+            f"{' ...' if len(others) > 6 else ''}): vLLM and compressed-tensors store KV-cache scales only. Convert "
+            "with blocklist {\"types\": [\"matmul\", \"softmax\", \"sdpa\"]} (keeping kv_cache) to export this model")
+    for name, q in kv.items():
+        path, _, leaf = name.rpartition(".")
+        if leaf != "kv_cache_0":
+            continue
+        v = kv.get(f"{path}.kv_cache_1")
+        if v is None:
+            raise UnsupportedError(f"{path}: its keys are in FP8 but its values are not (no {path}.kv_cache_1); "
+                                   "a checkpoint holds both scales or neither")
+        ks, vs = q.scales[0], v.scales[0]
+        if isinstance(ks, tuple) or isinstance(vs, tuple):
+            raise UnsupportedError(f"{path}: per-head KV-cache scales (kv_cache_strategy 'attn_head') are not exported "
+                                   "in this version: calibrate with the default per-tensor KV strategy")
+        out[path] = KVScales(float(ks), float(vs), q.fp8_dtype)
+    if any(n.rpartition(".")[0] not in out for n in kv):
+        lone = sorted(n for n in kv if n.rpartition(".")[0] not in out)
+        raise UnsupportedError(f"{', '.join(lone)}: values in FP8 without keys; a checkpoint holds both scales or "
+                               "neither")
+    return out
+
+
+def plan_of(model: nn.Module) -> Plan:
+    """The plan of a converted fp8fx model (module docstring)."""
+    linears: dict[str, QLinear] = {}
+    hp: list[str] = []
+    experts = []
+    for name, m in model.named_modules():
+        if isinstance(m, Fp8Linear):
+            fmt = FORMATS.get(m.weight.dtype)
+            if fmt is None or m.fp8_max != fmt.max:
+                raise UnsupportedError(
+                    f"{name}: quantized for an FP8 range of {m.fp8_max} ({m.weight.dtype}, e.g. Gaudi2's 240); the "
+                    f"consumers of these checkpoints quantize activations with the format's full range "
+                    f"({fmt.max if fmt else '?'}). Quantize for a target with the full range (cpu, cuda, gaudi3)")
+            linears[name] = QLinear(m.scheme, m.weight.dtype)
+        elif isinstance(m, nn.Linear):
+            hp.append(name)
+        elif isinstance(m, Fp8Experts):
+            experts.append(name)
+    if experts:
+        raise UnsupportedError(f"FP8 MoE experts ({', '.join(experts[:4])}) are not exported in this version: each "
+                               "engine has its own expert layout. Blocklist the experts modules to export the rest")
+    from ..state import state_of
+
+    state = state_of(model)
+    if state is not None and state.phase != "converted":
+        raise UnsupportedError(f"{type(model).__name__} is in fp8fx phase {state.phase!r}, not converted yet"
+                               + (": it converts on its first call; call it once (or pass example_inputs to "
+                                  "fp8fx.convert / fp8fx.quantize), then save it" if state.phase == "pending" else
+                                  ": finish calibration and call fp8fx.convert, then save it"))
+    if not linears:
+        raise UnsupportedError(f"{type(model).__name__} holds no Fp8Linear: quantize it first (fp8fx.quantize or "
+                               "fp8fx.convert), then save it")
+    return Plan(linears, hp, _kv_from_state(model))
