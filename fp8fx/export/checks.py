@@ -130,10 +130,11 @@ def manifest_from_dir(path: str | Path) -> Manifest:
         try:
             index = json.loads(index_file.read_text())
             weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(str(root), [Problem(INDEX, f"unreadable or without a weight_map ({e})")]) from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(str(root), [Problem(INDEX, "unreadable or without a weight_map (weight_map is "
+                                                             "not an object)")])
         files = sorted(set(weight_map.values()))
     elif (root / SINGLE).is_file():
         files = [SINGLE]

@@ -80,7 +80,9 @@ def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "
     if report.problems:
         raise CheckpointError(f"fp8fx.load_pretrained: {m.source}", report.problems)
     plan, st, fmt = report.plan, report.structure, report.format
-    assert plan is not None  # validate reports a problem whenever there is no plan
+    if plan is None:  # validate reports a problem whenever there is no plan; kept explicit
+        raise CheckpointError(f"fp8fx.load_pretrained: {m.source}",
+                              [Problem("config.json", "no FP8 layout could be read from its quantization_config")])
     e4m3_max = E4M3.max
     done: set[str] = set()
     for name, q in plan.linears.items():
