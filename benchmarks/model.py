@@ -57,7 +57,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import fp8fx  # noqa: E402
+from cpuclass import cpu_class, emulate_isa  # noqa: E402
 from fp8fx import data, ops  # noqa: E402
 
 VARIANTS = ("fp32_eager", "fp32_compiled", "bf16_eager", "bf16_compiled", "fp8fx_eager_reference",
@@ -67,7 +70,6 @@ BASELINES = ("fp32_eager", "fp32_compiled", "bf16_eager", "bf16_compiled")
 # ``--schemes``: the schemes of ``fp8fx.quantize`` (no calibration), eager and compiled
 SCHEMES = {"fp8_dynamic": "FP8_DYNAMIC", "fp8_block": "FP8_BLOCK"}
 SCHEME_VARIANTS = tuple(f"{k}_{mode}" for k in SCHEMES for mode in ("eager", "compiled"))
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # --isa avx2
 # not in the default list (meant for a GPU; pass them with --variants):
 # ``raw_scaled_mm`` - the converted model with each fp8fx::linear call replaced by a bare
 # torch._scaled_mm on the same FP8 weights and static scales (eager);
@@ -382,41 +384,6 @@ def table(rows: list[dict]) -> str:
         lines.append(f"fastest high-precision baseline: prefill {best['prefill_best_hp']}, "
                      f"decode {best['decode_best_hp']} (most rounds)")
     return "\n".join(lines)
-
-
-def cpu_class() -> str:
-    """The CPU class the kernels ran for: ATen's capability, bfloat16 GEMMs or not, and the
-    emulation settings when an AVX2 CPU is emulated."""
-    from fp8fx.kernels.linear import cpu_has_bf16
-
-    cap = torch.backends.cpu.get_cpu_capability()
-    parts = [cap, "bf16 GEMM instructions" if cpu_has_bf16() else "no bf16 GEMM instructions"]
-    import torch._inductor.config as inductor_config
-
-    env = {k: v for k, v in os.environ.items() if k in AVX2_ENV}
-    simdlen = inductor_config.cpp.simdlen
-    if env or simdlen:
-        parts.append("emulated: " + ", ".join([f"{k}={v}" for k, v in env.items()]
-                                              + [f"cpp.simdlen={simdlen}"]))
-    try:
-        from fp8fx.kernels import gemv
-    except ImportError:  # an fp8fx from before the GEMV kernel
-        parts.append("fp8 GEMV: none")
-    else:
-        parts.append(f"fp8 GEMV: {gemv.status()}")
-    return "; ".join(parts)
-
-
-def emulate_isa(isa: str) -> None:
-    """``--isa avx2``: re-run this script with ATen and oneDNN capped at AVX2 (they read their
-    variables when torch loads) and Inductor's vector width at 256 bits."""
-    if isa != "avx2":
-        return
-    if any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
-    import torch._inductor.config as inductor_config
-
-    inductor_config.cpp.simdlen = 256
 
 
 def main(argv: list[str] | None = None) -> int:
