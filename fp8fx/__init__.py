@@ -42,9 +42,9 @@ _EXPORTS = {
     "Fp8Linear": "modules", "Fp8Experts": "modules",
     "auto_blocklist": "sensitivity",
     "save_pretrained": "export", "load_pretrained": "export", "check_checkpoint": "export",
-    "CheckpointError": "export",
     "Fp8fxError": "errors", "ConfigError": "errors", "MeasurementError": "errors",
     "CaptureError": "errors", "QuantizationError": "errors", "UnsupportedError": "errors",
+    "CheckpointError": "errors",
 }
 
 __all__ = [*_EXPORTS, "sensitivity", "__version__"]

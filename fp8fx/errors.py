@@ -38,5 +38,15 @@ class UnsupportedError(ConfigError, QuantizationError, NotImplementedError):
     """
 
 
+class CheckpointError(Fp8fxError, ValueError):
+    """A checkpoint (on disk or about to be written) that its consumer would load wrong; the
+    message lists every problem found, each naming the tensor or config key."""
+
+    def __init__(self, where: str, problems: list) -> None:
+        self.where, self.problems = where, list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{where}: {len(self.problems)} problem(s) that would load wrong:\n{lines}")
+
+
 __all__ = ["Fp8fxError", "ConfigError", "MeasurementError", "CaptureError", "QuantizationError",
-           "UnsupportedError"]
+           "UnsupportedError", "CheckpointError"]

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import Fp8fxError
+from ..errors import CheckpointError, Fp8fxError
 
 __all__ = ["CheckpointError", "Problem", "TensorInfo", "Manifest", "manifest_from_dir", "manifest_from_tensors",
            "skeleton", "params_on_meta", "CONFIG", "INDEX", "SINGLE", "DTYPE_NAMES", "FP8_NAMES",
@@ -49,16 +49,6 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 }
 FP8_NAMES = {"F8_E4M3", "F8_E5M2"}
 SCALE_DTYPES = {"F32", "BF16", "F16"}
-
-
-class CheckpointError(Fp8fxError, ValueError):
-    """A checkpoint (on disk or about to be written) that its consumer would load wrong; the
-    message lists every problem found, each naming the tensor or config key."""
-
-    def __init__(self, where: str, problems: list[Problem]) -> None:
-        self.where, self.problems = where, list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{where}: {len(self.problems)} problem(s) that would load wrong:\n{lines}")
 
 
 @dataclass(frozen=True)
