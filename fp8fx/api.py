@@ -44,6 +44,7 @@ from .passes.observe import REQUIRED_OUTPUTS, observed_values
 from .passes.rewrite import quantize_linears
 from .passes.rewrite_attention import AttentionQuant, attention_quant, plan_attention, rewrite_attention_in_graph
 from .kv_cache import KVQuant, fp8_cache, is_cache, kv_layer_names
+from .modules import Fp8Linear
 from .state import (ATTR, Fp8fxState, check_hp_dtype, check_supported, instrument, load_measurements,
                     measurement_exists, quantize_config, resolve_config, state_of, unwrap, worker)
 
@@ -220,6 +221,18 @@ def _check_names(model: nn.Module, decisions: list[Decision], meas: Measurements
     return set()
 
 
+def _untie_fp8_output_embedding(model: nn.Module) -> None:
+    """An FP8 output embedding is no longer tied to the input embedding: say so in the config,
+    or ``model.tie_weights()`` (which lm-eval's HFLM and accelerate call) would put the hp
+    embedding back in place of the FP8 weight. fp8fx never quantizes a weight that is still tied
+    (annotate keeps it in hp); this covers a config that says tied when the weights are not."""
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    config = getattr(model, "config", None)
+    if isinstance(out, Fp8Linear) and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+
+
 def _apply(model: nn.Module, state: Fp8fxState, decisions: dict[str, Decision],
            meas: Measurements | None, cfg: FP8Config) -> None:
     """Check everything, then swap the modules; the state changes only when all succeeded."""
@@ -232,6 +245,7 @@ def _apply(model: nn.Module, state: Fp8fxState, decisions: dict[str, Decision],
             reason="no measurement for it (ignore_modules_wo_measures): stays in high precision")
     attention = plan_attention(list(decisions.values()), cfg, meas)       # raises before any change
     converted = quantize_linears(model, list(decisions.values()), cfg, meas)  # all-or-nothing
+    _untie_fp8_output_embedding(model)
     if converted:  # so that torch.compile(model) lowers fp8fx.linear instead of calling it
         from .backends.inductor import register_lowering
 
