@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedError
 from ..modules import Fp8Linear
-from . import compressed_tensors, vllm
+from . import compressed_tensors, modelopt, vllm
 from .checks import (CONFIG, CheckpointError, Manifest, Problem, Structure, manifest_from_dir,
                      manifest_from_tensors, skeleton, structure)
 from .plan import Plan, plan_of
@@ -29,8 +29,10 @@ from .writer import parse_size, write_folder, write_tensors
 
 __all__ = ["FORMATS", "format_module", "save_pretrained", "check_checkpoint", "validate", "Report"]
 
-FORMATS: dict[str, ModuleType] = {compressed_tensors.NAME: compressed_tensors, vllm.NAME: vllm}
-_BY_METHOD = {compressed_tensors.QUANT_METHOD: compressed_tensors, vllm.QUANT_METHOD: vllm}
+FORMATS: dict[str, ModuleType] = {compressed_tensors.NAME: compressed_tensors, vllm.NAME: vllm,
+                                   modelopt.NAME: modelopt}
+_BY_METHOD = {compressed_tensors.QUANT_METHOD: compressed_tensors, vllm.QUANT_METHOD: vllm,
+              modelopt.QUANT_METHOD: modelopt}
 
 
 def format_module(name: str) -> ModuleType:
@@ -44,6 +46,8 @@ def format_of(m: Manifest) -> ModuleType:
     q = m.quant
     method = q.get("quant_method") if q is not None else None
     fmt = _BY_METHOD.get(method)
+    if fmt is None and q is None and modelopt.detect(m):  # ModelOpt's hf_quant_config.json alone
+        fmt = modelopt
     if fmt is None:
         raise CheckpointError(m.source, [Problem(f"{CONFIG}: quantization_config.quant_method",
                                                  f"{method!r}; fp8fx reads {', '.join(repr(k) for k in _BY_METHOD)}")])
@@ -69,6 +73,8 @@ class Report:
 
 def _expected_extra(fmt: ModuleType, plan: Plan) -> set[str]:
     """Names the format adds to the model's own state_dict keys."""
+    if hasattr(fmt, "extra_names"):
+        return fmt.extra_names(plan)
     out: set[str] = set()
     for name, q in plan.linears.items():
         block = q.scheme.weights.value == "block"
@@ -188,8 +194,8 @@ def _config(model: nn.Module, quant: dict[str, Any], untie: bool) -> dict[str, A
 def save_pretrained(qmodel: nn.Module, out_dir: str | os.PathLike[str], format: str = "compressed-tensors",
                     tokenizer: Any = None, max_shard_size: int | str = "5GB") -> Path:
     """Write ``qmodel`` (from :func:`fp8fx.convert`, :func:`fp8fx.quantize` or
-    :func:`fp8fx.load_pretrained`) as a ``format`` checkpoint (``"compressed-tensors"`` or
-    ``"vllm"``) into ``out_dir``, atomically; returns ``out_dir``.
+    :func:`fp8fx.load_pretrained`) as a ``format`` checkpoint (``"compressed-tensors"``,
+    ``"vllm"`` or ``"modelopt"``) into ``out_dir``, atomically; returns ``out_dir``.
 
     The format's validator runs on the tensors and config first: a scheme the format cannot
     hold raises :class:`~fp8fx.errors.UnsupportedError`, anything its consumer would load wrong
@@ -231,6 +237,8 @@ def save_pretrained(qmodel: nn.Module, out_dir: str | os.PathLike[str], format: 
     def fill(folder: Path) -> None:
         write_tensors(folder, tensors, max_bytes)
         (folder / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, text in (fmt.extra_files(plan) if hasattr(fmt, "extra_files") else {}).items():
+            (folder / name).write_text(text)  # e.g. ModelOpt's hf_quant_config.json
         gen = getattr(model, "generation_config", None)
         can = getattr(model, "can_generate", None)
         if gen is not None and (can is None or can()):

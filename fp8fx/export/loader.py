@@ -1,4 +1,4 @@
-"""load_pretrained: an fp8fx model from a compressed-tensors or vLLM "fp8" checkpoint.
+"""load_pretrained: an fp8fx model from a compressed-tensors, vLLM "fp8" or ModelOpt FP8 checkpoint.
 
 The model is built as the checkpoint's ``config.json`` names it, with its parameters on the
 meta device (:func:`~.checks.skeleton`); the checkpoint is validated first (the same checks as
@@ -91,7 +91,9 @@ def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "
         bias_key = f"{name}.bias"
         xs_key = f"{name}.input_scale"
         weight = m.read(f"{name}.weight").to(device)
-        module = Fp8Linear(weight, m.read(scale_key).to(device), m.read(xs_key).to(device) if q.scheme.static else None,
+        ws = m.read(scale_key)
+        ws = fmt.module_scale(ws, q.scheme) if hasattr(fmt, "module_scale") else ws  # ModelOpt's 4-D blocks
+        module = Fp8Linear(weight, ws.to(device), m.read(xs_key).to(device) if q.scheme.static else None,
                            m.read(bias_key).to(device) if bias_key in m.tensors else None, e4m3_max, q.scheme)
         model.set_submodule(name, module)
         done.update({f"{name}.weight", bias_key, scale_key, xs_key})
@@ -109,8 +111,9 @@ def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "
     kv: dict[str, KVScales] = {}
     layers: dict[int, KVQuant] = {}
     for path_, _ in plan.kv.items():
-        k = float(m.read(f"{path_}.k_scale").float().reshape(-1)[0])
-        v = float(m.read(f"{path_}.v_scale").float().reshape(-1)[0])
+        k_key, v_key = fmt.kv_names(path_) if hasattr(fmt, "kv_names") else (f"{path_}.k_scale", f"{path_}.v_scale")
+        k = float(m.read(k_key).float().reshape(-1)[0])
+        v = float(m.read(v_key).float().reshape(-1)[0])
         kv[path_] = KVScales(k, v, torch.float8_e4m3fn)
         layers[st.attention[path_]] = KVQuant(k, v, torch.float8_e4m3fn, e4m3_max)
     model.__dict__[LOADED_ATTR] = LoadedCheckpoint(m.source, fmt.NAME, kv)
