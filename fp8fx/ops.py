@@ -51,11 +51,23 @@ __all__ = ["linear", "scaled_linear", "scaled_linear_reference", "scaled_linear_
            "FP8_DTYPES"]
 
 
+def _not_a_view(y: Tensor) -> Tensor:
+    """``y`` as a tensor of its own (same storage, no copy) when the kernel returned a view.
+
+    Under grad mode an op's output that is a view (the kernels' final ``reshape``) is marked by
+    autograd as created inside a custom Function, and an in-place update of it then raises
+    (Falcon adds to its Linear outputs in place). The op owns that storage: nothing else sees it."""
+    if y._base is None:
+        return y
+    return torch.empty((0,), dtype=y.dtype, device=y.device).set_(y.untyped_storage(), y.storage_offset(),
+                                                                   y.shape, y.stride())
+
+
 @torch.library.custom_op("fp8fx::linear", mutates_args=())
 def linear(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Tensor,
            bias: Optional[Tensor], fp8_max: float) -> Tensor:
     # looked up here at call time: patching ``fp8fx.ops.linear_fast`` swaps the eager kernel
-    return linear_fast(x, weight, weight_scale, input_scale, bias, fp8_max)
+    return _not_a_view(linear_fast(x, weight, weight_scale, input_scale, bias, fp8_max))
 
 
 @linear.register_fake
@@ -69,8 +81,8 @@ def _linear_fake(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: T
 def scaled_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Optional[Tensor],
                   bias: Optional[Tensor], fp8_max: float, activations: str, group_size: int,
                   block_n: int, block_k: int) -> Tensor:
-    return scaled_linear_fast(x, weight, weight_scale, input_scale, bias, fp8_max, activations, group_size,
-                              block_n, block_k)
+    return _not_a_view(scaled_linear_fast(x, weight, weight_scale, input_scale, bias, fp8_max, activations,
+                                          group_size, block_n, block_k))
 
 
 @scaled_linear.register_fake

@@ -247,3 +247,17 @@ def test_fp8_experts_routing_equals_transformers_experts():
     ours = Fp8Experts(experts, {}, 448.0)
     with torch.no_grad():
         torch.testing.assert_close(ours(hidden, top_k_index, top_k_weights), experts(hidden, top_k_index, top_k_weights))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_forward_with_grad_enabled_equals_no_grad(arch, calibrated):
+    """Outside torch.no_grad the fp8fx ops run under autograd's wrapper; their outputs must not be
+    views that in-place updates refuse (Falcon adds to its Linear outputs in place)."""
+    _, cfg = calibrated(arch)
+    ids = eval_ids()
+    for model in (fp8fx.convert(build(arch), cfg.replace(mode="QUANTIZE"), example_inputs=(ids,)),
+                  fp8fx.quantize(build(arch), "FP8_DYNAMIC", example_inputs=(ids,))):
+        with torch.no_grad():
+            expected = main_output(model(input_ids=ids))
+        got = main_output(model(input_ids=ids))
+        assert torch.equal(got.detach(), expected), arch
