@@ -126,7 +126,17 @@ def _weight_stats(model: nn.Module, match: Match, per_channel: bool) -> np.ndarr
     return w.abs().amax().float().reshape(1, 1).cpu().numpy()
 
 
-def _collect(model: nn.Module, state: Fp8fxState) -> Measurements:
+def _collect(model: nn.Module, state: Fp8fxState, plan: Any = None) -> Measurements:
+    """The measurements of the observers: every rank's together when the calibration is
+    data-parallel (``plan``, default a new :func:`fp8fx.distributed.calibration_plan`)."""
+    from .distributed import calibration_plan
+
+    plan = calibration_plan(model, state) if plan is None else plan
+    with plan.reduced(state):
+        return _collect_observed(model, state)
+
+
+def _collect_observed(model: nn.Module, state: Fp8fxState) -> Measurements:
     cfg = state.config
     never = [n for n, o in state.observers.items() if o.calls == 0 and cfg.measure_inputs]
     bad = {n: o.nonfinite_calls for n, o in state.observers.items() if o.nonfinite_calls}
@@ -168,17 +178,22 @@ def _observer_calls(state: Fp8fxState) -> int:
 
 
 def finalize_calibration(model: nn.Module) -> list[Path]:
-    """Write the measurement files (INC layout, atomically) and return their paths."""
+    """Write the measurement files (INC layout, atomically) and return their paths.
+
+    Under torch.distributed this is a collective call (``calibration_parallel``, docs/distributed.md):
+    data-parallel ranks reduce their statistics and rank 0 writes one set of files."""
     state = state_of(model)
     model = unwrap(model)
     if state is None or state.phase != "measure":
         raise Fp8fxError(f"fp8fx.finalize_calibration: {type(model).__name__} is not in MEASURE "
                          "mode; call fp8fx.prepare(model, FP8Config(mode='MEASURE')) and run "
                          "calibration first")
-    state.measurements = _collect(model, state)
+    from .distributed import calibration_plan  # per-rank files, or data-parallel: reduce, rank 0 writes
+
+    plan = calibration_plan(model, state)
+    state.measurements = _collect(model, state, plan)
     state.calls_at_finalize = _observer_calls(state)
-    rank, world = worker(state.config)
-    state.files = write_measurements(state.measurements, state.config.dump_stats_path, rank=rank, world_size=world)
+    state.files = plan.write(state.measurements, state.config.dump_stats_path)
     return state.files
 
 

@@ -36,6 +36,14 @@ Keys (INC names), defaults and accepted values::
     calibration_sample_interval 0    dump measurements every N samples (0: at the end only)
     world_size, local_rank null      per-rank file names: {prefix}_hooks_{observer}_{rank}_{world}
     seperate_measure_files true      (INC's spelling) one measurement file per rank
+    calibration_parallel "auto"      fp8fx only (INC has no such key): data | tensor | auto. "data":
+                                     the ranks of a torch.distributed group hold the same model and
+                                     calibrate different data; finalize_calibration reduces their
+                                     statistics and rank 0 writes one set of files. "tensor": each
+                                     rank writes its own per-rank files (sharded weights, INC's way).
+                                     "auto": data when every rank of an initialized group measured
+                                     the same nodes with the same weights, else tensor
+                                     (:mod:`fp8fx.distributed`, docs/distributed.md)
     kv_cache_dtype       null        E4M3 | E5M2 (also vLLM's fp8_e4m3 / fp8_e5m2): FP8 format of
                                      the KV cache; null: fp8_config's
     scheme               null        FP8 | FP8_DYNAMIC | FP8_BLOCK | FP8_WEIGHT_ONLY, or an object
@@ -92,7 +100,7 @@ from .scale_methods import (
 __all__ = [
     "Mode", "Fp8Format", "HpDtype", "ObserverKind", "Target", "ScaleFormat", "MeasureExclude",
     "ScaleSpec", "ScaleMethod", "ScaleRule", "ScaleMethodOverrides", "OpFilter", "FP8Config",
-    "DEFAULT_SCALE_METHOD", "DEFAULT_BACKOFFS",
+    "DEFAULT_SCALE_METHOD", "DEFAULT_BACKOFFS", "CalibrationParallel",
 ]
 
 
@@ -150,6 +158,14 @@ class Target(_StrEnum):
 class ScaleFormat(_StrEnum):
     SCALAR = "scalar"
     CONST = "const"
+
+
+class CalibrationParallel(_StrEnum):
+    """How the ranks of a multi-process calibration share the work (fp8fx.distributed)."""
+
+    AUTO = "auto"
+    DATA = "data"
+    TENSOR = "tensor"
 
 
 class MeasureExclude(_StrEnum):
@@ -251,7 +267,8 @@ _IGNORED_INC_KEYS = ("measure_on_hpu", "row_parallel_linear_allreduce_quantizati
                      "device_type", "global_rank")
 _INC_DEVICE = {Target.GAUDI2: "GAUDI2", Target.GAUDI3: "GAUDI3"}
 _ENUM_FIELDS = {"mode": Mode, "fp8_config": Fp8Format, "hp_dtype": HpDtype, "observer": ObserverKind,
-                "measure_exclude": MeasureExclude, "scale_format": ScaleFormat, "target": Target}
+                "measure_exclude": MeasureExclude, "scale_format": ScaleFormat, "target": Target,
+                "calibration_parallel": CalibrationParallel}
 _BOOL_FIELDS = ("use_qdq", "fake_quant", "dynamic_quantization", "ignore_modules_wo_measures",
                 "recalc_scales", "seperate_measure_files")
 
@@ -299,6 +316,7 @@ class FP8Config:
     world_size: int | None = None
     local_rank: int | None = None
     seperate_measure_files: bool = True
+    calibration_parallel: CalibrationParallel = CalibrationParallel.AUTO  # fp8fx.distributed
     kv_cache_dtype: Fp8Format | None = None  # None: fp8_config
     scheme: Scheme | None = None  # None: from scale_method and dynamic_quantization (INC's way)
 
@@ -339,6 +357,10 @@ class FP8Config:
                 put(key, _int(getattr(self, key), key, minimum))
         if self.world_size is not None and self.local_rank is not None and self.local_rank >= self.world_size:
             raise ConfigError(f"local_rank {self.local_rank} must be below world_size {self.world_size}")
+        if self.calibration_parallel is CalibrationParallel.DATA and (self.world_size, self.local_rank) != (None, None):
+            raise ConfigError("calibration_parallel 'data' writes and reads one shared set of measurement files, "
+                              "but world_size/local_rank name per-rank files: drop world_size and local_rank, or use "
+                              "calibration_parallel 'tensor'")
         self._check_dynamic()
 
     def _check_dynamic(self) -> None:
@@ -580,6 +602,8 @@ class FP8Config:
                 out[key] = getattr(self, key)
         if self.kv_cache_dtype is not None:
             out["kv_cache_dtype"] = self.kv_cache_dtype.value
+        if self.calibration_parallel is not CalibrationParallel.AUTO:  # not an INC key: default unwritten
+            out["calibration_parallel"] = self.calibration_parallel.value
         if self.scheme is not None:
             out["scheme"] = self.scheme.to_json()
         return out

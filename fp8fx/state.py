@@ -40,7 +40,7 @@ from .passes.observe import insert_observers
 from .passes.rewrite_attention import AttentionQuant
 
 __all__ = ["Fp8fxState", "ATTR", "unwrap", "state_of", "compiled_state_of", "measure_state", "resolve_config", "check_supported",
-           "check_hp_dtype", "worker", "measurement_exists", "load_measurements", "quantize_config",
+           "check_hp_dtype", "worker", "rank_world", "measurement_exists", "load_measurements", "quantize_config",
            "instrument"]
 
 ATTR = "_fp8fx"  # the attribute of the model that holds its Fp8fxState
@@ -182,6 +182,15 @@ def quantize_config(cfg: FP8Config | dict | str | None, fallback: FP8Config | No
 
 # --------------------------------------------------------------------------- measurement files
 def worker(cfg: FP8Config) -> tuple[int | None, int | None]:
+    """(rank, world_size) of the measurement files this process reads: its own per-rank files
+    (:func:`rank_world`), or the one shared set that a data-parallel calibration wrote
+    (``calibration_parallel``, :func:`fp8fx.distributed.files_worker`)."""
+    from .distributed import files_worker
+
+    return files_worker(cfg, rank_world(cfg))
+
+
+def rank_world(cfg: FP8Config) -> tuple[int | None, int | None]:
     """(rank, world_size) of the per-rank file names: the config's, else LOCAL_RANK/WORLD_SIZE
     from the environment when more than one process runs (as INC does), else none."""
     if cfg.world_size is not None:
