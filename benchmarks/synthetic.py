@@ -98,6 +98,7 @@ def make_llama_checkpoint(out_dir: str | os.PathLike[str], config: Any = None, *
         del tensors
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.architectures = ["LlamaForCausalLM"]  # as the model's own save_pretrained writes it
     config.save_pretrained(out)
     tok = _tokenizer_dir()
     if tok is not None and config.vocab_size == 49152:

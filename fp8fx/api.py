@@ -72,14 +72,33 @@ def _capture_model(model: nn.Module, args: tuple, kwargs: dict) -> list[Captured
 
 # --------------------------------------------------------------------------------- prepare
 def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example_inputs: Any = None,
-            example_kwargs: dict | None = None) -> nn.Module:
+            example_kwargs: dict | None = None, *, sequential: bool = False, calibration_data: Any = None,
+            blocks: str | None = None, device: str | torch.device | None = None,
+            cache_limit_bytes: int | None = None, progress: bool = False) -> nn.Module:
     """Instrument ``model`` for calibration (MEASURE) and return it.
 
     ``cfg`` defaults to the JSON file named by ``QUANT_CONFIG``. A QUANTIZE config converts
     instead (as INC does); AUTO measures unless measurement files already exist. Without
     example inputs the graph is captured on the first real call.
+
+    ``sequential=True`` calibrates here, block by block, on ``calibration_data`` (a list of
+    batches: input-id tensors, argument tuples or keyword dicts), one decoder block on ``device``
+    at a time, activations cached in CPU memory up to ``cache_limit_bytes`` and on disk past it;
+    ``blocks`` names the block list (default: found from ``_no_split_modules``). Then call
+    :func:`finalize_calibration`. See :mod:`fp8fx.sequential` and docs/sequential.md.
     """
     cfg = resolve_config(cfg, "prepare")
+    extra = [k for k, v in (("calibration_data", calibration_data), ("blocks", blocks), ("device", device),
+                            ("cache_limit_bytes", cache_limit_bytes)) if v is not None]
+    if not sequential and extra:
+        raise ConfigError(f"fp8fx.prepare: {', '.join(extra)} only apply with sequential=True")
+    if sequential and (cfg.mode is Mode.QUANTIZE or (cfg.mode is Mode.AUTO and measurement_exists(cfg))):
+        raise ConfigError("fp8fx.prepare(sequential=True) calibrates, but the config's mode resolves to QUANTIZE "
+                          f"(mode {cfg.mode.value!r}, files at {cfg.dump_stats_path!r}); use mode MEASURE, or "
+                          "fp8fx.convert without sequential")
+    if sequential and (calibration_data is None or example_inputs is not None or example_kwargs):
+        raise ConfigError("fp8fx.prepare(sequential=True) needs calibration_data (a list of batches) and "
+                          "takes no example_inputs/example_kwargs: it runs the calibration itself")
     if cfg.mode is Mode.QUANTIZE or (cfg.mode is Mode.AUTO and measurement_exists(cfg)):
         return convert(model, cfg, example_inputs, example_kwargs)  # convert checks the config
     check_supported(cfg)
@@ -94,6 +113,17 @@ def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
     if cfg.mode is Mode.AUTO:
         cfg = cfg.replace(mode="MEASURE")
     state = Fp8fxState(config=cfg, phase="measure")
+    if sequential:  # the model keeps its own forward; calibration runs here, block by block
+        from .sequential import calibrate
+
+        model.__dict__[ATTR] = state
+        try:
+            calibrate(model, state, calibration_data, blocks=blocks, device=device,
+                      cache_limit_bytes=cache_limit_bytes, progress=progress)
+        except BaseException:
+            del model.__dict__[ATTR]
+            raise
+        return model
 
     state.compiled = CompiledForward(model, lambda cg: instrument(cg, state, model))
     state.original_forward = state.compiled._original
@@ -118,6 +148,10 @@ def prepare(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
 # ---------------------------------------------------------------------- finalize_calibration
 def _weight_stats(model: nn.Module, match: Match, per_channel: bool) -> np.ndarray:
     w = model.get_parameter(match.weight).detach()
+    if w.is_meta:  # offloaded after sequential calibration, which took its statistics while loaded
+        from .sequential import offloaded_weight_stats
+
+        return offloaded_weight_stats(model, match, per_channel)
     if match.weight_transposed:  # stored [in, out] (Conv1D): measure it as [out, in]
         w = w.transpose(-2, -1)
     w = w.reshape(-1, w.shape[-1])  # a MoE experts stack [E, out, in]: one row per output channel
