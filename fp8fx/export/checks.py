@@ -35,7 +35,7 @@ from ..errors import CheckpointError, Fp8fxError
 
 __all__ = ["CheckpointError", "Problem", "TensorInfo", "Manifest", "manifest_from_dir", "manifest_from_tensors",
            "skeleton", "params_on_meta", "CONFIG", "INDEX", "SINGLE", "DTYPE_NAMES", "FP8_NAMES",
-           "structure", "Structure"]
+           "structure", "Structure", "kv_heads", "check_kv_scale"]
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
@@ -229,6 +229,23 @@ class Structure:
     input_embedding: str | None
     output_embedding: str | None
 
+    def kv_heads(self, path: str) -> int | None:
+        """The number of KV heads of attention module ``path`` (the ``H`` of its ``[B, H, S, D]``
+        cache): its ``k_proj`` output features over its ``head_dim``, else its config's
+        ``num_key_value_heads``; None when the module says neither."""
+        return kv_heads(self.modules[path])
+
+
+def kv_heads(attention: nn.Module) -> int | None:
+    """See :meth:`Structure.kv_heads`."""
+    k_proj, head_dim = getattr(attention, "k_proj", None), getattr(attention, "head_dim", None)
+    out_features = getattr(k_proj, "out_features", None)
+    if isinstance(out_features, int) and isinstance(head_dim, int) and head_dim > 0 and out_features % head_dim == 0:
+        return out_features // head_dim
+    cfg = getattr(attention, "config", None)
+    n = getattr(cfg, "num_key_value_heads", None) if cfg is not None else None
+    return n if isinstance(n, int) and n > 0 else None
+
 
 def structure(model: nn.Module) -> Structure:
     names = {id(m): n for n, m in model.named_modules()}
@@ -286,6 +303,28 @@ def check_scale(m: Manifest, key: str, shapes: list[tuple[int, ...]], what: str,
     if ok:
         check_scale_values(m, key, problems)
     return ok
+
+
+def check_kv_scale(m: Manifest, key: str, shapes: list[tuple[int, ...]], scheme: str, problems: list[Problem],
+                   heads: int | None = None) -> bool:
+    """A KV-cache scale ``key`` of one of ``shapes``: read per tensor (``heads`` None) or with one
+    value per KV head (``heads`` values); ``scheme`` names the config that says which. Values per
+    head where the config says per tensor, or a head count other than the model's, are reported
+    as such, naming the tensor; anything else as :func:`check_scale` reports it."""
+    info = m.tensors.get(key)
+    if info is not None and info.dtype in SCALE_DTYPES and info.shape not in shapes:
+        n = math.prod(info.shape)
+        want = " or ".join(str(list(s)) for s in shapes)
+        if heads is None and n > 1:
+            problems.append(Problem(key, f"shape {list(info.shape)}: {n} values (per-head scales?), but {scheme} is "
+                                    f"one KV-cache scale per tensor ({want}): the consumer refuses to load it or "
+                                    "uses one wrong scale"))
+            return False
+        if heads is not None and n != heads:
+            problems.append(Problem(key, f"shape {list(info.shape)}: {n} value(s), but the model has {heads} KV heads "
+                                    f"({scheme}: one scale per KV head, {want})"))
+            return False
+    return check_scale(m, key, shapes, scheme, problems)
 
 
 def block_shape(out_f: int, in_f: int, block: tuple[int, int]) -> tuple[int, int]:

@@ -12,14 +12,16 @@
                       "strategy": "tensor" | "token" | "group", "dynamic": bool, "group_size": g}}},
       "ignore": ["lm_head", ...],
       "kv_cache_scheme": null | {"num_bits": 8, "type": "float", "symmetric": true,
-                                 "strategy": "tensor", "dynamic": false}}
+                                 "strategy": "tensor" | "attn_head", "dynamic": false}}
 
 Tensors per quantized Linear ``L``: ``L.weight`` F8_E4M3 ``[out, in]``; ``L.weight_scale``
 ``[1]`` (tensor), ``[out, 1]`` (channel) or ``[ceil(out/bo), ceil(in/bi)]`` (block); static
 activations add ``L.input_scale`` ``[1]``. An FP8 KV cache adds ``<attention>.k_scale`` and
-``v_scale``, ``[1]`` each. The scale shapes are the ones compressed-tensors' ``initialize_qparams``
-allocates (quantization/lifecycle/initialize.py): transformers loads the checkpoint into those
-parameters, so any other shape fails or, for a 0-d scale, does not load.
+``v_scale``, ``[1]`` each, or ``[num_kv_heads, 1, 1]`` each with strategy ``"attn_head"`` (per-head
+scales; vLLM reads them only on some attention backends, see :func:`notes`). The scale shapes are
+the ones compressed-tensors' ``initialize_qparams`` allocates (quantization/lifecycle/initialize.py):
+transformers loads the checkpoint into those parameters, so any other shape fails or, for a 0-d
+scale, does not load.
 
 One config group per distinct scheme: a model with one scheme targets the class ``Linear`` and
 lists the high-precision Linears in ``ignore``; several schemes target their modules by exact name.
@@ -38,8 +40,8 @@ from torch import Tensor, nn
 from ..errors import UnsupportedError
 from ..modules import Fp8Linear
 from ..schemes import ActivationScheme, LinearScheme, WeightGranularity
-from .checks import (CONFIG, Manifest, Problem, Structure, block_shape, check_scale)
-from .plan import KVScales, Plan, QLinear
+from .checks import (CONFIG, Manifest, Problem, Structure, block_shape, check_kv_scale, check_scale)
+from .plan import KVScales, Plan, QLinear, kv_strategy
 
 NAME = "compressed-tensors"
 QUANT_METHOD = "compressed-tensors"
@@ -88,8 +90,9 @@ def quant_config(plan: Plan) -> dict[str, Any]:
     if kv_dtypes - {torch.float8_e4m3fn}:
         raise UnsupportedError("the KV cache is stored in E5M2, which compressed-tensors' kv_cache_scheme (8-bit "
                                "'float' = E4M3) cannot say: calibrate with kv_cache_dtype fp8_e4m3 to export it")
-    kv = ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
-          if plan.kv else None)
+    strategy = kv_strategy(plan)
+    kv = ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": False}
+          if strategy is not None else None)
     return {"quant_method": QUANT_METHOD, "format": FORMAT, "quantization_status": STATUS,
             "config_groups": groups, "ignore": list(plan.hp_linears), "kv_cache_scheme": kv}
 
@@ -110,8 +113,11 @@ def linear_tensors(name: str, m: Fp8Linear) -> dict[str, Tensor]:
 
 
 def kv_tensors(path: str, kv: KVScales) -> dict[str, Tensor]:
-    return {f"{path}.k_scale": torch.tensor([kv.k], dtype=torch.float32),
-            f"{path}.v_scale": torch.tensor([kv.v], dtype=torch.float32)}
+    """``[1]`` per tensor; ``[num_kv_heads, 1, 1]`` per head (compressed-tensors' ``attn_head``)."""
+    shape = (1,) if kv.heads is None else (kv.heads, 1, 1)
+    k, v = ([kv.k], [kv.v]) if kv.heads is None else (list(kv.k), list(kv.v))
+    return {f"{path}.k_scale": torch.tensor(k, dtype=torch.float32).reshape(shape),
+            f"{path}.v_scale": torch.tensor(v, dtype=torch.float32).reshape(shape)}
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -248,12 +254,20 @@ def plan_from(m: Manifest, st: Structure, problems: list[Problem]) -> Plan | Non
         if not isinstance(kvs, dict) or kvs.get("num_bits") != 8 or kvs.get("type") != "float" or \
                 kvs.get("symmetric", True) is not True or kvs.get("dynamic", False) is not False:
             problems.append(Problem(where, f"{kvs!r}: an FP8 KV cache is 8-bit float, symmetric, static"))
-        elif kvs.get("strategy") != "tensor":
-            problems.append(Problem(f"{where}.strategy", f"{kvs.get('strategy')!r}; fp8fx reads per-tensor KV scales "
-                                    "('tensor'), which is also what vLLM's compressed-tensors KV method accepts"))
+        elif kvs.get("strategy") not in ("tensor", "attn_head"):
+            problems.append(Problem(f"{where}.strategy", f"{kvs.get('strategy')!r}; FP8 KV-cache scales are per "
+                                    "tensor ('tensor') or per KV head ('attn_head'), the strategies vLLM's "
+                                    "compressed-tensors KV method accepts"))
         else:
+            per_head = kvs["strategy"] == "attn_head"
             for path in st.attention:
-                kv[path] = KVScales(float("nan"), float("nan"), torch.float8_e4m3fn)  # values read on load
+                heads = st.kv_heads(path) if per_head else None
+                if per_head and heads is None:
+                    problems.append(Problem(f"{where}.strategy", f"'attn_head', but {path} does not say how many KV "
+                                            "heads it has (k_proj and head_dim, or num_key_value_heads)"))
+                    continue
+                nan = float("nan") if heads is None else (float("nan"),) * heads
+                kv[path] = KVScales(nan, nan, torch.float8_e4m3fn)  # values read on load
     return Plan(linears, [n for n in modules if n not in linears], kv)
 
 
@@ -296,11 +310,19 @@ def check(m: Manifest, st: Structure, plan: Plan | None, problems: list[Problem]
         if f"{name}.weight_scale" in m.tensors:
             problems.append(Problem(f"{name}.weight_scale", f"present, but the config leaves {name} unquantized: the "
                                     "scale is dropped"))
-    for path in st.attention:
+    per_head = any(kv.heads is not None for kv in plan.kv.values())
+    for path in st.attention:  # the kv_cache_scheme applies to every attention module
+        heads = st.kv_heads(path) if per_head else None
         for key in ("k_scale", "v_scale"):
             full = f"{path}.{key}"
-            if plan.kv:
-                check_scale(m, full, [(1,)], "kv_cache_scheme strategy 'tensor'", problems)
+            if per_head and heads is not None:
+                check_kv_scale(m, full, [(heads, 1, 1)], "kv_cache_scheme strategy 'attn_head'", problems, heads)
+            elif plan.kv and not per_head:
+                check_kv_scale(m, full, [(1,)], "kv_cache_scheme strategy 'tensor'", problems)
+            elif plan.kv:
+                pass  # no head count: reported by plan_from
+            elif full in m.tensors and (m.quant or {}).get("kv_cache_scheme") is not None:
+                pass  # the kv_cache_scheme itself is reported (plan_from)
             elif full in m.tensors:
                 problems.append(Problem(full, f"present but {_Q}.kv_cache_scheme is null: the KV-cache scale is "
                                         "silently dropped and an FP8 cache runs at scale 1.0"))
@@ -313,6 +335,13 @@ def notes(plan: Plan) -> list[str]:
     """Consumers that read this file differently from vLLM (the file itself is right)."""
     if not plan.kv:
         return []
-    return ["transformers (seen with 5.24 and compressed-tensors 0.20) applies kv_cache_scheme only to attention "
-            "modules whose forward takes 'past_key_values': the k_scale/v_scale tensors load as unexpected keys and "
-            "its KV cache stays in high precision (vLLM and fp8fx.load_pretrained use them)"]
+    out = ["transformers (seen with 5.24 and compressed-tensors 0.20) applies kv_cache_scheme only to attention "
+           "modules whose forward takes 'past_key_values': the k_scale/v_scale tensors load as unexpected keys and "
+           "its KV cache stays in high precision (vLLM and fp8fx.load_pretrained use them)"]
+    if any(kv.heads is not None for kv in plan.kv.values()):
+        out.append("per-head KV-cache scales (kv_cache_scheme strategy 'attn_head'): vLLM runs them only on its "
+                   "FLASH_ATTN backend with FlashAttention 3 (Hopper GPUs); with any other attention backend it "
+                   "refuses to start ('per-head quant scales not supported'), and vLLM releases older than the "
+                   "support (vllm-project/vllm pull 30141) refuse the strategy. For other backends save a model "
+                   "calibrated with kv_cache_strategy 'tensor'")
+    return out

@@ -12,7 +12,9 @@ stay FP8 in memory. Tied embeddings are tied again by identity (``get_input_embe
 A checkpoint with KV-cache scales gives every transformers cache passed to the model (by
 ``generate`` too) FP8 storage with those scales (:func:`fp8fx.kv_cache.fp8_cache`), as a model
 that :func:`fp8fx.convert` calibrated does; the scales are kept on the model so that
-:func:`fp8fx.save_pretrained` writes them again, in either format.
+:func:`fp8fx.save_pretrained` writes them again, in any format that holds them. Per-head scales
+(compressed-tensors' ``attn_head``, ``[num_kv_heads, 1, 1]``) become per-head
+:class:`~fp8fx.kv_cache.KVQuant` tuples.
 """
 
 from __future__ import annotations
@@ -68,6 +70,13 @@ def _install_kv(model: nn.Module, attention: list[str], layers: dict[int, KVQuan
         model.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def _kv_values(t: torch.Tensor, heads: int | None) -> float | tuple[float, ...]:
+    """A stored KV-cache scale as :class:`~fp8fx.kv_cache.KVQuant` holds it: one float, or one per
+    KV head (the checks made sure the tensor has ``heads`` values)."""
+    values = t.float().reshape(-1).tolist()
+    return tuple(values) if heads is not None else values[0]
+
+
 def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "cpu",
                     attn_implementation: str | None = None) -> nn.Module:
     """Build a runnable fp8fx model from the checkpoint folder ``path`` (module docstring).
@@ -110,10 +119,9 @@ def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "
                               [Problem(n, "missing: no tensor in the checkpoint fills it") for n in left])
     kv: dict[str, KVScales] = {}
     layers: dict[int, KVQuant] = {}
-    for path_, _ in plan.kv.items():
+    for path_, want in plan.kv.items():
         k_key, v_key = fmt.kv_names(path_) if hasattr(fmt, "kv_names") else (f"{path_}.k_scale", f"{path_}.v_scale")
-        k = float(m.read(k_key).float().reshape(-1)[0])
-        v = float(m.read(v_key).float().reshape(-1)[0])
+        k, v = (_kv_values(m.read(key), want.heads) for key in (k_key, v_key))
         kv[path_] = KVScales(k, v, torch.float8_e4m3fn)
         layers[st.attention[path_]] = KVQuant(k, v, torch.float8_e4m3fn, e4m3_max)
     model.__dict__[LOADED_ATTR] = LoadedCheckpoint(m.source, fmt.NAME, kv)

@@ -41,6 +41,10 @@ wildcards). fp8fx writes the exact names of the high-precision Linears.
 KV cache: ``<attention>.k_proj.k_scale`` and ``<attention>.v_proj.v_scale``, one value each, with
 ``kv_cache_quant_algo: "FP8"`` (ModelOpt's ``postprocess_state_dict`` names them so; vLLM's
 ``maybe_remap_kv_scale_name`` remaps ``.self_attn.k_proj.k_scale`` onto ``self_attn.attn.k_scale``).
+Per-head KV-cache scales have no ModelOpt form: ``kv_cache_quant_algo`` and ``kv_cache_scheme``
+carry no strategy, and vLLM's ``ModelOptFp8KVCacheMethod`` is its ``BaseKVCacheMethod`` (one 0-d
+scale; anything else raises "Only support per-tensor scaling factor for fp8 KV cache"). Saving a
+per-head model in this format is refused; compressed-tensors' ``attn_head`` holds it.
 """
 
 from __future__ import annotations
@@ -58,8 +62,8 @@ from torch import Tensor
 from ..errors import UnsupportedError
 from ..modules import Fp8Linear
 from ..schemes import ActivationScheme, LinearScheme, WeightGranularity
-from .checks import CONFIG, Manifest, Problem, Structure, check_scale
-from .plan import KVScales, Plan, QLinear
+from .checks import CONFIG, Manifest, Problem, Structure, check_kv_scale, check_scale
+from .plan import KVScales, Plan, QLinear, kv_strategy
 
 NAME = "modelopt"
 QUANT_METHOD = "modelopt"
@@ -79,7 +83,14 @@ _VLLM_ALWAYS_HP = ("vision_tower", "vision_model", "visual")
 
 __all__ = ["NAME", "QUANT_METHOD", "HF_QUANT_CONFIG", "ALGOS", "quant_config", "linear_tensors", "kv_tensors",
            "check", "plan_from", "notes", "extra_names", "extra_files", "module_scale", "kv_names", "detect",
-           "excluded_by"]
+           "excluded_by", "PER_HEAD_REFUSED"]
+
+#: why a model with per-head KV-cache scales is not saved in this format (module docstring)
+PER_HEAD_REFUSED = ("per-head KV-cache scales (observer_params.kv_cache_strategy 'attn_head') cannot be written as "
+                    "ModelOpt: kv_cache_quant_algo 'FP8' is one scale per tensor, and vLLM's ModelOptFp8KVCacheMethod "
+                    "reads one k_scale/v_scale per attention layer ('Only support per-tensor scaling factor for fp8 KV "
+                    "cache'). Save the model as compressed-tensors (kv_cache_scheme strategy 'attn_head'), or "
+                    "calibrate it with kv_cache_strategy 'tensor' to save it in this format")
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -91,6 +102,8 @@ def _algo(plan: Plan) -> str:
     if any(k.fp8_dtype != torch.float8_e4m3fn for k in plan.kv.values()):
         raise UnsupportedError("the KV cache is stored in E5M2: ModelOpt's kv_cache_quant_algo 'FP8' is E4M3; "
                                "calibrate with kv_cache_dtype fp8_e4m3 to export it")
+    if kv_strategy(plan) == "attn_head":
+        raise UnsupportedError(PER_HEAD_REFUSED)
     schemes = plan.schemes()
     if len(schemes) != 1:
         listing = "; ".join(s.describe() for s in schemes)
@@ -170,6 +183,8 @@ def kv_names(path: str) -> tuple[str, str]:
 
 
 def kv_tensors(path: str, kv: KVScales) -> dict[str, Tensor]:
+    if kv.heads is not None:
+        raise UnsupportedError(f"{path}: {PER_HEAD_REFUSED}")
     k, v = kv_names(path)
     return {k: torch.tensor(kv.k, dtype=torch.float32), v: torch.tensor(kv.v, dtype=torch.float32)}
 
@@ -368,7 +383,7 @@ def check(m: Manifest, st: Structure, plan: Plan | None, problems: list[Problem]
     for path in st.attention:
         for key, full in zip(("k_scale", "v_scale"), kv_names(path)):
             if plan.kv:
-                check_scale(m, full, [(), (1,)], "per-tensor KV-cache scale", problems)
+                check_kv_scale(m, full, [(), (1,)], "ModelOpt's kv_cache_quant_algo 'FP8'", problems)
             elif full in m.tensors:
                 problems.append(Problem(full, "present but kv_cache_quant_algo is null: SGLang and TensorRT-LLM do not "
                                         "load KV-cache scales then and an FP8 cache runs at scale 1.0"))

@@ -8,6 +8,11 @@ other ``nn.Linear`` is left in high precision, and the KV scales come from the m
 (the calibrated ``kv_cache`` nodes) or from the checkpoint it was loaded from. Each format
 (:mod:`.compressed_tensors`, :mod:`.vllm`) turns a plan into its ``quantization_config`` and its
 tensor names, and a checkpoint's ``quantization_config`` back into a plan.
+
+KV-cache scales are one float per tensor, or one per KV head (a tuple, from calibration with
+``observer_params.kv_cache_strategy = "attn_head"``); :func:`kv_strategy` says which a plan holds
+(one for the whole model, as every format has one KV-cache scheme), and each format writes
+per-head scales only where its consumer reads them (docs/export.md, "Per-head KV-cache scales").
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from ..fp8 import FORMATS
 from ..modules import Fp8Experts, Fp8Linear
 from ..schemes import LinearScheme
 
-__all__ = ["QLinear", "KVScales", "Plan", "plan_of", "LOADED_ATTR"]
+__all__ = ["QLinear", "KVScales", "Plan", "plan_of", "kv_strategy", "LOADED_ATTR"]
 
 #: where :func:`fp8fx.load_pretrained` keeps what the checkpoint said that modules do not hold
 LOADED_ATTR = "_fp8fx_checkpoint"
@@ -36,11 +41,27 @@ class QLinear:
 
 @dataclass(frozen=True)
 class KVScales:
-    """One attention module's KV-cache scales (per tensor) and the cache's FP8 dtype."""
+    """One attention module's KV-cache scales and the cache's FP8 dtype: ``k`` and ``v`` are a
+    float each (per tensor) or a tuple of floats each, one per KV head (per head)."""
 
-    k: float
-    v: float
+    k: float | tuple[float, ...]
+    v: float | tuple[float, ...]
     fp8_dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        for key in ("k", "v"):
+            value = getattr(self, key)
+            object.__setattr__(self, key, tuple(float(x) for x in value) if isinstance(value, (list, tuple))
+                               else float(value))
+        if isinstance(self.k, tuple) != isinstance(self.v, tuple) or \
+                (isinstance(self.k, tuple) and len(self.k) != len(self.v)):
+            raise UnsupportedError(f"KV-cache scales per tensor and per head mixed (keys {self.k!r}, values "
+                                   f"{self.v!r}): a checkpoint's KV-cache scheme holds both one way")
+
+    @property
+    def heads(self) -> int | None:
+        """The number of KV heads the scales are for; None for per-tensor scales."""
+        return len(self.k) if isinstance(self.k, tuple) else None
 
 
 @dataclass
@@ -78,15 +99,30 @@ def _kv_from_state(model: nn.Module) -> dict[str, KVScales]:
             raise UnsupportedError(f"{path}: its keys are in FP8 but its values are not (no {path}.kv_cache_1); "
                                    "a checkpoint holds both scales or neither")
         ks, vs = q.scales[0], v.scales[0]
-        if isinstance(ks, tuple) or isinstance(vs, tuple):
-            raise UnsupportedError(f"{path}: per-head KV-cache scales (kv_cache_strategy 'attn_head') are not exported "
-                                   "in this version: calibrate with the default per-tensor KV strategy")
-        out[path] = KVScales(float(ks), float(vs), q.fp8_dtype)
+        if isinstance(ks, tuple) != isinstance(vs, tuple):
+            raise UnsupportedError(f"{path}: its keys have {'per-head' if isinstance(ks, tuple) else 'per-tensor'} "
+                                   f"scales and its values {'per-head' if isinstance(vs, tuple) else 'per-tensor'} "
+                                   "ones; a checkpoint's KV-cache scheme holds both one way. Calibrate both with one "
+                                   "observer_params.kv_cache_strategy")
+        out[path] = KVScales(ks, vs, q.fp8_dtype)
     if any(n.rpartition(".")[0] not in out for n in kv):
         lone = sorted(n for n in kv if n.rpartition(".")[0] not in out)
         raise UnsupportedError(f"{', '.join(lone)}: values in FP8 without keys; a checkpoint holds both scales or "
                                "neither")
     return out
+
+
+def kv_strategy(plan: Plan) -> str | None:
+    """``"tensor"`` or ``"attn_head"`` (compressed-tensors' strategy names) for the plan's KV-cache
+    scales, None without them; raises when attention modules mix the two."""
+    kinds = {("attn_head" if kv.heads is not None else "tensor") for kv in plan.kv.values()}
+    if len(kinds) > 1:
+        per_head = sorted(p for p, kv in plan.kv.items() if kv.heads is not None)
+        more = " ..." if len(per_head) > 4 else ""
+        raise UnsupportedError(f"KV-cache scales per head in {', '.join(per_head[:4])}{more}"
+                               " and per tensor in the other attention modules: a checkpoint has one KV-cache scheme "
+                               "for the whole model. Calibrate every layer with one observer_params.kv_cache_strategy")
+    return kinds.pop() if kinds else None
 
 
 def plan_of(model: nn.Module) -> Plan:

@@ -25,7 +25,11 @@ Linear ``L``:
 
 KV cache: ``<attention>.k_scale`` / ``v_scale``, one value each (vLLM remaps
 ``self_attn.k_scale`` onto its ``Attention`` layer's ``attn.k_scale``); they are used when vLLM
-runs with ``kv_cache_dtype="fp8"``.
+runs with ``kv_cache_dtype="fp8"``. Per-head KV-cache scales cannot be said in this format:
+``Fp8Config``'s KV method is vLLM's ``BaseKVCacheMethod`` (quantization/kv_cache.py), which
+allocates one 0-d ``k_scale``/``v_scale`` and raises "Only support per-tensor scaling factor for
+fp8 KV cache" for anything else, and the config has no KV-cache scheme to say "per head". Saving
+a per-head model in this format is refused; compressed-tensors' ``attn_head`` holds it.
 """
 
 from __future__ import annotations
@@ -38,14 +42,21 @@ from torch import Tensor
 from ..errors import UnsupportedError
 from ..modules import Fp8Linear
 from ..schemes import ActivationScheme, LinearScheme, WeightGranularity
-from .checks import CONFIG, Manifest, Problem, Structure, block_shape, check_scale
-from .plan import KVScales, Plan, QLinear
+from .checks import CONFIG, Manifest, Problem, Structure, block_shape, check_kv_scale, check_scale
+from .plan import KVScales, Plan, QLinear, kv_strategy
 
 NAME = "vllm"
 QUANT_METHOD = "fp8"
 _Q = "quantization_config"
 
-__all__ = ["NAME", "quant_config", "linear_tensors", "kv_tensors", "check", "plan_from", "notes"]
+__all__ = ["NAME", "quant_config", "linear_tensors", "kv_tensors", "check", "plan_from", "notes", "PER_HEAD_REFUSED"]
+
+#: why a model with per-head KV-cache scales is not saved in this format (module docstring)
+PER_HEAD_REFUSED = ("per-head KV-cache scales (observer_params.kv_cache_strategy 'attn_head') cannot be written as "
+                    "vLLM 'fp8': vLLM's Fp8Config reads one k_scale/v_scale per attention layer (BaseKVCacheMethod "
+                    "raises 'Only support per-tensor scaling factor for fp8 KV cache'). Save the model as "
+                    "compressed-tensors (kv_cache_scheme strategy 'attn_head'), or calibrate it with "
+                    "kv_cache_strategy 'tensor' to save it in this format")
 
 
 def _one_scheme(plan: Plan) -> LinearScheme:
@@ -82,6 +93,8 @@ def quant_config(plan: Plan) -> dict[str, Any]:
     if any(k.fp8_dtype != torch.float8_e4m3fn for k in plan.kv.values()):
         raise UnsupportedError("the KV cache is stored in E5M2: vLLM's kv_cache_dtype fp8_e5m2 takes no scales, so "
                                "the calibrated ones would be dropped; calibrate with kv_cache_dtype fp8_e4m3")
+    if kv_strategy(plan) == "attn_head":
+        raise UnsupportedError(PER_HEAD_REFUSED)
     s = _one_scheme(plan)
     out: dict[str, Any] = {"quant_method": QUANT_METHOD, "activation_scheme": "static" if s.static else "dynamic",
                            "ignored_layers": list(plan.hp_linears)}
@@ -104,6 +117,8 @@ def linear_tensors(name: str, m: Fp8Linear) -> dict[str, Tensor]:
 
 
 def kv_tensors(path: str, kv: KVScales) -> dict[str, Tensor]:
+    if kv.heads is not None:
+        raise UnsupportedError(f"{path}: {PER_HEAD_REFUSED}")
     return {f"{path}.k_scale": torch.tensor([kv.k], dtype=torch.float32),
             f"{path}.v_scale": torch.tensor([kv.v], dtype=torch.float32)}
 
@@ -196,7 +211,7 @@ def check(m: Manifest, st: Structure, plan: Plan | None, problems: list[Problem]
     for path in st.attention:
         if plan.kv:  # one layer with scales means every layer needs them: a missing one runs at 1.0
             for key in ("k_scale", "v_scale"):
-                check_scale(m, f"{path}.{key}", [(), (1,)], "per-tensor KV-cache scale", problems)
+                check_kv_scale(m, f"{path}.{key}", [(), (1,)], "vLLM's 'fp8' format (BaseKVCacheMethod)", problems)
         if f"{path}.kv_scale" in m.tensors:
             problems.append(Problem(f"{path}.kv_scale", "the old single KV scale: write k_scale and v_scale (vLLM "
                                     "uses one value for both only through a deprecated remapping)"))
