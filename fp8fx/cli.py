@@ -109,13 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "hp_dtype); default: the --config's hp_dtype, else bf16 for the default "
                    "model and the dtype saved in its config.json for --model")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.add_argument("--sequential", action="store_true", help="calibrate block by block (layer-major, "
+                   "without a KV cache; one decoder block at a time, activations cached between blocks; "
+                   "docs/sequential.md); the measurement files equal those of the whole-model calibration")
+    q.add_argument("--sequential-cache-mb", metavar="MB", type=int, default=None,
+                   help="with --sequential: MB of cached activations kept in memory, the rest written to "
+                        "a temporary folder (default: no limit)")
     q.add_argument("--seed", type=int, default=0, help="torch random seed (default: 0)")
     _add_sensitivity_arguments(q)
     q.add_argument("--save", metavar="DIR", default=None, help="save the FP8 model as a checkpoint in DIR "
                    "(atomically; checked before writing) in --format")
-    q.add_argument("--format", metavar="F", default=None, choices=("compressed-tensors", "vllm"),
+    q.add_argument("--format", metavar="F", default=None, choices=("compressed-tensors", "vllm", "modelopt"),
                    help="checkpoint format of --save: compressed-tensors (default; vLLM and transformers "
-                        "read it) or vllm (vLLM's 'fp8': per-tensor or block weights)")
+                        "read it), vllm (vLLM's 'fp8': per-tensor or block weights) or modelopt (NVIDIA "
+                        "ModelOpt's hf_quant_config.json: vLLM, SGLang, TensorRT-LLM)")
     c = sub.add_parser(
         "check",
         help="check an FP8 checkpoint folder (compressed-tensors or vLLM 'fp8') for what would load wrong",
@@ -124,7 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "there are problems, 0 when there are none."),
     )
     c.add_argument("dir", metavar="DIR", help="checkpoint folder")
+    for extra in _extra_commands():
+        extra.add_parser(sub)
     return parser
+
+
+def _extra_commands() -> list:
+    """Commands defined in modules of their own: each has COMMANDS, add_parser(sub) and run(args)."""
+    from fp8fx import cli_checkpoint, cli_measurements
+
+    return [cli_measurements, cli_checkpoint]
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -476,6 +492,11 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
                     )
             if args.config:
                 _existing_file(args.config, "--config")
+            if args.sequential and args.attention:
+                raise Fp8fxError("--sequential calibrates without a KV cache, so it cannot measure the FP8 KV "
+                                 "cache of --attention; drop one of them")
+            if args.sequential_cache_mb is not None and (not args.sequential or args.sequential_cache_mb < 0):
+                raise Fp8fxError("--sequential-cache-mb takes a number of MB >= 0 and needs --sequential")
             if args.format is not None and args.save is None:
                 raise Fp8fxError("--format names the format of --save DIR; give --save too")
             _check_report_path(args.report_json)
@@ -516,11 +537,17 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
                 model(eval_windows[0])  # the graph is captured and rewritten on the first call
         else:
             calib_tokens = sum(int(w.numel()) for w in calib_windows)
-            with clock.phase("prepare"):
-                model = fp8fx.prepare(model, cfg)
-            with clock.phase("calibrate"), torch.no_grad():
-                for ids in evaluate.iterate(calib_windows, progress=progress, desc="calibrate"):
-                    model(ids)
+            if args.sequential:  # prepare calibrates, block by block
+                limit = None if args.sequential_cache_mb is None else args.sequential_cache_mb << 20
+                with clock.phase("calibrate"), torch.no_grad():
+                    model = fp8fx.prepare(model, cfg, sequential=True, calibration_data=calib_windows,
+                                          cache_limit_bytes=limit, progress=progress)
+            else:
+                with clock.phase("prepare"):
+                    model = fp8fx.prepare(model, cfg)
+                with clock.phase("calibrate"), torch.no_grad():
+                    for ids in evaluate.iterate(calib_windows, progress=progress, desc="calibrate"):
+                        model(ids)
             with clock.phase("finalize"):
                 fp8fx.finalize_calibration(model)
             evaluate.release_freed_memory()
@@ -669,6 +696,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return run_check(args)
+        for extra in _extra_commands():
+            if args.command in extra.COMMANDS:
+                return extra.run(args)
         result = run_quantize(args)
         print(format_table(result))
         if result.get("saved"):

@@ -12,7 +12,8 @@ Formats (one module each, with its layout and the consumer source it follows in 
 :mod:`.compressed_tensors` (llm-compressor's; vLLM and transformers read it) and :mod:`.vllm`
 (vLLM's / AutoFP8's ``"fp8"``). :mod:`.plan` describes a quantized model independently of the
 format, :mod:`.checks` reads checkpoints and holds the shared checks, :mod:`.core` saves and
-validates, :mod:`.loader` loads, :mod:`.writer` shards and replaces folders atomically.
+validates, :mod:`.loader` loads, :mod:`.writer` shards and replaces folders atomically, and
+:mod:`.streaming` quantizes a checkpoint on disk shard by shard (docs/streaming.md).
 docs/export.md has the formats x schemes x consumers table.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 from .checks import CheckpointError, Problem
 from .core import FORMATS, Report, check_checkpoint, save_pretrained, validate
 from .loader import load_pretrained
+from .streaming import StreamResult, quantize_checkpoint
 
 __all__ = ["save_pretrained", "load_pretrained", "check_checkpoint", "validate", "CheckpointError", "Problem",
-           "Report", "FORMATS"]
+           "Report", "FORMATS", "quantize_checkpoint", "StreamResult"]
