@@ -42,7 +42,7 @@ _EXPORTS = {
     "Fp8Linear": "modules", "Fp8Experts": "modules",
     "auto_blocklist": "sensitivity",
     "save_pretrained": "export", "load_pretrained": "export", "check_checkpoint": "export",
-    "quantize_checkpoint": "export",
+    "quantize_checkpoint": "export", "export_from_measurements": "export",
     "Fp8fxError": "errors", "ConfigError": "errors", "MeasurementError": "errors",
     "CaptureError": "errors", "QuantizationError": "errors", "UnsupportedError": "errors",
     "CheckpointError": "errors",

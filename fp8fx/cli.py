@@ -138,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list:
     """Commands defined in modules of their own: each has COMMANDS, add_parser(sub) and run(args)."""
-    from fp8fx import cli_checkpoint, cli_measurements
+    from fp8fx import cli_checkpoint, cli_export, cli_measurements
 
-    return [cli_measurements, cli_checkpoint]
+    return [cli_measurements, cli_checkpoint, cli_export]
 
 
 def run_check(args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ Formats (one module each, with its layout and the consumer source it follows in 
 format, :mod:`.checks` reads checkpoints and holds the shared checks, :mod:`.core` saves and
 validates, :mod:`.loader` loads, :mod:`.writer` shards and replaces folders atomically, and
 :mod:`.streaming` quantizes a checkpoint on disk shard by shard (docs/streaming.md).
+:mod:`.targets` writes a checkpoint for any target from one calibration's measurement files;
+:mod:`.inc_format` writes INC's ``inc`` folder (QUANT_CONFIG plus measurements).
 docs/export.md has the formats x schemes x consumers table.
 """
 
@@ -23,6 +25,7 @@ from .checks import CheckpointError, Problem
 from .core import FORMATS, Report, check_checkpoint, save_pretrained, validate
 from .loader import load_pretrained
 from .streaming import StreamResult, quantize_checkpoint
+from .targets import export_from_measurements
 
 __all__ = ["save_pretrained", "load_pretrained", "check_checkpoint", "validate", "CheckpointError", "Problem",
-           "Report", "FORMATS", "quantize_checkpoint", "StreamResult"]
+           "Report", "FORMATS", "quantize_checkpoint", "StreamResult", "export_from_measurements"]

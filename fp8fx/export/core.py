@@ -195,7 +195,8 @@ def save_pretrained(qmodel: nn.Module, out_dir: str | os.PathLike[str], format: 
                     tokenizer: Any = None, max_shard_size: int | str = "5GB") -> Path:
     """Write ``qmodel`` (from :func:`fp8fx.convert`, :func:`fp8fx.quantize` or
     :func:`fp8fx.load_pretrained`) as a ``format`` checkpoint (``"compressed-tensors"``,
-    ``"vllm"`` or ``"modelopt"``) into ``out_dir``, atomically; returns ``out_dir``.
+    ``"vllm"``, ``"modelopt"``, or ``"inc"``: :mod:`.inc_format`) into ``out_dir``, atomically;
+    returns ``out_dir``.
 
     The format's validator runs on the tensors and config first: a scheme the format cannot
     hold raises :class:`~fp8fx.errors.UnsupportedError`, anything its consumer would load wrong
@@ -203,6 +204,10 @@ def save_pretrained(qmodel: nn.Module, out_dir: str | os.PathLike[str], format: 
     """
     from ..state import unwrap
 
+    if format == "inc":  # INC's QUANT_CONFIG + measurements next to the hp weights (inc_format.py)
+        from .inc_format import save
+
+        return save(qmodel, out_dir, tokenizer=tokenizer, max_shard_size=max_shard_size)
     fmt = format_module(format)
     max_bytes = parse_size(max_shard_size)
     model = unwrap(qmodel)
