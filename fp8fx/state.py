@@ -138,8 +138,8 @@ def check_supported(cfg: FP8Config) -> None:
     if cfg.mode in (Mode.LOAD, Mode.SHAPE):
         raise UnsupportedError(
             f"mode {cfg.mode.value!r} is not supported by this version of fp8fx (INC's LOAD reads a model "
-            "that was quantized and saved before; SHAPE records shapes only): fp8fx cannot load FP8 "
-            "checkpoints yet. Use QUANTIZE with the measurement files (dump_stats_path), or MEASURE")
+            "that was quantized and saved before; SHAPE records shapes only). Load an FP8 checkpoint with "
+            "fp8fx.load_pretrained(DIR), or use QUANTIZE with the measurement files (dump_stats_path), or MEASURE")
     if cfg.observer.value not in ("maxabs", "maxabs_per_channel", "percentile", "mse"):
         raise UnsupportedError(f"observer {cfg.observer.value!r} is not supported by this version of fp8fx; "
                                "use 'maxabs', 'maxabs_per_channel', 'percentile' or 'mse'")
