@@ -3,7 +3,8 @@
 Without a Gaudi, the ``torch.ops.hpu`` ops the lowering emits are registered here with the
 schemas of the Gaudi PyTorch bridge and reference kernels that follow their documented
 semantics (cast: saturate(x * scale_inv); gemm: op(A) @ op(B) * A_scale_inv * B_scale_inv +
-bias, FP32 accumulation). The registration lives for this module only (a module-scoped
+bias, FP32 accumulation; softmax_fp8 and fp8_sdpa_recomp_fwd for the attention path, tested in
+test_hpu_attention.py, which reuses this registration). The registration lives for this module only (a module-scoped
 fixture that removes it afterwards), so other test files see the process as it was. On a
 Gaudi host the real ops are used instead and the tensors are moved to the device.
 """
@@ -42,6 +43,15 @@ SCHEMAS = {
                    "Tensor? bias=None, bool accumulate=False, int[]? B_scale_shape=None) -> Tensor",
     "cast_from_fp8": "cast_from_fp8(Tensor input, Tensor? scale, ScalarType out_dtype, "
                      "int[]? scale_shape=None) -> Tensor",
+    # the attention path (fp8fx/backends/hpu_attention.py)
+    "softmax_fp8": "softmax_fp8(Tensor input, int dim, Tensor? input_scale=None, Tensor? output_scale=None, "
+                   "Tensor? inv_attn_heads=None, Tensor? fused_add=None) -> Tensor",
+    "fp8_sdpa_recomp_fwd": "fp8_sdpa_recomp_fwd(Tensor q, Tensor k, Tensor v, Tensor? attention_mask, float p, "
+                           "float scale, bool is_causal, bool requires_backward, str softmax_mode, "
+                           "Tensor? d_scale_q, Tensor? d_scale_k, Tensor? d_scale_v, Tensor? q_scale_s, "
+                           "Tensor? q_scale_o, Tensor? d_scale_s, bool is_amax_s, bool is_amax_0, "
+                           "Tensor? valid_seq_len, str seq_padding_type) "
+                           "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 
 # E4M3 saturation of the emulated Gaudi: 448 (Gaudi3); the gaudi2 fixture sets 240
@@ -87,22 +97,82 @@ def ref_cast_from_fp8(input, scale, out_dtype, scale_shape=None):
     return y.to(out_dtype)
 
 
+def _saturate(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    limit = _hw_max(dtype)
+    return y.clamp(-limit, limit).to(dtype)
+
+
+def ref_softmax_fp8(input, dim, input_scale=None, output_scale=None, inv_attn_heads=None, fused_add=None):
+    """softmax in float32 of ``input * input_scale``; with scales, ``saturate(y * output_scale)`` as
+    E4M3 (the bridge's SoftmaxFp8Meta: E4M3 when the scales are given, else bfloat16). The bridge
+    takes bfloat16 or E4M3 input only, and both scales or neither."""
+    if input.dtype not in (torch.bfloat16, E4M3):
+        raise RuntimeError("Input tensor must be of torch.bfloat16 or torch.float8_e4m3fn dtype.")
+    if (input_scale is None) != (output_scale is None):
+        raise RuntimeError("Output and input scales must be both given or None")
+    if inv_attn_heads is not None or fused_add is not None:
+        raise NotImplementedError("reference softmax_fp8: no inv_attn_heads / fused_add")
+    x = input.float() if input_scale is None else input.float() * input_scale.float()
+    y = torch.softmax(x, dim)
+    return y.to(torch.bfloat16) if output_scale is None else _saturate(y * output_scale.float(), E4M3)
+
+
+def ref_fp8_sdpa_recomp_fwd(q, k, v, attention_mask, p, scale, is_causal, requires_backward, softmax_mode,
+                            d_scale_q, d_scale_k, d_scale_v, q_scale_s, q_scale_o, d_scale_s, is_amax_s,
+                            is_amax_0, valid_seq_len, seq_padding_type):
+    """Inference FP8 SDPA as the bridge's Fp8SDPARecompFwd sets it up: q, k, v dequantized with
+    d_scale_q/k/v; P = softmax(q kᵀ * scale + mask) in float32 (is_causal: lower triangle); P cast to
+    q's FP8 dtype with q_scale_s and dequantized with d_scale_s; O = P v, cast to E4M3 with q_scale_o
+    when q is E4M3 and q_scale_o is given, else bfloat16. Batch dims broadcast (torch.matmul), which
+    covers the 5-D grouped-query layout of hpex.kernels.fp8_fused_sdpa."""
+    if p != 0 or requires_backward or valid_seq_len is not None:
+        raise NotImplementedError("reference fp8_sdpa_recomp_fwd: inference without dropout / valid_seq_len")
+
+    def deq(t, s):
+        return t.float() if s is None else t.float() * s.float()
+
+    qf, kf, vf = deq(q, d_scale_q), deq(k, d_scale_k), deq(v, d_scale_v)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if is_causal:
+        keep = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask.float()
+    probs = torch.softmax(scores, dim=-1)
+    amax_s = probs.amax().reshape(1) if is_amax_s else torch.zeros(1)
+    if q.dtype in (E4M3, torch.float8_e5m2) and q_scale_s is not None:
+        probs = deq(_saturate(probs * q_scale_s.float(), q.dtype), d_scale_s)
+    out = torch.matmul(probs, vf)
+    if q.dtype == E4M3 and q_scale_o is not None:
+        out = _saturate(out * q_scale_o.float(), E4M3)
+    else:
+        out = out.to(torch.bfloat16)
+    dummy = torch.zeros(1)
+    return out, dummy, dummy.clone(), torch.zeros(1, dtype=torch.int32), amax_s, torch.zeros(1)
+
+
+REFERENCE_IMPLS = {"cast_to_fp8_v2": ref_cast_to_fp8_v2, "fp8_gemm_v2": ref_fp8_gemm_v2,
+                   "cast_from_fp8": ref_cast_from_fp8, "softmax_fp8": ref_softmax_fp8,
+                   "fp8_sdpa_recomp_fwd": ref_fp8_sdpa_recomp_fwd}
+
+
 @pytest.fixture(scope="module")
 def device():
     """The device the lowered graphs run on: the real Gaudi, or CPU with reference ops."""
     if hpu.habana_available():
         yield "hpu"
         return
-    if not hpu._missing_hpu_ops():  # registered by someone else in this process: use them
+    if not hpu._missing_hpu_ops(list(SCHEMAS)):  # registered by someone else in this process: use them
         yield "cpu"
         return
     lib = torch.library.Library("hpu", "FRAGMENT")
-    impls = {"cast_to_fp8_v2": ref_cast_to_fp8_v2, "fp8_gemm_v2": ref_fp8_gemm_v2,
-             "cast_from_fp8": ref_cast_from_fp8}
     try:
         for name, schema in SCHEMAS.items():
             lib.define(schema)
-            lib.impl(name, impls[name], "CompositeExplicitAutograd")
+            lib.impl(name, REFERENCE_IMPLS[name], "CompositeExplicitAutograd")
         yield "cpu"
     finally:
         lib._destroy()

@@ -40,6 +40,12 @@ op's numerics. ``1/s`` is then an arbitrary float32 and ``x * (1/s)`` can differ
 ``x / s`` by one float32 ulp before the FP8 rounding, which moves an FP8 code now and then
 (never for power-of-two scales). MoE expert GEMMs (``fp8fx::grouped_linear``) are not lowered.
 
+The attention path (``fp8fx::matmul`` / ``qdq`` / ``sdpa`` / ``kv_append`` / ``kv_index_copy_`` /
+``dequant``) is lowered in the same call by :mod:`fp8fx.backends.hpu_attention` (Gaudi
+``fp8_gemm_v2``, ``softmax_fp8``, ``fp8_sdpa_recomp_fwd``, ``cast_to_fp8_v2``/``cast_from_fp8``);
+its module docstring has the mapping and the nodes it keeps. :func:`kept_nodes` lists every node
+the pass left in place, with its reason.
+
 Argument semantics of the Gaudi ops (schemas as the bridge registers them)::
 
     cast_to_fp8_v2(Tensor input, Tensor? scale=None, bool stochastic_rounding=False,
@@ -119,8 +125,8 @@ from ..fp8 import E4M3, FP8_DTYPES
 from ..kernels.schemes import AMAX_FLOOR
 from ..numerics import quantize_fp32
 
-__all__ = ["habana_available", "gaudi_e4m3_max", "lower_to_hpu", "kept_reason", "HPU_OPS", "KEPT_REASONS",
-           "DYNAMIC_HPU_ACTIVATIONS"]
+__all__ = ["habana_available", "gaudi_e4m3_max", "lower_to_hpu", "kept_reason", "kept_nodes", "HPU_OPS",
+           "KEPT_REASONS", "DYNAMIC_HPU_ACTIVATIONS"]
 
 # the Gaudi ops this lowering emits; looked up in torch.ops.<_HPU_NAMESPACE> at lowering time
 HPU_OPS = ("cast_to_fp8_v2", "fp8_gemm_v2")
@@ -172,10 +178,10 @@ def gaudi_e4m3_max() -> float | None:
     return E4M3.gaudi2_max if gaudi2 else E4M3.max
 
 
-def _missing_hpu_ops() -> list[str]:
+def _missing_hpu_ops(names: tuple[str, ...] | list[str] = HPU_OPS) -> list[str]:
     namespace = getattr(torch.ops, _HPU_NAMESPACE)
     missing = []
-    for name in HPU_OPS:
+    for name in names:
         try:
             getattr(namespace, name).default
         except (AttributeError, RuntimeError):
@@ -187,10 +193,10 @@ def _hpu_op(name: str) -> Any:
     return getattr(getattr(torch.ops, _HPU_NAMESPACE), name).default
 
 
-def _require_hpu_ops(nodes: list[fx.Node]) -> None:
-    missing = _missing_hpu_ops()
+def _require_hpu_ops(nodes: list[fx.Node], names: tuple[str, ...] | list[str] = HPU_OPS) -> None:
+    missing = _missing_hpu_ops(names)
     if missing and habana_available():  # importing the bridge registers the ops
-        missing = _missing_hpu_ops()
+        missing = _missing_hpu_ops(names)
     if missing:
         names = ", ".join(f"torch.ops.{_HPU_NAMESPACE}.{m}" for m in missing)
         raise QuantizationError(
@@ -222,7 +228,28 @@ def _is_fp8fx_scaled_linear(node: fx.Node) -> bool:
 
 
 def _op_name(node: fx.Node) -> str:
-    return "fp8fx.scaled_linear" if _is_fp8fx_scaled_linear(node) else "fp8fx.linear"
+    if _is_fp8fx_scaled_linear(node):
+        return "fp8fx.scaled_linear"
+    return "fp8fx.linear" if _is_fp8fx_linear(node) else str(node.target)
+
+
+def _constant_number(arg: Any) -> float | None:
+    """A constant Python number, or the value dynamo recorded for a float it lifted into a graph
+    input (``specialize_float=False``: a module's float attribute reaches the graph as
+    ``tensor.item()``, whose example value is a SymFloat with a concrete hint); else None."""
+    if isinstance(arg, bool):
+        return None
+    if isinstance(arg, (int, float)):
+        return float(arg)
+    if isinstance(arg, fx.Node):
+        value = arg.meta.get("example_value", arg.meta.get("val"))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, torch.SymFloat):
+            hint = getattr(value.node, "hint", None)
+            if isinstance(hint, (int, float)):
+                return float(hint)
+    return None
 
 
 def _bind(node: fx.Node) -> dict[str, Any]:
@@ -406,11 +433,12 @@ class _Lowering:
     def plan(self, node: fx.Node) -> _Plan:
         """Check that ``node`` can be lowered and resolve what its lowering needs; no mutation."""
         args = _bind(node)
-        x, weight, fp8_max = args["x"], args["weight"], args["fp8_max"]
-        if isinstance(fp8_max, bool) or not isinstance(fp8_max, (int, float)):
+        x, weight, fp8_max = args["x"], args["weight"], _constant_number(args["fp8_max"])
+        if fp8_max is None:
             raise QuantizationError(
-                f"node {node.name!r}: fp8_max must be a constant number, got {fp8_max!r}; "
+                f"node {node.name!r}: fp8_max must be a constant number, got {args['fp8_max']!r}; "
                 "re-capture the model with its Fp8Linear modules unchanged")
+        args = {**args, "fp8_max": fp8_max}
         fp8_dtype = _static_dtype(self.gm, weight)
         if fp8_dtype not in FP8_DTYPES:
             raise QuantizationError(
@@ -487,20 +515,23 @@ def lower_to_hpu(
     e4m3_max: float | None = None,
     fuse_bias: bool = True,
 ) -> int:
-    """Replace every ``fp8fx::linear`` node of ``gm``, and every ``fp8fx::scaled_linear`` node
-    whose scheme has a Gaudi form (dynamic per-token or per-tensor activations, per-tensor or
-    per-channel weights; static activations), by Gaudi's cast + FP8 gemm; in place.
+    """Replace every ``fp8fx::linear`` node of ``gm``, every ``fp8fx::scaled_linear`` node whose
+    scheme has a Gaudi form (dynamic per-token or per-tensor activations, per-tensor or
+    per-channel weights; static activations), and every fp8fx attention-path node with a Gaudi
+    form (:mod:`fp8fx.backends.hpu_attention`) by Gaudi's FP8 ops; in place.
 
     Returns the number of nodes rewritten (0 for a graph without any, which is left untouched
-    and needs no Gaudi). The ``fp8fx::scaled_linear`` nodes left as they are (block weights,
-    group activations, weight-only: module docstring) get the reason in
-    ``node.meta["fp8fx_hpu"]`` (:func:`kept_reason`). ``out_dtype`` is used only where the graph does not record the
-    input's dtype. ``e4m3_max`` is the hardware E4M3 saturation (240 Gaudi2, 448 Gaudi3;
+    and needs no Gaudi). Nodes left as they are (block weights, group activations, weight-only;
+    per-head attention scales, E5M2 SDPA, ...) get the reason in ``node.meta["fp8fx_hpu"]``
+    (:func:`kept_nodes`, :func:`kept_reason`). ``out_dtype`` is used only where the graph does not
+    record an input's dtype. ``e4m3_max`` is the hardware E4M3 saturation (240 Gaudi2, 448 Gaudi3;
     detected when omitted). ``fuse_bias=False`` adds the bias after the gemm, as INC does.
     Raises :class:`~fp8fx.errors.QuantizationError` when the Gaudi ops are not registered
     (``habana_frameworks`` missing) or a node cannot be lowered; the graph is left unchanged
     then (every node is checked before any is rewritten).
     """
+    from . import hpu_attention
+
     if not isinstance(gm, fx.GraphModule):
         raise QuantizationError(
             f"lower_to_hpu needs a torch.fx.GraphModule, got {type(gm).__name__}; capture the "
@@ -515,9 +546,11 @@ def lower_to_hpu(
                 nodes.append(n)
             else:
                 n.meta["fp8fx_hpu"] = f"kept as fp8fx.scaled_linear (its eager kernel runs): {reason}"
-    if not nodes:
+    attention = hpu_attention.plan_attention(gm, out_dtype)  # checks only; kept nodes get their reason
+    if not nodes and not attention:
         return 0
-    _require_hpu_ops(nodes)
+    needed = (list(HPU_OPS) if nodes else []) + sorted(hpu_attention.needed_ops(attention) - set(HPU_OPS))
+    _require_hpu_ops(nodes + [p.node for p in attention], needed)
     if e4m3_max is None:
         e4m3_max = gaudi_e4m3_max() or E4M3.max
     if not 0 < float(e4m3_max) <= E4M3.max:
@@ -528,5 +561,12 @@ def lower_to_hpu(
     plans = [lowering.plan(node) for node in nodes]  # every check before any rewrite
     for node, plan in zip(nodes, plans):
         lowering.emit(node, plan)
+    hpu_attention.emit_attention(gm, attention, _hpu_op, _new_buffer)
     lowering.finish()
-    return len(nodes)
+    return len(nodes) + len(attention)
+
+
+def kept_nodes(gm: fx.GraphModule) -> dict[str, str]:
+    """Node name -> why :func:`lower_to_hpu` left it (or a note on how it lowered it), for every
+    node of ``gm`` that carries such a line."""
+    return {n.name: n.meta["fp8fx_hpu"] for n in gm.graph.nodes if "fp8fx_hpu" in n.meta}
