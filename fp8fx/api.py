@@ -36,7 +36,7 @@ from torch import nn
 from .capture import CapturedGraph, CompiledForward, capture
 from .config import FP8Config, Mode
 from .errors import ConfigError, Fp8fxError, MeasurementError
-from .formats.inc import Measurements, NodeMeasurement, write_measurements
+from .formats.inc import Measurements, NodeMeasurement
 from .passes.annotate import Decision, annotate, decide
 from .passes.match import Match, OpKind, check_same_op, find_matches, owner_path
 from .observers import HISTOGRAM_OBSERVERS
@@ -46,7 +46,7 @@ from .passes.rewrite_attention import AttentionQuant, attention_quant, plan_atte
 from .kv_cache import KVQuant, fp8_cache, is_cache, kv_layer_names
 from .modules import Fp8Linear
 from .state import (ATTR, Fp8fxState, check_hp_dtype, check_supported, instrument, load_measurements,
-                    measurement_exists, quantize_config, resolve_config, state_of, unwrap, worker)
+                    measurement_exists, quantize_config, resolve_config, state_of, unwrap)
 
 # Fp8fxState, check_hp_dtype and instrument live in fp8fx.state (shared with the torch.compile
 # backend, which must not import this module) and stay importable from here.

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import Any
 from ..config import FP8Config
 from ..errors import ConfigError, MeasurementError, UnsupportedError
 from ..formats.inc import measurement_file_paths, mod_list_path
+from ..formats.ranks import per_rank_files
 from .checks import CONFIG, INDEX
 from .writer import write_folder
 
@@ -98,21 +98,6 @@ def _listing(prefix: Path) -> str:
     return f"files in {directory} starting with '{prefix.name}': {shown}"
 
 
-def _ranks(prefix: Path, observer: str) -> dict[int, list[int]]:
-    directory = prefix.parent if str(prefix.parent) else Path(".")
-    pattern = re.compile(re.escape(f"{prefix.name}_hooks_{observer}") + r"_(\d+)_(\d+)\.(?:json|npz)")
-    found: dict[int, set[int]] = {}
-    try:
-        entries = list(directory.iterdir())
-    except OSError:
-        return {}
-    for p in entries:
-        m = pattern.fullmatch(p.name)
-        if m and int(m.group(1)) < int(m.group(2)):
-            found.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
-    return {w: sorted(r) for w, r in sorted(found.items())}
-
-
 def find_measurements(prefix: str | os.PathLike[str], observer: str | None = None) -> MeasurementSet:
     """The measurement files of ``prefix`` (a ``dump_stats_path``). Without ``observer`` exactly one
     observer's files must exist; a missing set or several observers raise :class:`MeasurementError`
@@ -130,7 +115,7 @@ def find_measurements(prefix: str | os.PathLike[str], observer: str | None = Non
     found = []
     for o in candidates:
         shared = any(f.is_file() for f in measurement_file_paths(p, o))
-        worlds = _ranks(p, o)
+        worlds = per_rank_files(p, o)
         if shared or worlds:
             found.append(MeasurementSet(p, o, shared, worlds))
     if not found:

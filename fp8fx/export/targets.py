@@ -42,6 +42,7 @@ from torch import nn
 from ..config import FP8Config
 from ..errors import ConfigError, MeasurementError, UnsupportedError
 from ..numerics import TARGETS
+from ..state import resolve_config
 from .inc_format import NAME as INC, MeasurementSet, find_measurements, write_inc
 
 __all__ = ["export_from_measurements", "export", "ExportResult", "convert_from_measurements", "export_config",
@@ -78,13 +79,7 @@ def _base_config(cfg: FP8Config | dict | str | os.PathLike | None) -> FP8Config:
         from ..api import QUANTIZE_DEFAULT_BLOCKLIST
 
         return FP8Config(blocklist=QUANTIZE_DEFAULT_BLOCKLIST)
-    if isinstance(cfg, FP8Config):
-        return cfg
-    if isinstance(cfg, dict):
-        return FP8Config.from_dict(cfg)
-    if isinstance(cfg, (str, os.PathLike)):
-        return FP8Config.from_json_file(cfg)
-    raise ConfigError(f"cfg must be an FP8Config, a dict of config keys or a JSON path, got {type(cfg).__name__}")
+    return resolve_config(cfg, "export")
 
 
 def export_config(measurements: str | os.PathLike[str], *, target: str = "cuda",

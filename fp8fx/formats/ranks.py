@@ -45,7 +45,7 @@ from ..errors import ConfigError, MeasurementError
 from .inc import (Measurements, NodeMeasurement, measurement_file_paths, merge_measurements, read_measurements,
                   write_measurements)
 
-__all__ = ["OBSERVERS", "ARRAY_RULES", "rank_observer", "read_ranks", "merge_ranks", "rank_groups", "parse_groups",
+__all__ = ["OBSERVERS", "ARRAY_RULES", "per_rank_files", "rank_observer", "read_ranks", "merge_ranks", "rank_groups", "parse_groups",
            "regroup", "regroup_ranks"]
 
 #: observer names that appear in measurement file names (the ``observer`` config key's values)
@@ -64,8 +64,9 @@ def _world(world: int, what: str = "--world") -> int:
     return world
 
 
-def _found(prefix: Path, observer: str) -> dict[int, list[int]]:
-    """world size -> ranks of the per-rank files of ``prefix`` and ``observer`` on disk."""
+def per_rank_files(prefix: Path, observer: str) -> dict[int, list[int]]:
+    """world size -> ranks of the per-rank files ``{prefix}_hooks_{observer}_{rank}_{world}`` on
+    disk (names whose rank is not below their world size are not INC's, and not counted)."""
     directory = prefix.parent if str(prefix.parent) else Path(".")
     pattern = re.compile(re.escape(f"{prefix.name}_hooks_{observer}") + r"_(\d+)_(\d+)\.(?:json|npz)")
     out: dict[int, set[int]] = {}
@@ -75,7 +76,7 @@ def _found(prefix: Path, observer: str) -> dict[int, list[int]]:
         return {}
     for p in entries:
         m = pattern.fullmatch(p.name)
-        if m:
+        if m and int(m.group(1)) < int(m.group(2)):
             out.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
     return {w: sorted(r) for w, r in sorted(out.items())}
 
@@ -94,7 +95,7 @@ def rank_observer(prefix: str | os.PathLike[str], world: int, observer: str | No
     if found:
         raise MeasurementError(f"per-rank files of several observers exist for prefix '{prefix}' and world size "
                                f"{world}: {', '.join(found)}; pass --observer (observer=) to pick one")
-    other = {o: f for o in OBSERVERS if (f := _found(Path(prefix), o))}
+    other = {o: f for o in OBSERVERS if (f := per_rank_files(Path(prefix), o))}
     seen = "; ".join(f"observer {o}: " + ", ".join(f"world {w} ranks {r}" for w, r in f.items())
                      for o, f in other.items()) or "none"
     shared = [o for o in OBSERVERS if _exists(prefix, o, None, None)]
@@ -111,7 +112,7 @@ def read_ranks(prefix: str | os.PathLike[str], world: int, observer: str | None 
     missing = [r for r in range(world) if not _exists(prefix, observer, r, world)]
     if missing:
         json_path, npz_path = measurement_file_paths(prefix, observer, missing[0], world)
-        found = _found(Path(prefix), observer)
+        found = per_rank_files(Path(prefix), observer)
         others = "; ".join(f"world {w}: ranks {r}" for w, r in found.items() if w != world)
         raise MeasurementError(
             f"rank {missing[0]} of {world} has no measurement file: neither {npz_path} nor {json_path.name} exists "
