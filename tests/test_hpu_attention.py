@@ -411,6 +411,7 @@ def compile_lowered(arch: str, cfg: fp8fx.FP8Config, e4m3_max: float, dtype=torc
 
     def lower(gm, **kw):
         before.append(copy.deepcopy(gm))
+        assert kw.pop("e4m3_max") == e4m3_max  # the backend passes the target's range (240 on Gaudi2)
         n = real(gm, e4m3_max=e4m3_max, **kw)
         after.append(gm)
         return n
@@ -486,6 +487,7 @@ def test_fp8_kv_cache_layers_lower_to_casts(measured, device):
     graphs = []
 
     def lower(gm, **kw):
+        assert kw.pop("e4m3_max") == 448.0
         n = real(gm, e4m3_max=448.0, **kw)
         graphs.append(gm)
         return n

@@ -192,9 +192,10 @@ def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
     rewrite_attention_in_graph(gm, decisions, plan)
     cg.example_inputs.clear()
     if cfg.target.value in ("gaudi2", "gaudi3"):
+        from ..numerics import fp8_max
         from .hpu import lower_to_hpu
 
-        lower_to_hpu(gm)
+        lower_to_hpu(gm, e4m3_max=fp8_max(torch.float8_e4m3fn, cfg.target.value))  # 240 on Gaudi2, not a guess
         return _swap_on_first_run(_bound_to_parameters(gm, example_inputs, sources), swap)
     if not opts["inductor"]:
         return _swap_on_first_run(_bound_to_parameters(gm, example_inputs, sources), swap)
