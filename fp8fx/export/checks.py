@@ -220,7 +220,13 @@ def skeleton(config: dict[str, Any], source: str, attn_implementation: str | Non
 @dataclass
 class Structure:
     """What the consumer's model looks like: Linear modules (name -> module), attention modules
-    holding a KV cache (name -> layer index), and the tied-embedding pair."""
+    holding a KV cache (name -> layer index), and the tied-embedding pair.
+
+    MoE experts modules (:mod:`.moe`) are seen as the checkpoint holds them: ``experts`` maps each
+    one's checkpoint prefix to its :class:`~.moe.Experts`, every per-expert projection is in
+    ``linears`` (and ``modules``) under its checkpoint name, as a meta-device ``nn.Linear`` of its
+    shape, and ``renames`` maps module prefixes in memory to the checkpoint's (Mixtral's
+    ``mlp`` -> ``block_sparse_moe``)."""
 
     linears: dict[str, nn.Module]
     attention: dict[str, int]
@@ -228,6 +234,31 @@ class Structure:
     tied: bool
     input_embedding: str | None
     output_embedding: str | None
+    experts: dict[str, Any] = field(default_factory=dict)
+    renames: dict[str, str] = field(default_factory=dict)
+
+    def ckpt_key(self, key: str) -> str:
+        """A state_dict key of the model in memory as the checkpoint names it."""
+        from .moe import ckpt_key
+
+        return ckpt_key(key, self.renames)
+
+    def checkpoint_keys(self, keys: Any) -> set[str]:
+        """The model's state_dict ``keys`` as the checkpoint holds them: renamed, and each fused
+        experts stack replaced by its per-expert Linears' weights."""
+        fused = {f"{info.path}.{p}": info for info in self.experts.values() for p in ("gate_up_proj", "down_proj")}
+        out: set[str] = set()
+        for key in keys:
+            owner, _, leaf = key.rpartition(".")
+            info = fused.get(key)
+            if info is not None:
+                continue
+            if any(owner == i.path for i in self.experts.values()):
+                continue  # an Fp8Experts' scale buffers: written per expert by the format
+            out.add(self.ckpt_key(key))
+        for info in self.experts.values():
+            out.update(f"{n}.weight" for n in info.all_names())
+        return out
 
     def kv_heads(self, path: str) -> int | None:
         """The number of KV heads of attention module ``path`` (the ``H`` of its ``[B, H, S, D]``
@@ -264,7 +295,15 @@ def structure(model: nn.Module) -> Structure:
     tied = bool(getattr(cfg, "tie_word_embeddings", False)) if cfg is not None else False
     if cfg is not None and hasattr(cfg, "get_text_config"):
         tied = bool(getattr(cfg.get_text_config(), "tie_word_embeddings", tied))
-    return Structure(linears, attention, dict(model.named_modules()), tied, inp, out)
+    from .moe import find
+
+    experts, renames = find(model)
+    modules = dict(model.named_modules())
+    for info in experts.values():
+        modules[info.ckpt] = modules[info.path]
+        for name, (out_f, in_f) in info.shapes().items():
+            linears[name] = modules[name] = nn.Linear(in_f, out_f, bias=False, device="meta")
+    return Structure(linears, attention, modules, tied, inp, out, experts, renames)
 
 
 # --------------------------------------------------------------------------- shared tensor checks

@@ -41,6 +41,7 @@ from ..errors import UnsupportedError
 from ..modules import Fp8Linear
 from ..schemes import ActivationScheme, LinearScheme, WeightGranularity
 from .checks import (CONFIG, Manifest, Problem, Structure, block_shape, check_kv_scale, check_scale)
+from .moe import collapse, ignore_pattern
 from .plan import KVScales, Plan, QLinear, kv_strategy
 
 NAME = "compressed-tensors"
@@ -49,7 +50,8 @@ FORMAT = "float-quantized"
 STATUS = "compressed"
 _Q = "quantization_config"
 
-__all__ = ["NAME", "quant_config", "linear_tensors", "kv_tensors", "check", "plan_from", "notes"]
+__all__ = ["NAME", "quant_config", "linear_tensors", "kv_tensors", "check", "plan_from", "notes",
+           "expert_scheme_problem"]
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -82,7 +84,7 @@ def quant_config(plan: Plan) -> dict[str, Any]:
     schemes = plan.schemes()
     groups: dict[str, Any] = {}
     for i, s in enumerate(schemes):
-        members = [n for n, q in plan.linears.items() if q.scheme == s]
+        members = collapse([n for n, q in plan.linears.items() if q.scheme == s], plan.experts, ignore_pattern)
         groups[f"group_{i}"] = {"targets": ["Linear"] if len(schemes) == 1 else members,
                                 "weights": _weights(s), "input_activations": _activations(s),
                                 "output_activations": None}
@@ -94,7 +96,28 @@ def quant_config(plan: Plan) -> dict[str, Any]:
     kv = ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": False}
           if strategy is not None else None)
     return {"quant_method": QUANT_METHOD, "format": FORMAT, "quantization_status": STATUS,
-            "config_groups": groups, "ignore": list(plan.hp_linears), "kv_cache_scheme": kv}
+            "config_groups": groups, "ignore": collapse(list(plan.hp_linears), plan.experts, ignore_pattern),
+            "kv_cache_scheme": kv}
+
+
+def expert_scheme_problem(s: LinearScheme) -> str | None:
+    """Why vLLM's ``CompressedTensorsW8A8Fp8MoEMethod`` (compressed_tensors_moe_w8a8_fp8.py) cannot
+    run FP8 experts in scheme ``s``, or None. It takes weights 'tensor' with activations 'tensor'
+    (static: one input scale per expert, of which it keeps the maximum), weights 'channel' with
+    dynamic 'token' activations, and 'block' weights, whose activations it always quantizes in
+    dynamic 1x128 groups. Weight-only FP8 experts go to its WNA16 method, which raises for any
+    format but 'pack-quantized'."""
+    w, a = s.weights, s.activations
+    if (w, a) in ((WeightGranularity.TENSOR, ActivationScheme.STATIC),
+                  (WeightGranularity.CHANNEL, ActivationScheme.DYNAMIC_TOKEN)):
+        return None
+    if w is WeightGranularity.BLOCK and a is ActivationScheme.DYNAMIC_GROUP and s.group_size == 128:
+        return None
+    return (f"FP8 experts in scheme '{s.describe()}': vLLM's compressed-tensors FP8 MoE method runs per-tensor weights "
+            "with static per-tensor activations (FP8), per-channel weights with dynamic per-token activations "
+            "(FP8_DYNAMIC), or block weights with dynamic 1x128 activation groups (FP8_BLOCK); it raises on weight-only "
+            "FP8 experts and on other pairs. Quantize the experts in one of those (scheme {\"linear\": ..., "
+            "\"experts\": ...}) or blocklist them")
 
 
 def linear_tensors(name: str, m: Fp8Linear) -> dict[str, Tensor]:

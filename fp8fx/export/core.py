@@ -4,7 +4,8 @@
 own rules (its ``check``), then the rules every consumer shares (:func:`_common`): no tensor
 that the model does not have and no parameter missing (the consumer would initialize it at
 random), no FP8 tensor outside a quantized Linear's weight, and tied embeddings that do not
-tie a quantized ``lm_head`` to the embedding. :func:`save_pretrained` builds the manifest of the
+tie a quantized ``lm_head`` to the embedding; MoE experts are checked as :mod:`.moe` says.
+:func:`save_pretrained` builds the manifest of the
 tensors it is about to write and refuses (:class:`~.checks.CheckpointError`) when the validator
 finds anything; ``fp8fx check DIR`` runs :func:`check_checkpoint` on a folder on disk.
 """
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedError
 from ..modules import Fp8Linear
-from . import compressed_tensors, modelopt, vllm
+from . import compressed_tensors, modelopt, moe, vllm
 from .checks import (CONFIG, CheckpointError, Manifest, Problem, Structure, manifest_from_dir,
                      manifest_from_tensors, skeleton, structure)
 from .plan import Plan, plan_of
@@ -88,7 +89,7 @@ def _expected_extra(fmt: ModuleType, plan: Plan) -> set[str]:
 
 def _common(m: Manifest, model: nn.Module, st: Structure, fmt: ModuleType, plan: Plan,
             problems: list[Problem]) -> None:
-    own = set(model.state_dict().keys())
+    own = st.checkpoint_keys(model.state_dict().keys())
     extra = _expected_extra(fmt, plan)
     tied_out = f"{st.output_embedding}.weight" if st.tied and st.output_embedding else None
     reported = {p.where for p in problems}
@@ -140,10 +141,13 @@ def validate(m: Manifest, fmt: ModuleType | None = None, model: nn.Module | None
     model = model if model is not None else skeleton(m.config, m.source)
     st = structure(model)
     plan = fmt.plan_from(m, st, problems)
+    if plan is not None:
+        plan.experts = dict(st.experts)
     if fmt is compressed_tensors and plan is not None:
         _ct_pydantic(m, problems)
     fmt.check(m, st, plan, problems)
     if plan is not None:
+        moe.check(m, st, plan, fmt, problems)
         _common(m, model, st, fmt, plan, problems)
     return Report(fmt, plan, st, problems)
 
@@ -155,18 +159,25 @@ def check_checkpoint(path: str | os.PathLike[str]) -> Report:
 
 
 # ------------------------------------------------------------------------------------- saving
-def _tensors(model: nn.Module, fmt: ModuleType, plan: Plan, drop_tied: str | None) -> dict[str, Tensor]:
+def _tensors(model: nn.Module, fmt: ModuleType, plan: Plan, drop_tied: str | None,
+             renames: dict[str, str]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     seen: dict[int, str] = {}
+    experts = {info.path: info for info in plan.experts.values()}
     for name, mod in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(mod, Fp8Linear):
             items = fmt.linear_tensors(name, mod).items()
+        elif name in experts:  # one Linear per expert and projection, as the checkpoints hold them
+            items = []
+            for lin, view in moe.split(mod, experts[name]).items():
+                items += ([(f"{lin}.weight", view)] if isinstance(view, Tensor) else
+                          list(fmt.linear_tensors(lin, view).items()))
         else:
             own = [(k, p) for k, p in mod._parameters.items() if p is not None]
             skip = mod._non_persistent_buffers_set
             own += [(k, b) for k, b in mod._buffers.items() if b is not None and k not in skip]
-            items = [(prefix + k, t) for k, t in own]
+            items = [(moe.ckpt_key(prefix + k, renames), t) for k, t in own]
         for key, t in items:
             if key == drop_tied:
                 continue
@@ -212,6 +223,10 @@ def save_pretrained(qmodel: nn.Module, out_dir: str | os.PathLike[str], format: 
     max_bytes = parse_size(max_shard_size)
     model = unwrap(qmodel)
     plan = plan_of(model)
+    for ckpt, scheme in plan.quantized_experts().items():
+        why = fmt.expert_scheme_problem(scheme)
+        if why is not None:
+            raise UnsupportedError(f"{plan.experts[ckpt].path}: {why}")
     quant = fmt.quant_config(plan)
     base = structure(model)
     lm_head_fp8 = base.tied and base.output_embedding in plan.linears
@@ -221,7 +236,7 @@ def save_pretrained(qmodel: nn.Module, out_dir: str | os.PathLike[str], format: 
         in_w = model.get_submodule(base.input_embedding).weight if base.input_embedding else None
         if out_w is not in_w:
             drop = None
-    tensors = _tensors(model, fmt, plan, drop)
+    tensors = _tensors(model, fmt, plan, drop, base.renames)
     for path, kv in plan.kv.items():
         tensors.update(fmt.kv_tensors(path, kv))
     config = _config(model, quant, untie=lm_head_fp8 or (base.tied and drop is None))

@@ -7,7 +7,8 @@ quantized Linear becomes an :class:`~fp8fx.modules.Fp8Linear` holding the stored
 scales as they are, and every other parameter gets the stored tensor. Tensors are read one at a
 time from the safetensors files, so the model never exists in high precision: the FP8 weights
 stay FP8 in memory. Tied embeddings are tied again by identity (``get_input_embeddings`` /
-``get_output_embeddings``).
+``get_output_embeddings``). MoE experts stored one Linear per expert (:mod:`.moe`) are stacked
+back into one :class:`~fp8fx.modules.Fp8Experts` per experts module, FP8 as FP8.
 
 A checkpoint with KV-cache scales gives every transformers cache passed to the model (by
 ``generate`` too) FP8 storage with those scales (:func:`fp8fx.kv_cache.fp8_cache`), as a model
@@ -34,6 +35,7 @@ from ..schemes import WeightGranularity
 from . import vllm
 from .checks import CheckpointError, Problem, manifest_from_dir, skeleton
 from .core import validate
+from .moe import fuse
 from .plan import LOADED_ATTR, KVScales
 
 __all__ = ["load_pretrained", "LoadedCheckpoint"]
@@ -94,22 +96,38 @@ def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "
                               [Problem("config.json", "no FP8 layout could be read from its quantization_config")])
     e4m3_max = E4M3.max
     done: set[str] = set()
+
+    def scale_key(name: str, scheme) -> str:  # noqa: ANN001
+        block = scheme.weights is WeightGranularity.BLOCK
+        return f"{name}.weight_scale_inv" if fmt is vllm and block else f"{name}.weight_scale"
+
+    def module_scale(t: torch.Tensor, scheme) -> torch.Tensor:  # noqa: ANN001
+        return fmt.module_scale(t, scheme) if hasattr(fmt, "module_scale") else t  # ModelOpt's 4-D blocks
+
+    per_expert = plan.expert_linears()
     for name, q in plan.linears.items():
-        block = q.scheme.weights is WeightGranularity.BLOCK
-        scale_key = f"{name}.weight_scale_inv" if fmt is vllm and block else f"{name}.weight_scale"
+        if name in per_expert:
+            continue
         bias_key = f"{name}.bias"
         xs_key = f"{name}.input_scale"
         weight = m.read(f"{name}.weight").to(device)
-        ws = m.read(scale_key)
-        ws = fmt.module_scale(ws, q.scheme) if hasattr(fmt, "module_scale") else ws  # ModelOpt's 4-D blocks
+        ws = module_scale(m.read(scale_key(name, q.scheme)), q.scheme)
         module = Fp8Linear(weight, ws.to(device), m.read(xs_key).to(device) if q.scheme.static else None,
                            m.read(bias_key).to(device) if bias_key in m.tensors else None, e4m3_max, q.scheme)
         model.set_submodule(name, module)
-        done.update({f"{name}.weight", bias_key, scale_key, xs_key})
+        done.update({f"{name}.weight", bias_key, scale_key(name, q.scheme), xs_key})
+    for info in st.experts.values():  # per-expert Linears stacked into the fused module (moe.py)
+        q = plan.linears.get(info.names(0)[0])
+        scheme = q.scheme if q is not None else None
+        new = fuse(info, model.get_submodule(info.path), scheme, m.read, lambda n, s=scheme: scale_key(n, s),
+                   lambda t, s=scheme: module_scale(t, s), e4m3_max, device)
+        model.set_submodule(info.path, new)
+        done.update(k for k in model.state_dict().keys() if k.startswith(info.path + "."))
     for key in model.state_dict().keys():
-        if key in done or key not in m.tensors:
+        ckpt = st.ckpt_key(key)
+        if key in done or ckpt not in m.tensors:
             continue
-        _set_param(model, key, m.read(key).to(device))
+        _set_param(model, key, m.read(ckpt).to(device))
     if st.tied and st.output_embedding and st.input_embedding and st.output_embedding not in plan.linears:
         out_mod, in_mod = model.get_submodule(st.output_embedding), model.get_submodule(st.input_embedding)
         out_mod.weight = in_mod.weight

@@ -63,6 +63,7 @@ from ..errors import UnsupportedError
 from ..modules import Fp8Linear
 from ..schemes import ActivationScheme, LinearScheme, WeightGranularity
 from .checks import CONFIG, Manifest, Problem, Structure, check_kv_scale, check_scale
+from .moe import collapse
 from .plan import KVScales, Plan, QLinear, kv_strategy
 
 NAME = "modelopt"
@@ -83,7 +84,7 @@ _VLLM_ALWAYS_HP = ("vision_tower", "vision_model", "visual")
 
 __all__ = ["NAME", "QUANT_METHOD", "HF_QUANT_CONFIG", "ALGOS", "quant_config", "linear_tensors", "kv_tensors",
            "check", "plan_from", "notes", "extra_names", "extra_files", "module_scale", "kv_names", "detect",
-           "excluded_by", "PER_HEAD_REFUSED"]
+           "excluded_by", "PER_HEAD_REFUSED", "expert_scheme_problem"]
 
 #: why a model with per-head KV-cache scales is not saved in this format (module docstring)
 PER_HEAD_REFUSED = ("per-head KV-cache scales (observer_params.kv_cache_strategy 'attn_head') cannot be written as "
@@ -139,7 +140,7 @@ def _producer() -> dict[str, str]:
 def quant_config(plan: Plan) -> dict[str, Any]:
     """config.json's ``quantization_config`` (ModelOpt's compressed-tensors-style layout)."""
     algo = _algo(plan)
-    out: dict[str, Any] = {"quant_method": QUANT_METHOD, "quant_algo": algo, "ignore": list(plan.hp_linears),
+    out: dict[str, Any] = {"quant_method": QUANT_METHOD, "quant_algo": algo, "ignore": _exclude(plan),
                            "producer": _producer()}
     if algo == "FP8":
         out["config_groups"] = {"group_0": {"input_activations": dict(_KV_SCHEME), "weights": dict(_KV_SCHEME),
@@ -153,7 +154,26 @@ def hf_quant_config(plan: Plan) -> dict[str, Any]:
     """The content of ``hf_quant_config.json``."""
     return {"producer": _producer(),
             "quantization": {"quant_algo": _algo(plan), "kv_cache_quant_algo": "FP8" if plan.kv else None,
-                             "exclude_modules": list(plan.hp_linears)}}
+                             "exclude_modules": _exclude(plan)}}
+
+
+def _exclude(plan: Plan) -> list[str]:
+    """The high-precision Linears, an experts module by its prefix (vLLM's ``is_layer_excluded``
+    is asked for the FusedMoE layer's prefix)."""
+    return collapse(list(plan.hp_linears), plan.experts, str)
+
+
+def expert_scheme_problem(s: LinearScheme) -> str | None:
+    """Why vLLM's ``ModelOptFp8MoEMethod`` cannot run FP8 experts in scheme ``s``, or None: it is
+    the MoE method of every ModelOpt FP8 ``quant_algo`` and allocates per-tensor scales only
+    (``w13_weight_scale`` [E, 2], ``w2_weight_scale`` [E]) and static input scales (``[E]``, of which it
+    keeps the maximum), so only quant_algo ``FP8`` holds MoE experts."""
+    if s == ALGOS["FP8"]:
+        return None
+    return (f"FP8 experts in scheme '{s.describe()}': vLLM's ModelOptFp8MoEMethod runs every ModelOpt FP8 quant_algo's "
+            "experts with per-tensor weight scales and static per-tensor input scales (quant_algo FP8) and would "
+            "load these scales into that layout. Save the model as compressed-tensors, or quantize the experts "
+            "with the FP8 scheme")
 
 
 def extra_files(plan: Plan) -> dict[str, str]:

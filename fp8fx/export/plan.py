@@ -4,7 +4,9 @@ stay in high precision, and the KV-cache scales.
 :func:`plan_of` reads it from a model that :func:`fp8fx.convert` / :func:`fp8fx.quantize` (or
 :func:`fp8fx.load_pretrained`) returned, by walking ``named_modules()`` (module identity, never a
 parsed name): every :class:`~fp8fx.modules.Fp8Linear` is quantized with its own ``scheme``, every
-other ``nn.Linear`` is left in high precision, and the KV scales come from the model's fp8fx state
+other ``nn.Linear`` is left in high precision, every MoE experts module (:mod:`.moe`) becomes one
+Linear per expert and projection under its checkpoint name (an :class:`~fp8fx.modules.Fp8Experts`
+in its one scheme, any other in high precision), and the KV scales come from the model's fp8fx state
 (the calibrated ``kv_cache`` nodes) or from the checkpoint it was loaded from. Each format
 (:mod:`.compressed_tensors`, :mod:`.vllm`) turns a plan into its ``quantization_config`` and its
 tensor names, and a checkpoint's ``quantization_config`` back into a plan.
@@ -18,13 +20,14 @@ per-head scales only where its consumer reads them (docs/export.md, "Per-head KV
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedError
 from ..fp8 import FORMATS
-from ..modules import Fp8Experts, Fp8Linear
+from ..modules import Fp8Linear
 from ..schemes import LinearScheme
 
 __all__ = ["QLinear", "KVScales", "Plan", "plan_of", "kv_strategy", "LOADED_ATTR"]
@@ -69,6 +72,22 @@ class Plan:
     linears: dict[str, QLinear]                          # quantized Linear module -> scheme
     hp_linears: list[str]                                # Linear modules left in high precision
     kv: dict[str, KVScales] = field(default_factory=dict)  # attention module -> scales
+    #: MoE experts modules by checkpoint prefix (:class:`~.moe.Experts`); their per-expert Linears
+    #: are in ``linears`` / ``hp_linears`` under their checkpoint names
+    experts: dict[str, Any] = field(default_factory=dict)
+
+    def expert_linears(self) -> dict[str, str]:
+        """Per-expert Linear name -> its experts module's checkpoint prefix."""
+        return {n: ckpt for ckpt, info in self.experts.items() for n in info.all_names()}
+
+    def quantized_experts(self) -> dict[str, LinearScheme]:
+        """Experts module (checkpoint prefix) -> scheme, for the FP8 ones."""
+        out = {}
+        for ckpt, info in self.experts.items():
+            q = self.linears.get(info.names(0)[0])
+            if q is not None:
+                out[ckpt] = q.scheme
+        return out
 
     def schemes(self) -> list[LinearScheme]:
         return list(dict.fromkeys(q.scheme for q in self.linears.values()))
@@ -127,9 +146,10 @@ def kv_strategy(plan: Plan) -> str | None:
 
 def plan_of(model: nn.Module) -> Plan:
     """The plan of a converted fp8fx model (module docstring)."""
+    from .moe import find, scheme_of
+
     linears: dict[str, QLinear] = {}
     hp: list[str] = []
-    experts = []
     for name, m in model.named_modules():
         if isinstance(m, Fp8Linear):
             fmt = FORMATS.get(m.weight.dtype)
@@ -141,11 +161,20 @@ def plan_of(model: nn.Module) -> Plan:
             linears[name] = QLinear(m.scheme, m.weight.dtype)
         elif isinstance(m, nn.Linear):
             hp.append(name)
-        elif isinstance(m, Fp8Experts):
-            experts.append(name)
-    if experts:
-        raise UnsupportedError(f"FP8 MoE experts ({', '.join(experts[:4])}) are not exported in this version: each "
-                               "engine has its own expert layout. Blocklist the experts modules to export the rest")
+    experts, _ = find(model)
+    for info in experts.values():
+        module = model.get_submodule(info.path)
+        scheme = scheme_of(module, info)
+        if scheme is None:
+            hp += info.all_names()
+            continue
+        dtype = getattr(module, "gate_up_proj").dtype
+        fmt = FORMATS.get(dtype)
+        if fmt is None or module.fp8_max != fmt.max:
+            raise UnsupportedError(f"{info.path}: quantized for an FP8 range of {module.fp8_max} ({dtype}); the "
+                                   "consumers of these checkpoints quantize activations with the format's full range. "
+                                   "Quantize for a target with the full range (cpu, cuda, gaudi3)")
+        linears.update({n: QLinear(scheme, dtype) for n in info.all_names()})
     from ..state import state_of
 
     state = state_of(model)
@@ -157,4 +186,4 @@ def plan_of(model: nn.Module) -> Plan:
     if not linears:
         raise UnsupportedError(f"{type(model).__name__} holds no Fp8Linear: quantize it first (fp8fx.quantize or "
                                "fp8fx.convert), then save it")
-    return Plan(linears, hp, _kv_from_state(model))
+    return Plan(linears, hp, _kv_from_state(model), experts)

@@ -43,13 +43,15 @@ from ..errors import UnsupportedError
 from ..modules import Fp8Linear
 from ..schemes import ActivationScheme, LinearScheme, WeightGranularity
 from .checks import CONFIG, Manifest, Problem, Structure, block_shape, check_kv_scale, check_scale
+from .moe import collapse
 from .plan import KVScales, Plan, QLinear, kv_strategy
 
 NAME = "vllm"
 QUANT_METHOD = "fp8"
 _Q = "quantization_config"
 
-__all__ = ["NAME", "quant_config", "linear_tensors", "kv_tensors", "check", "plan_from", "notes", "PER_HEAD_REFUSED"]
+__all__ = ["NAME", "quant_config", "linear_tensors", "kv_tensors", "check", "plan_from", "notes", "PER_HEAD_REFUSED",
+           "expert_scheme_problem"]
 
 #: why a model with per-head KV-cache scales is not saved in this format (module docstring)
 PER_HEAD_REFUSED = ("per-head KV-cache scales (observer_params.kv_cache_strategy 'attn_head') cannot be written as "
@@ -97,10 +99,18 @@ def quant_config(plan: Plan) -> dict[str, Any]:
         raise UnsupportedError(PER_HEAD_REFUSED)
     s = _one_scheme(plan)
     out: dict[str, Any] = {"quant_method": QUANT_METHOD, "activation_scheme": "static" if s.static else "dynamic",
-                           "ignored_layers": list(plan.hp_linears)}
+                           "ignored_layers": collapse(list(plan.hp_linears), plan.experts, str)}
     if s.weights is WeightGranularity.BLOCK:
         out["weight_block_size"] = list(s.block)
     return out
+
+
+def expert_scheme_problem(s: LinearScheme) -> str | None:
+    """Why vLLM's ``Fp8MoEMethod`` (quantization/fp8.py) cannot run FP8 experts in scheme ``s``, or
+    None: it allocates the Linear layouts of this format per expert (``w13_weight_scale`` [E, 2] and
+    ``w2_weight_scale`` [E] per tensor, static ``w13_input_scale`` / ``w2_input_scale`` [E] of which it
+    keeps the maximum, or ``*_weight_scale_inv`` blocks), so every scheme this format holds runs."""
+    return None
 
 
 def linear_tensors(name: str, m: Fp8Linear) -> dict[str, Tensor]:
@@ -161,6 +171,9 @@ def plan_from(m: Manifest, st: Structure, problems: list[Problem]) -> Plan | Non
             problems.append(Problem(f"{where}.ignored_layers", f"{i!r} names no module of this model (a typo keeps "
                                     "the module it meant quantized)"))
     skip = set(ignored)
+    for ckpt, info in st.experts.items():  # vLLM skips a FusedMoE layer named by its prefix
+        if ckpt in skip:
+            skip.update(info.all_names())
     linears = {n: QLinear(scheme, torch.float8_e4m3fn) for n in st.linears if n not in skip}
     has_kv = any(f"{p}.k_scale" in m.tensors or f"{p}.v_scale" in m.tensors for p in st.attention)
     kv = {p: KVScales(float("nan"), float("nan"), torch.float8_e4m3fn) for p in st.attention} if has_kv else {}
