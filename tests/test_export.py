@@ -183,15 +183,19 @@ def test_save_refuses_a_model_that_is_not_quantized_and_unknown_formats(tmp_path
         save_pretrained(dynamic, tmp_path / "a", format="gguf")
 
 
-def test_fp8_attention_ops_other_than_the_kv_cache_are_refused(tmp_path):
+def test_fp8_attention_is_refused_by_default_and_its_query_scale_written_on_request(tmp_path):
+    """fp8fx's SDPA also rounds the probabilities and output, which no checkpoint holds: refused
+    unless save_pretrained(attention="qkv") (tests/test_export_attention.py has the layouts)."""
     model = tiny_llama(layers=1)
     cfg = fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m"), blocklist={"names": ["lm_head"]})
     fp8fx.prepare(model, cfg)
     model.generate(IDS[:1], max_new_tokens=2, do_sample=False)
     fp8fx.finalize_calibration(model)
     fp8fx.convert(model)
-    with pytest.raises(UnsupportedError, match=r"model\.layers\.0\.self_attn\.sdpa_0"):
+    with pytest.raises(UnsupportedError, match=r"model\.layers\.0\.self_attn .*probabilities and output"):
         save_pretrained(model, tmp_path / "x")
+    out = save_pretrained(model, tmp_path / "x", attention="qkv")
+    assert check_checkpoint(out).problems == []
 
 
 # ------------------------------------------------------------------------------------ atomicity

@@ -27,6 +27,18 @@ One config group per distinct scheme: a model with one scheme targets the class 
 lists the high-precision Linears in ``ignore``; several schemes target their modules by exact name.
 Targets match as compressed-tensors matches them (``utils/match.py``): an exact module name, a
 ``re:`` regular expression (``re.match``), or the name of a class in the module's MRO.
+
+FP8 attention: one more config group, ``"attention"``, that targets the attention modules' class
+(``["LlamaAttention"]``, as llm-compressor's attention examples write it) with
+``input_activations`` ``{num_bits: 8, type: float, symmetric: true, strategy: "tensor", dynamic:
+false}`` and no weights, and ``<attention>.q_scale`` ``[1]`` next to ``k_scale``/``v_scale``.
+compressed-tensors (quantization/lifecycle/apply.py, modeling/attention.py) gives such a module a
+``QuantizedAttentionImpl`` that rounds the query (after RoPE) to FP8 with ``q_scale`` and
+registers ``q_scale``/``k_scale``/``v_scale`` with the ``initialize_qparams`` shapes; the attention
+itself then runs in high precision. vLLM drops config groups whose first target names an
+``Attention`` class (``CompressedTensorsConfig.from_config``, vllm-project/vllm pull 30141) and
+reads ``self_attn.q_scale`` through its KV-cache method (``BaseKVCacheMethod``, one value) when the
+checkpoint has a ``kv_cache_scheme``, which fp8fx therefore always writes with the attention group.
 """
 
 from __future__ import annotations
@@ -42,7 +54,7 @@ from ..modules import Fp8Linear
 from ..schemes import ActivationScheme, LinearScheme, WeightGranularity
 from .checks import (CONFIG, Manifest, Problem, Structure, block_shape, check_kv_scale, check_scale)
 from .moe import collapse, ignore_pattern
-from .plan import KVScales, Plan, QLinear, kv_strategy
+from .plan import AttentionScales, KVScales, Plan, QLinear, kv_strategy
 
 NAME = "compressed-tensors"
 QUANT_METHOD = "compressed-tensors"
@@ -50,7 +62,7 @@ FORMAT = "float-quantized"
 STATUS = "compressed"
 _Q = "quantization_config"
 
-__all__ = ["NAME", "quant_config", "linear_tensors", "kv_tensors", "check", "plan_from", "notes",
+__all__ = ["NAME", "quant_config", "linear_tensors", "kv_tensors", "attention_tensors", "check", "plan_from", "notes",
            "expert_scheme_problem"]
 
 
@@ -95,9 +107,26 @@ def quant_config(plan: Plan) -> dict[str, Any]:
     strategy = kv_strategy(plan)
     kv = ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": False}
           if strategy is not None else None)
+    if plan.attention:
+        kinds = sorted({a.module_type for a in plan.attention.values()})
+        if len(kinds) != 1 or "Attention" not in kinds[0]:
+            raise UnsupportedError(f"attention module class(es) {', '.join(kinds)}: compressed-tensors' attention group "
+                                   "targets one class, and vLLM recognizes it as attention (and drops it) only when the "
+                                   "name holds 'Attention'; save this model as vLLM 'fp8'")
+        groups[ATTENTION_GROUP] = {"targets": kinds, "weights": None, "input_activations": dict(_ATTN_ARGS),
+                                   "output_activations": None}
     return {"quant_method": QUANT_METHOD, "format": FORMAT, "quantization_status": STATUS,
             "config_groups": groups, "ignore": collapse(list(plan.hp_linears), plan.experts, ignore_pattern),
             "kv_cache_scheme": kv}
+
+
+#: the config group of FP8 attention, and its activation arguments (module docstring)
+ATTENTION_GROUP = "attention"
+_ATTN_ARGS = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "dynamic": False}
+
+
+def attention_tensors(path: str, a: AttentionScales) -> dict[str, Tensor]:
+    return {f"{path}.q_scale": torch.tensor([a.q], dtype=torch.float32)}
 
 
 def expert_scheme_problem(s: LinearScheme) -> str | None:
@@ -249,10 +278,15 @@ def plan_from(m: Manifest, st: Structure, problems: list[Problem]) -> Plan | Non
         return None
     modules = dict(st.linears)
     linears: dict[str, QLinear] = {}
+    attention: dict[str, AttentionScales] = {}
     for gname, g in q["config_groups"].items():
         if not isinstance(g, dict) or not isinstance(g.get("targets"), list):
             problems.append(Problem(f"{CONFIG}: {_Q}.config_groups.{gname}.targets", "missing: list the module names "
                                     "or classes the group quantizes"))
+            continue
+        attn = [p for p in st.attention if any(_matches(p, st.modules[p], t) for t in g["targets"])]
+        if attn and not any(_matches(n, mod, t) for n, mod in modules.items() for t in g["targets"]):
+            attention.update(_attention_group(gname, g, attn, st, problems))
             continue
         scheme = _scheme(gname, g, problems)
         matched = [n for n, mod in modules.items() if any(_matches(n, mod, t) for t in g["targets"])
@@ -291,7 +325,35 @@ def plan_from(m: Manifest, st: Structure, problems: list[Problem]) -> Plan | Non
                     continue
                 nan = float("nan") if heads is None else (float("nan"),) * heads
                 kv[path] = KVScales(nan, nan, torch.float8_e4m3fn)  # values read on load
-    return Plan(linears, [n for n in modules if n not in linears], kv)
+    if attention and kvs is None:
+        problems.append(Problem(f"{CONFIG}: {_Q}.kv_cache_scheme", "null, but a config group quantizes attention: vLLM "
+                                "drops attention groups and reads q_scale only through its KV-cache method, which a "
+                                "kv_cache_scheme enables (set it, strategy 'tensor')"))
+    return Plan(linears, [n for n in modules if n not in linears], kv, attention=attention)
+
+
+def _attention_group(gname: str, g: dict[str, Any], paths: list[str], st: Structure,
+                     problems: list[Problem]) -> dict[str, AttentionScales]:
+    """The attention modules an attention config group quantizes (per-tensor FP8 only)."""
+    where = f"{CONFIG}: {_Q}.config_groups.{gname}"
+    targets = g["targets"]
+    if not (targets and isinstance(targets[0], str) and "Attention" in targets[0]):
+        problems.append(Problem(f"{where}.targets", f"{targets!r} match attention modules, but vLLM recognizes an "
+                                "attention group only by an 'Attention' class name as its first target and otherwise "
+                                "reads it as a Linear group"))
+    if g.get("weights") is not None:
+        problems.append(Problem(f"{where}.weights", "set on an attention group: compressed-tensors refuses weight "
+                                "quantization of attention modules (target their projections instead)"))
+    a = g.get("input_activations")
+    if not isinstance(a, dict) or any(a.get(k, d) != v for k, v, d in (
+            ("num_bits", 8, None), ("type", "float", None), ("symmetric", True, True), ("strategy", "tensor", None),
+            ("dynamic", False, False))):
+        problems.append(Problem(f"{where}.input_activations", f"{a!r}: fp8fx reads FP8 attention as 8-bit float, "
+                                "symmetric, static, strategy 'tensor' (vLLM reads one q_scale per layer)"))
+        return {}
+    if g.get("output_activations"):
+        problems.append(Problem(f"{where}.output_activations", "set on an attention group: no consumer reads it"))
+    return {p: AttentionScales(float("nan"), module_type=type(st.modules[p]).__name__) for p in paths}
 
 
 def check(m: Manifest, st: Structure, plan: Plan | None, problems: list[Problem]) -> None:
@@ -349,6 +411,18 @@ def check(m: Manifest, st: Structure, plan: Plan | None, problems: list[Problem]
             elif full in m.tensors:
                 problems.append(Problem(full, f"present but {_Q}.kv_cache_scheme is null: the KV-cache scale is "
                                         "silently dropped and an FP8 cache runs at scale 1.0"))
+    for path in st.attention:
+        full = f"{path}.q_scale"
+        if path in plan.attention:
+            check_scale(m, full, [(1,)], "the attention group's per-tensor query scale", problems)
+        elif full in m.tensors:
+            problems.append(Problem(full, "present, but no config group quantizes this attention module: the consumer "
+                                    "drops it and runs the query in high precision"))
+    if plan.attention and len(plan.attention) != len(st.attention):
+        left = sorted(set(st.attention) - set(plan.attention))
+        problems.append(Problem(f"{CONFIG}: {_Q}.config_groups.{ATTENTION_GROUP}", f"targets {len(plan.attention)} of "
+                                f"{len(st.attention)} attention modules (not {', '.join(left[:4])}): vLLM ignores the "
+                                "group and quantizes every layer's query, using k_scale where q_scale is missing"))
     if plan.kv and not st.attention:
         problems.append(Problem(f"{CONFIG}: {_Q}.kv_cache_scheme", "set, but the model has no attention module "
                                 "with k_proj/v_proj and a layer_idx"))
@@ -361,6 +435,12 @@ def notes(plan: Plan) -> list[str]:
     out = ["transformers (seen with 5.24 and compressed-tensors 0.20) applies kv_cache_scheme only to attention "
            "modules whose forward takes 'past_key_values': the k_scale/v_scale tensors load as unexpected keys and "
            "its KV cache stays in high precision (vLLM and fp8fx.load_pretrained use them)"]
+    if plan.attention:
+        out.append("FP8 attention (the 'attention' config group, q_scale): transformers (seen with 5.24 and "
+                   "compressed-tensors 0.20) does not apply the group either, so q_scale loads as an unexpected key and "
+                   "its attention runs in high precision; vLLM quantizes the query with q_scale in its FP8 attention "
+                   "backends (with kv_cache_dtype fp8), and fp8fx.load_pretrained keeps the scales for the next save but "
+                   "runs the query in high precision")
     if any(kv.heads is not None for kv in plan.kv.values()):
         out.append("per-head KV-cache scales (kv_cache_scheme strategy 'attn_head'): vLLM runs them only on its "
                    "FLASH_ATTN backend with FlashAttention 3 (Hopper GPUs); with any other attention backend it "

@@ -25,7 +25,7 @@ from ..modules import Fp8Linear
 from . import compressed_tensors, modelopt, moe, vllm
 from .checks import (CONFIG, CheckpointError, Manifest, Problem, Structure, manifest_from_dir,
                      manifest_from_tensors, skeleton, structure)
-from .plan import Plan, plan_of
+from .plan import Plan, attention_problem, plan_of
 from .writer import parse_size, write_folder, write_tensors
 
 __all__ = ["FORMATS", "format_module", "save_pretrained", "check_checkpoint", "validate", "Report"]
@@ -69,7 +69,8 @@ class Report:
         schemes = "; ".join(s.describe() for s in self.plan.schemes()) or "none"
         return (f"{self.format.NAME}: {len(self.plan.linears)} FP8 Linear(s) ({schemes}), "
                 f"{len(self.plan.hp_linears)} in high precision, KV-cache scales: "
-                f"{'yes' if self.plan.kv else 'no'}")
+                f"{'yes' if self.plan.kv else 'no'}, FP8 attention (query scales): "
+                f"{'yes' if self.plan.attention else 'no'}")
 
 
 def _expected_extra(fmt: ModuleType, plan: Plan) -> set[str]:
@@ -84,6 +85,7 @@ def _expected_extra(fmt: ModuleType, plan: Plan) -> set[str]:
             out.add(f"{name}.input_scale")
     for path in plan.kv:
         out.update({f"{path}.k_scale", f"{path}.v_scale"})
+    out.update(f"{path}.q_scale" for path in plan.attention)
     return out
 
 
@@ -203,7 +205,7 @@ def _config(model: nn.Module, quant: dict[str, Any], untie: bool) -> dict[str, A
 
 
 def save_pretrained(qmodel: nn.Module, out_dir: str | os.PathLike[str], format: str = "compressed-tensors",
-                    tokenizer: Any = None, max_shard_size: int | str = "5GB") -> Path:
+                    tokenizer: Any = None, max_shard_size: int | str = "5GB", attention: str = "refuse") -> Path:
     """Write ``qmodel`` (from :func:`fp8fx.convert`, :func:`fp8fx.quantize` or
     :func:`fp8fx.load_pretrained`) as a ``format`` checkpoint (``"compressed-tensors"``,
     ``"vllm"``, ``"modelopt"``, or ``"inc"``: :mod:`.inc_format`) into ``out_dir``, atomically;
@@ -212,6 +214,13 @@ def save_pretrained(qmodel: nn.Module, out_dir: str | os.PathLike[str], format: 
     The format's validator runs on the tensors and config first: a scheme the format cannot
     hold raises :class:`~fp8fx.errors.UnsupportedError`, anything its consumer would load wrong
     raises :class:`~fp8fx.export.CheckpointError` listing every problem; nothing is written then.
+
+    FP8 attention (fp8fx's SDPA): ``attention="refuse"`` (the default) refuses it, since fp8fx
+    also rounds the attention probabilities and output to FP8 and no checkpoint holds those
+    scales; ``attention="qkv"`` writes the query, key and value scales (``q_scale``,
+    ``k_scale``, ``v_scale``) in the formats whose consumers read them (``compressed-tensors``,
+    ``vllm``) and leaves the probabilities and the output to the consumer (docs/export.md, "FP8
+    attention scales"). ModelOpt holds no query scale and refuses either way.
     """
     from ..state import unwrap
 
@@ -223,6 +232,13 @@ def save_pretrained(qmodel: nn.Module, out_dir: str | os.PathLike[str], format: 
     max_bytes = parse_size(max_shard_size)
     model = unwrap(qmodel)
     plan = plan_of(model)
+    if plan.attention:
+        refused = getattr(fmt, "ATTENTION_REFUSED", None)
+        why = refused or attention_problem(plan, fmt.NAME, attention)
+        if why is not None:
+            raise UnsupportedError(why)
+    else:
+        attention_problem(plan, fmt.NAME, attention)  # an unknown mode raises
     for ckpt, scheme in plan.quantized_experts().items():
         why = fmt.expert_scheme_problem(scheme)
         if why is not None:
@@ -239,6 +255,8 @@ def save_pretrained(qmodel: nn.Module, out_dir: str | os.PathLike[str], format: 
     tensors = _tensors(model, fmt, plan, drop, base.renames)
     for path, kv in plan.kv.items():
         tensors.update(fmt.kv_tensors(path, kv))
+    for path, att in plan.attention.items():
+        tensors.update(fmt.attention_tensors(path, att))
     config = _config(model, quant, untie=lm_head_fp8 or (base.tied and drop is None))
     manifest = manifest_from_tensors(config, tensors, f"{type(model).__name__} as {fmt.NAME}")
     consumer = skeleton(config, manifest.source)

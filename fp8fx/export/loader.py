@@ -16,13 +16,20 @@ that :func:`fp8fx.convert` calibrated does; the scales are kept on the model so 
 :func:`fp8fx.save_pretrained` writes them again, in any format that holds them. Per-head scales
 (compressed-tensors' ``attn_head``, ``[num_kv_heads, 1, 1]``) become per-head
 :class:`~fp8fx.kv_cache.KVQuant` tuples.
+
+A checkpoint with FP8 attention (``q_scale`` per attention module, compressed-tensors' attention
+group or vLLM "fp8") keeps the query scales on the model (:class:`LoadedCheckpoint`
+``attention``), so that :func:`fp8fx.save_pretrained` writes them again bit for bit; fp8fx's
+reloaded model itself runs the query in high precision (its FP8 KV cache as above): rebuilding
+fp8fx's FP8 SDPA needs the graph rewrite of :func:`fp8fx.convert`, and the checkpoint lacks the
+probability and output scales that op takes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,7 +43,7 @@ from . import vllm
 from .checks import CheckpointError, Problem, manifest_from_dir, skeleton
 from .core import validate
 from .moe import fuse
-from .plan import LOADED_ATTR, KVScales
+from .plan import LOADED_ATTR, AttentionScales, KVScales
 
 __all__ = ["load_pretrained", "LoadedCheckpoint"]
 
@@ -48,6 +55,8 @@ class LoadedCheckpoint:
     source: str
     format: str
     kv: dict[str, KVScales]
+    #: attention module -> its query scale (the model runs the query in high precision)
+    attention: dict[str, AttentionScales] = field(default_factory=dict)
 
 
 def _set_param(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
@@ -142,7 +151,10 @@ def load_pretrained(path: str | os.PathLike[str], device: str | torch.device = "
         k, v = (_kv_values(m.read(key), want.heads) for key in (k_key, v_key))
         kv[path_] = KVScales(k, v, torch.float8_e4m3fn)
         layers[st.attention[path_]] = KVQuant(k, v, torch.float8_e4m3fn, e4m3_max)
-    model.__dict__[LOADED_ATTR] = LoadedCheckpoint(m.source, fmt.NAME, kv)
+    attention = {path_: AttentionScales(float(m.read(f"{path_}.q_scale").float().reshape(-1)[0]),
+                                        module_type=want.module_type)
+                 for path_, want in plan.attention.items()}
+    model.__dict__[LOADED_ATTR] = LoadedCheckpoint(m.source, fmt.NAME, kv, attention)
     if layers:
         _install_kv(model, list(plan.kv), layers)
     gen = Path(path) / "generation_config.json"

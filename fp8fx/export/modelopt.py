@@ -45,6 +45,14 @@ Per-head KV-cache scales have no ModelOpt form: ``kv_cache_quant_algo`` and ``kv
 carry no strategy, and vLLM's ``ModelOptFp8KVCacheMethod`` is its ``BaseKVCacheMethod`` (one 0-d
 scale; anything else raises "Only support per-tensor scaling factor for fp8 KV cache"). Saving a
 per-head model in this format is refused; compressed-tensors' ``attn_head`` holds it.
+
+FP8 attention has no ModelOpt form: ModelOpt's HF plugin quantizes the query (``q_bmm_quantizer``),
+but its export (``postprocess_state_dict``, modelopt/torch/export/quant_utils.py) renames only the
+``k_bmm_quantizer``/``v_bmm_quantizer`` amaxes to ``k_proj.k_scale``/``v_proj.v_scale`` and drops
+every other ``_amax``; ``hf_quant_config.json`` has no key for it, and vLLM's loader maps no
+ModelOpt-style query-scale name onto its attention layer (``self_attn.q_proj.q_scale`` falls to its
+default rule and is not loaded). Saving FP8 attention in this format is refused
+(:data:`ATTENTION_REFUSED`).
 """
 
 from __future__ import annotations
@@ -84,7 +92,14 @@ _VLLM_ALWAYS_HP = ("vision_tower", "vision_model", "visual")
 
 __all__ = ["NAME", "QUANT_METHOD", "HF_QUANT_CONFIG", "ALGOS", "quant_config", "linear_tensors", "kv_tensors",
            "check", "plan_from", "notes", "extra_names", "extra_files", "module_scale", "kv_names", "detect",
-           "excluded_by", "PER_HEAD_REFUSED", "expert_scheme_problem"]
+           "excluded_by", "PER_HEAD_REFUSED", "ATTENTION_REFUSED", "expert_scheme_problem"]
+
+#: why a model with FP8 attention (beyond the KV cache) is not saved in this format (module docstring)
+ATTENTION_REFUSED = ("FP8 attention (query scales) cannot be written as ModelOpt: ModelOpt's export writes only the KV "
+                     "cache's k_proj.k_scale/v_proj.v_scale (postprocess_state_dict drops the q_bmm_quantizer amax), "
+                     "hf_quant_config.json has no key for a query scale, and vLLM maps no ModelOpt name onto its "
+                     "attention layer's q_scale. Save the model as compressed-tensors or vllm (attention=\"qkv\"), or "
+                     "convert with blocklist {\"types\": [\"sdpa\"]} (keeping kv_cache) to save it in this format")
 
 #: why a model with per-head KV-cache scales is not saved in this format (module docstring)
 PER_HEAD_REFUSED = ("per-head KV-cache scales (observer_params.kv_cache_strategy 'attn_head') cannot be written as "
@@ -410,6 +425,11 @@ def check(m: Manifest, st: Structure, plan: Plan | None, problems: list[Problem]
             if f"{path}.{key}" in m.tensors:
                 problems.append(Problem(f"{path}.{key}", f"ModelOpt names this scale {full} (SGLang and TensorRT-LLM "
                                         "read that name; vLLM remaps both)"))
+        for q_name in (f"{path}.q_scale", f"{path}.q_proj.q_scale"):
+            if q_name in m.tensors:
+                problems.append(Problem(q_name, "a query scale in a ModelOpt checkpoint: the format has none (no "
+                                        "hf_quant_config key; ModelOpt's export never writes one) and vLLM does not "
+                                        "load this name for ModelOpt models' attention; remove it"))
     if plan.kv and not st.attention:
         problems.append(Problem(f"{CONFIG}: {_Q}.kv_cache_scheme", "set, but the model has no attention module "
                                 "with k_proj/v_proj and a layer_idx"))

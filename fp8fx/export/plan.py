@@ -15,6 +15,14 @@ KV-cache scales are one float per tensor, or one per KV head (a tuple, from cali
 ``observer_params.kv_cache_strategy = "attn_head"``); :func:`kv_strategy` says which a plan holds
 (one for the whole model, as every format has one KV-cache scheme), and each format writes
 per-head scales only where its consumer reads them (docs/export.md, "Per-head KV-cache scales").
+
+FP8 attention (an fp8fx SDPA, ``fp8fx::sdpa``) becomes an :class:`AttentionScales` per attention
+module: the query's scale (what vLLM reads as ``q_scale``), its key and value scales (which must
+be the KV cache's, or become them: the consumers hold one key and one value scale per layer), and
+the probability and output scales that no checkpoint consumer reads (docs/export.md, "FP8
+attention scales"). Which formats write it, and whether the probability and output scales may be
+dropped, is decided by :func:`attention_problem` when saving. The matmul/softmax form of FP8
+attention (``attn_implementation="eager"``) and per-head query scales are refused here.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from ..fp8 import FORMATS
 from ..modules import Fp8Linear
 from ..schemes import LinearScheme
 
-__all__ = ["QLinear", "KVScales", "Plan", "plan_of", "kv_strategy", "LOADED_ATTR"]
+__all__ = ["QLinear", "KVScales", "AttentionScales", "Plan", "plan_of", "kv_strategy", "attention_problem",
+           "ATTENTION_MODES", "LOADED_ATTR"]
 
 #: where :func:`fp8fx.load_pretrained` keeps what the checkpoint said that modules do not hold
 LOADED_ATTR = "_fp8fx_checkpoint"
@@ -67,6 +76,28 @@ class KVScales:
         return len(self.k) if isinstance(self.k, tuple) else None
 
 
+@dataclass(frozen=True)
+class AttentionScales:
+    """One attention module's FP8 attention: ``q`` the query's scale (per tensor, a dequant
+    multiplier like every fp8fx scale: ``x ≈ q8 * s``); ``p`` and ``o`` the probabilities' and the
+    output's, which fp8fx's SDPA also rounds to FP8 and no checkpoint holds (None when the scales
+    were read from a checkpoint, which never has them). The key and value scales are the module's
+    :class:`KVScales`."""
+
+    q: float
+    p: float | None = None
+    o: float | None = None
+    module_type: str = ""   # the attention module's class name (compressed-tensors' group target)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "q", float(self.q))
+
+    @property
+    def dropped(self) -> tuple[str, ...]:
+        """The scales fp8fx uses that a checkpoint cannot hold."""
+        return tuple(n for n, v in (("probabilities", self.p), ("output", self.o)) if v is not None)
+
+
 @dataclass
 class Plan:
     linears: dict[str, QLinear]                          # quantized Linear module -> scheme
@@ -75,6 +106,8 @@ class Plan:
     #: MoE experts modules by checkpoint prefix (:class:`~.moe.Experts`); their per-expert Linears
     #: are in ``linears`` / ``hp_linears`` under their checkpoint names
     experts: dict[str, Any] = field(default_factory=dict)
+    #: attention module -> its FP8 attention's scales (an fp8fx SDPA, or read from a checkpoint)
+    attention: dict[str, AttentionScales] = field(default_factory=dict)
 
     def expert_linears(self) -> dict[str, str]:
         """Per-expert Linear name -> its experts module's checkpoint prefix."""
@@ -93,22 +126,61 @@ class Plan:
         return list(dict.fromkeys(q.scheme for q in self.linears.values()))
 
 
-def _kv_from_state(model: nn.Module) -> dict[str, KVScales]:
+def _attention_from_state(model: nn.Module) -> tuple[dict[str, KVScales], dict[str, AttentionScales]]:
+    """The KV-cache scales and the FP8 attention (SDPA) scales of each attention module."""
     from ..passes.match import OpKind
     from ..state import state_of
 
     state = state_of(model)
     if state is None or state.phase != "converted":
         record = model.__dict__.get(LOADED_ATTR)
-        return dict(record.kv) if record is not None else {}
-    out: dict[str, KVScales] = {}
-    kv = {n: q for n, q in state.attention.items() if q.kind is OpKind.KV_CACHE}
-    others = sorted(n for n, q in state.attention.items() if q.kind is not OpKind.KV_CACHE)
-    if others:
+        if record is None:
+            return {}, {}
+        return dict(record.kv), dict(getattr(record, "attention", {}))
+    out = _kv_of(state.attention)
+    others = {n: q for n, q in state.attention.items() if q.kind is not OpKind.KV_CACHE}
+    eager = sorted(n for n, q in others.items() if q.kind is not OpKind.SDPA)
+    if eager:
         raise UnsupportedError(
-            f"{type(model).__name__} has FP8 attention ops that no checkpoint format holds ({', '.join(others[:6])}"
-            f"{' ...' if len(others) > 6 else ''}): vLLM and compressed-tensors store KV-cache scales only. Convert "
-            "with blocklist {\"types\": [\"matmul\", \"softmax\", \"sdpa\"]} (keeping kv_cache) to export this model")
+            f"{type(model).__name__} has FP8 attention in matmul/softmax form ({', '.join(eager[:6])}"
+            f"{' ...' if len(eager) > 6 else ''}): fp8fx exports FP8 attention from its SDPA op only (which operand "
+            "of a matmul is the query is not recorded). Load the model with attn_implementation=\"sdpa\", or "
+            "convert with blocklist {\"types\": [\"matmul\", \"softmax\"]} (keeping kv_cache) to export it")
+    by_path: dict[str, list[str]] = {}
+    for n in sorted(others):
+        by_path.setdefault(n.rpartition(".")[0], []).append(n)
+    attention: dict[str, AttentionScales] = {}
+    for path, names in by_path.items():
+        if len(names) > 1:
+            raise UnsupportedError(f"{path}: {len(names)} FP8 SDPA calls ({', '.join(names)}); a checkpoint holds one "
+                                   "query scale per attention layer. Blocklist all but one by name to export it")
+        q = others[names[0]]
+        s_q, s_k, s_v, s_p, s_o = q.scales
+        if any(isinstance(x, tuple) for x in (s_q, s_k, s_v)):
+            raise UnsupportedError(f"{names[0]}: per-head query/key/value scales (observer_params.kv_cache_strategy "
+                                   "'attn_head') in FP8 attention are not exported: vLLM reads one q_scale per layer "
+                                   "('Only support per-tensor scaling factor for fp8-quantized Q/prob'). Calibrate with "
+                                   "kv_cache_strategy 'tensor', or blocklist types ['sdpa']")
+        kv = out.get(path)
+        if kv is None:  # the consumer stores the cache in FP8 with these: the same rounding as fp8fx's SDPA
+            out[path] = KVScales(s_k, s_v, q.fp8_dtype)
+        elif (kv.k, kv.v) != (s_k, s_v) or kv.fp8_dtype != q.fp8_dtype:
+            raise UnsupportedError(
+                f"{path}: its SDPA ({names[0]}) quantizes keys/values with scales {s_k!r}/{s_v!r} ({q.fp8_dtype}) and "
+                f"its KV cache with {kv.k!r}/{kv.v!r} ({kv.fp8_dtype}); the consumers hold one key and one value scale "
+                "per attention layer (vLLM's FP8 attention reads K and V from the FP8 cache). Calibrate both with one "
+                "scale method and backoff, or blocklist types ['sdpa'] (or ['kv_cache'])")
+        module = model.get_submodule(path) if path else model
+        attention[path] = AttentionScales(s_q, s_p, s_o, type(module).__name__)
+    return out, attention
+
+
+def _kv_of(nodes: dict[str, Any]) -> dict[str, KVScales]:
+    """The KV-cache scales of each attention module, from its ``kv_cache_0``/``kv_cache_1`` nodes."""
+    from ..passes.match import OpKind
+
+    out: dict[str, KVScales] = {}
+    kv = {n: q for n, q in nodes.items() if q.kind is OpKind.KV_CACHE}
     for name, q in kv.items():
         path, _, leaf = name.rpartition(".")
         if leaf != "kv_cache_0":
@@ -129,6 +201,34 @@ def _kv_from_state(model: nn.Module) -> dict[str, KVScales]:
         raise UnsupportedError(f"{', '.join(lone)}: values in FP8 without keys; a checkpoint holds both scales or "
                                "neither")
     return out
+
+
+#: ``save_pretrained(attention=...)``: ``"refuse"`` a model whose FP8 attention uses scales the
+#: format cannot hold; ``"qkv"`` writes the query, key and value scales and drops the
+#: probabilities' and output's (the consumer then runs them as it always does)
+ATTENTION_MODES = ("refuse", "qkv")
+
+
+def attention_problem(plan: Plan, fmt_name: str, mode: str) -> str | None:
+    """Why ``plan``'s FP8 attention cannot be saved with ``save_pretrained(attention=mode)`` in a
+    format that holds query scales (``fmt_name``), or None; an unknown ``mode`` raises."""
+    if mode not in ATTENTION_MODES:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"save_pretrained(attention={mode!r}): choose one of {', '.join(map(repr, ATTENTION_MODES))}")
+    if not plan.attention:
+        return None
+    dropped = [d for d in ("probabilities", "output") if any(d in a.dropped for a in plan.attention.values())]
+    if dropped and mode == "refuse":
+        first = next(p for p, a in plan.attention.items() if a.dropped)
+        return (f"{first} (and {len(plan.attention) - 1} more attention module(s)): fp8fx's FP8 SDPA also rounds the "
+                f"{' and '.join(dropped)} to FP8, which no {fmt_name} checkpoint holds (vLLM reads q_scale, k_scale and "
+                "v_scale; its prob_scale is used by ROCm's Triton attention only and has no checkpoint name its loader "
+                "maps; the attention output has no scale). Save with attention=\"qkv\" to write the query, key and "
+                "value scales (q_scale, k_scale, v_scale) and let the consumer run the "
+                "probabilities and the output as it does (docs/export.md, \"FP8 attention scales\"), or convert with "
+                "blocklist {\"types\": [\"sdpa\"]} (keeping kv_cache)")
+    return None
 
 
 def kv_strategy(plan: Plan) -> str | None:
@@ -186,4 +286,5 @@ def plan_of(model: nn.Module) -> Plan:
     if not linears:
         raise UnsupportedError(f"{type(model).__name__} holds no Fp8Linear: quantize it first (fp8fx.quantize or "
                                "fp8fx.convert), then save it")
-    return Plan(linears, hp, _kv_from_state(model), experts)
+    kv, attention = _attention_from_state(model)
+    return Plan(linears, hp, kv, experts, attention)

@@ -30,6 +30,18 @@ runs with ``kv_cache_dtype="fp8"``. Per-head KV-cache scales cannot be said in t
 allocates one 0-d ``k_scale``/``v_scale`` and raises "Only support per-tensor scaling factor for
 fp8 KV cache" for anything else, and the config has no KV-cache scheme to say "per head". Saving
 a per-head model in this format is refused; compressed-tensors' ``attn_head`` holds it.
+
+FP8 attention: ``<attention>.q_scale``, one value (``[1]``), the query's dequant multiplier.
+``BaseKVCacheMethod.create_weights`` allocates ``q_scale`` and ``prob_scale`` (0-d, -1 meaning
+"not in the checkpoint") next to ``k_scale``/``v_scale``; ``maybe_remap_kv_scale_name`` maps
+``.self_attn.q_scale`` onto ``.self_attn.attn.q_scale``; ``process_weights_after_loading`` raises
+for anything but one value, and without a ``q_scale`` uses ``k_scale`` for the query. Backends
+that run attention in FP8 with an FP8 KV cache (FlashAttention: ``ops.scaled_fp8_quant(query,
+layer._q_scale)`` when ``kv_cache_dtype`` is fp8; FlashInfer with an FP8 query; MLA) quantize the
+query with it, dividing by it as fp8fx does. ``prob_scale`` is not written: only ROCm's Triton attention reads it, and the
+loader maps no checkpoint name onto ``attn.prob_scale``. A ``q_scale`` needs the layer's
+``k_scale``/``v_scale`` (vLLM's FP8 attention reads keys and values from the FP8 cache), and one
+layer with a ``q_scale`` means every layer needs one (a missing one runs the query at ``k_scale``).
 """
 
 from __future__ import annotations
@@ -44,14 +56,14 @@ from ..modules import Fp8Linear
 from ..schemes import ActivationScheme, LinearScheme, WeightGranularity
 from .checks import CONFIG, Manifest, Problem, Structure, block_shape, check_kv_scale, check_scale
 from .moe import collapse
-from .plan import KVScales, Plan, QLinear, kv_strategy
+from .plan import AttentionScales, KVScales, Plan, QLinear, kv_strategy
 
 NAME = "vllm"
 QUANT_METHOD = "fp8"
 _Q = "quantization_config"
 
-__all__ = ["NAME", "quant_config", "linear_tensors", "kv_tensors", "check", "plan_from", "notes", "PER_HEAD_REFUSED",
-           "expert_scheme_problem"]
+__all__ = ["NAME", "quant_config", "linear_tensors", "kv_tensors", "attention_tensors", "check", "plan_from", "notes",
+           "PER_HEAD_REFUSED", "expert_scheme_problem"]
 
 #: why a model with per-head KV-cache scales is not saved in this format (module docstring)
 PER_HEAD_REFUSED = ("per-head KV-cache scales (observer_params.kv_cache_strategy 'attn_head') cannot be written as "
@@ -133,6 +145,10 @@ def kv_tensors(path: str, kv: KVScales) -> dict[str, Tensor]:
             f"{path}.v_scale": torch.tensor([kv.v], dtype=torch.float32)}
 
 
+def attention_tensors(path: str, a: AttentionScales) -> dict[str, Tensor]:
+    return {f"{path}.q_scale": torch.tensor([a.q], dtype=torch.float32)}
+
+
 def plan_from(m: Manifest, st: Structure, problems: list[Problem]) -> Plan | None:
     q = m.quant
     where = f"{CONFIG}: {_Q}"
@@ -177,7 +193,10 @@ def plan_from(m: Manifest, st: Structure, problems: list[Problem]) -> Plan | Non
     linears = {n: QLinear(scheme, torch.float8_e4m3fn) for n in st.linears if n not in skip}
     has_kv = any(f"{p}.k_scale" in m.tensors or f"{p}.v_scale" in m.tensors for p in st.attention)
     kv = {p: KVScales(float("nan"), float("nan"), torch.float8_e4m3fn) for p in st.attention} if has_kv else {}
-    return Plan(linears, [n for n in st.linears if n in skip], kv)
+    has_q = any(f"{p}.q_scale" in m.tensors for p in st.attention)
+    attention = {p: AttentionScales(float("nan"), module_type=type(st.modules[p]).__name__)
+                 for p in st.attention} if has_q else {}  # values read on load
+    return Plan(linears, [n for n in st.linears if n in skip], kv, attention=attention)
 
 
 def check(m: Manifest, st: Structure, plan: Plan | None, problems: list[Problem]) -> None:
@@ -225,6 +244,16 @@ def check(m: Manifest, st: Structure, plan: Plan | None, problems: list[Problem]
         if plan.kv:  # one layer with scales means every layer needs them: a missing one runs at 1.0
             for key in ("k_scale", "v_scale"):
                 check_kv_scale(m, f"{path}.{key}", [(), (1,)], "vLLM's 'fp8' format (BaseKVCacheMethod)", problems)
+        if plan.attention:  # one layer with a q_scale means every layer needs one: a missing one runs at k_scale
+            check_scale(m, f"{path}.q_scale", [(), (1,)], "vLLM's FP8 query scale (BaseKVCacheMethod: one value)",
+                        problems)
+            if not plan.kv:
+                problems.append(Problem(f"{path}.q_scale", "present without k_scale/v_scale: vLLM quantizes the query "
+                                        "only in FP8 attention over an FP8 KV cache, whose scales the checkpoint must "
+                                        "hold (or it runs them at 1.0)"))
+        if f"{path}.prob_scale" in m.tensors:
+            problems.append(Problem(f"{path}.prob_scale", "vLLM's loader maps no checkpoint name onto attn.prob_scale "
+                                    "and only ROCm's Triton attention reads it: remove it"))
         if f"{path}.kv_scale" in m.tensors:
             problems.append(Problem(f"{path}.kv_scale", "the old single KV scale: write k_scale and v_scale (vLLM "
                                     "uses one value for both only through a deprecated remapping)"))
@@ -237,4 +266,8 @@ def notes(plan: Plan) -> list[str]:
         out.append("transformers (seen with 5.24 on CPU) reads quant_method 'fp8' as block-wise only: it drops "
                    "per-tensor 'weight_scale' tensors as unexpected keys and runs the FP8 weights unscaled. Serve this "
                    "checkpoint with vLLM; for transformers save the model as compressed-tensors")
+    if plan.attention:
+        out.append("q_scale (FP8 attention): vLLM uses it only with kv_cache_dtype fp8 on a backend that runs "
+                   "attention in FP8 (FlashAttention, FlashInfer with an FP8 query, MLA); fp8fx.load_pretrained keeps "
+                   "it for the next save but runs the query in high precision")
     return out
