@@ -123,9 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint format of --save: compressed-tensors (default; vLLM and transformers "
                         "read it), vllm (vLLM's 'fp8': per-tensor or block weights) or modelopt (NVIDIA "
                         "ModelOpt's hf_quant_config.json: vLLM, SGLang, TensorRT-LLM)")
+    q.add_argument("--save-attention", metavar="MODE", default="refuse", choices=("refuse", "qkv"),
+                   help="with --save and --attention: refuse (default) a model whose FP8 attention no format "
+                        "holds whole, or qkv: write the query/key/value scales (q_scale, k_scale, v_scale) and "
+                        "let the consumer run the probabilities and output its own way (docs/export.md)")
     c = sub.add_parser(
         "check",
-        help="check an FP8 checkpoint folder (compressed-tensors or vLLM 'fp8') for what would load wrong",
+        help="check an FP8 checkpoint folder (compressed-tensors, vLLM 'fp8' or ModelOpt) for what would load wrong",
         description=("Read config.json, the safetensors headers and the scales of DIR and list every "
                      "tensor or config key that its consumer (transformers, vLLM) would load wrong. Exit status 1 when "
                      "there are problems, 0 when there are none."),
@@ -499,6 +503,8 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
                 raise Fp8fxError("--sequential-cache-mb takes a number of MB >= 0 and needs --sequential")
             if args.format is not None and args.save is None:
                 raise Fp8fxError("--format names the format of --save DIR; give --save too")
+            if args.save_attention != "refuse" and args.save is None:
+                raise Fp8fxError("--save-attention applies to --save DIR; give --save too")
             _check_report_path(args.report_json)
             calib_path, eval_path = _text_paths(args)
             out_dir = _out_dir(args, stack)
@@ -565,7 +571,7 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
         if args.save is not None:
             with clock.phase("save"):
                 saved = str(fp8fx.save_pretrained(model, args.save, format=args.format or "compressed-tensors",
-                                                  tokenizer=tokenizer))
+                                                  tokenizer=tokenizer, attention=args.save_attention))
 
     weight_hp = _count_skipping(bytes_hp, excluded)
     weight_fp8 = _count_skipping(bytes_fp8, excluded)

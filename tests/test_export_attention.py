@@ -284,3 +284,28 @@ def test_a_query_scale_in_a_modelopt_checkpoint_is_reported(tmp_path, fp8_attent
     _edit(folder, tensors=lambda d: d.update({f"{A0}.q_proj.q_scale": torch.ones(())}))
     problems = [str(p) for p in check_checkpoint(folder).problems]
     assert any(p.startswith(f"{A0}.q_proj.q_scale: a query scale in a ModelOpt checkpoint") for p in problems), problems
+
+
+def test_cli_quantize_attention_saves_the_query_scale_only_when_asked(tmp_path, capsys):
+    from test_data import build_tiny_hf_folder, write_tiny_text
+
+    model = build_tiny_hf_folder(tmp_path / "model")
+    text = write_tiny_text(tmp_path / "eval.txt", repeats=2)
+    argv = ["quantize", "--model", str(model), "--calib", str(text), "--eval", str(text), "--window", "16",
+            "--no-progress", "--attention"]
+    assert cli.main([*argv, "--save-attention", "qkv"]) == 2 and "--save" in capsys.readouterr().err
+    assert cli.main([*argv, "--save", str(tmp_path / "no")]) == 2
+    assert 'attention="qkv"' in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert cli.main([*argv, "--save", str(tmp_path / "q"), "--save-attention", "qkv"]) == 0
+    assert check_checkpoint(tmp_path / "q").problems == []
+    assert _has_q_scale(tmp_path / "q")
+
+
+def _has_q_scale(folder) -> bool:
+    from safetensors import safe_open
+
+    keys = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            keys.update(st.keys())
+    return any(k.endswith("self_attn.q_scale") for k in keys)

@@ -224,7 +224,8 @@ def attention_problem(plan: Plan, fmt_name: str, mode: str) -> str | None:
         return (f"{first} (and {len(plan.attention) - 1} more attention module(s)): fp8fx's FP8 SDPA also rounds the "
                 f"{' and '.join(dropped)} to FP8, which no {fmt_name} checkpoint holds (vLLM reads q_scale, k_scale and "
                 "v_scale; its prob_scale is used by ROCm's Triton attention only and has no checkpoint name its loader "
-                "maps; the attention output has no scale). Save with attention=\"qkv\" to write the query, key and "
+                "maps; the attention output has no scale). Save with attention=\"qkv\" (fp8fx quantize --save-attention qkv) "
+                "to write the query, key and "
                 "value scales (q_scale, k_scale, v_scale) and let the consumer run the "
                 "probabilities and the output as it does (docs/export.md, \"FP8 attention scales\"), or convert with "
                 "blocklist {\"types\": [\"sdpa\"]} (keeping kv_cache)")
