@@ -311,6 +311,21 @@ def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def fp8_weight_shape(m: Manifest, name: str, not_fp8: str, problems: list[Problem]) -> tuple[int, int] | None:
+    """``[out, in]`` of the quantized Linear ``name``'s weight, or None (reported) when it is missing
+    or not 2-D; a weight that is not F8_E4M3 is reported with ``not_fp8`` (what the consumer does)."""
+    w = m.tensors.get(f"{name}.weight")
+    if w is None:
+        problems.append(Problem(f"{name}.weight", "missing"))
+        return None
+    if w.dtype != "F8_E4M3":
+        problems.append(Problem(f"{name}.weight", f"dtype {w.dtype}{not_fp8}"))
+    if len(w.shape) != 2:
+        problems.append(Problem(f"{name}.weight", f"shape {list(w.shape)}; expected [out, in]"))
+        return None
+    return w.shape[0], w.shape[1]
+
+
 def check_scale_values(m: Manifest, key: str, problems: list[Problem]) -> None:
     """A scale must be finite and positive: 0 gives inf/NaN on dequant, NaN spreads."""
     try:

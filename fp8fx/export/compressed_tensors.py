@@ -52,7 +52,8 @@ from torch import Tensor, nn
 from ..errors import UnsupportedError
 from ..modules import Fp8Linear
 from ..schemes import ActivationScheme, LinearScheme, WeightGranularity
-from .checks import (CONFIG, Manifest, Problem, Structure, block_shape, check_kv_scale, check_scale)
+from .checks import (CONFIG, Manifest, Problem, Structure, block_shape, check_kv_scale, check_scale,
+                     fp8_weight_shape)
 from .moe import collapse, ignore_pattern
 from .plan import AttentionScales, KVScales, Plan, QLinear, kv_strategy
 
@@ -362,17 +363,11 @@ def check(m: Manifest, st: Structure, plan: Plan | None, problems: list[Problem]
         return
     for name, ql in plan.linears.items():
         s = ql.scheme
-        w = m.tensors.get(f"{name}.weight")
-        if w is None:
-            problems.append(Problem(f"{name}.weight", "missing"))
+        shape = fp8_weight_shape(m, name, ("; a quantized Linear's weight is F8_E4M3 (a high-precision weight "
+                                 "would be treated as FP8 codes)"), problems)
+        if shape is None:
             continue
-        if w.dtype != "F8_E4M3":
-            problems.append(Problem(f"{name}.weight", f"dtype {w.dtype}; a quantized Linear's weight is F8_E4M3 "
-                                    "(a high-precision weight would be treated as FP8 codes)"))
-        if len(w.shape) != 2:
-            problems.append(Problem(f"{name}.weight", f"shape {list(w.shape)}; expected [out, in]"))
-            continue
-        out_f, in_f = w.shape
+        out_f, in_f = shape
         shapes = {WeightGranularity.TENSOR: [(1,)], WeightGranularity.CHANNEL: [(out_f, 1)],
                   WeightGranularity.BLOCK: [block_shape(out_f, in_f, s.block)]}[s.weights]
         check_scale(m, f"{name}.weight_scale", shapes, f"weights strategy {s.weights.value!r}", problems)

@@ -70,7 +70,7 @@ from torch import Tensor
 from ..errors import UnsupportedError
 from ..modules import Fp8Linear
 from ..schemes import ActivationScheme, LinearScheme, WeightGranularity
-from .checks import CONFIG, Manifest, Problem, Structure, check_kv_scale, check_scale
+from .checks import CONFIG, Manifest, Problem, Structure, check_kv_scale, check_scale, fp8_weight_shape
 from .moe import collapse
 from .plan import KVScales, Plan, QLinear, kv_strategy
 
@@ -375,18 +375,11 @@ def check(m: Manifest, st: Structure, plan: Plan | None, problems: list[Problem]
     c = _read(m, []) or _Config()
     for name, ql in plan.linears.items():
         s = ql.scheme
-        w = m.tensors.get(f"{name}.weight")
-        if w is None:
-            problems.append(Problem(f"{name}.weight", "missing"))
+        shape = fp8_weight_shape(m, name, (f", but no exclude_modules entry names {name}: the consumers allocate a "
+                                 "float8_e4m3fn weight for it (list high-precision layers in exclude_modules)"), problems)
+        if shape is None:
             continue
-        if w.dtype != "F8_E4M3":
-            problems.append(Problem(f"{name}.weight", f"dtype {w.dtype}, but no exclude_modules entry names {name}: "
-                                    "the consumers allocate a float8_e4m3fn weight for it (list high-precision "
-                                    "layers in exclude_modules)"))
-        if len(w.shape) != 2:
-            problems.append(Problem(f"{name}.weight", f"shape {list(w.shape)}; expected [out, in]"))
-            continue
-        out_f, in_f = w.shape
+        out_f, in_f = shape
         if s.weights is WeightGranularity.BLOCK:
             if out_f % PB_BLOCK or in_f % PB_BLOCK:
                 problems.append(Problem(f"{name}.weight", f"shape [{out_f}, {in_f}]: FP8_PB_WO needs out and in "

@@ -54,7 +54,7 @@ from torch import Tensor
 from ..errors import UnsupportedError
 from ..modules import Fp8Linear
 from ..schemes import ActivationScheme, LinearScheme, WeightGranularity
-from .checks import CONFIG, Manifest, Problem, Structure, block_shape, check_kv_scale, check_scale
+from .checks import CONFIG, Manifest, Problem, Structure, block_shape, check_kv_scale, check_scale, fp8_weight_shape
 from .moe import collapse
 from .plan import AttentionScales, KVScales, Plan, QLinear, kv_strategy
 
@@ -204,18 +204,11 @@ def check(m: Manifest, st: Structure, plan: Plan | None, problems: list[Problem]
         return
     for name, ql in plan.linears.items():
         s = ql.scheme
-        w = m.tensors.get(f"{name}.weight")
-        if w is None:
-            problems.append(Problem(f"{name}.weight", "missing"))
+        shape = fp8_weight_shape(m, name, (f", but {name} is not in ignored_layers: vLLM allocates a float8_e4m3fn "
+                                 "weight for it (list high-precision layers in ignored_layers)"), problems)
+        if shape is None:
             continue
-        if w.dtype != "F8_E4M3":
-            problems.append(Problem(f"{name}.weight", f"dtype {w.dtype}, but {name} is not in ignored_layers: vLLM "
-                                    "allocates a float8_e4m3fn weight for it (list high-precision layers in "
-                                    "ignored_layers)"))
-        if len(w.shape) != 2:
-            problems.append(Problem(f"{name}.weight", f"shape {list(w.shape)}; expected [out, in]"))
-            continue
-        out_f, in_f = w.shape
+        out_f, in_f = shape
         if s.weights is WeightGranularity.BLOCK:
             check_scale(m, f"{name}.weight_scale_inv", [block_shape(out_f, in_f, s.block)],
                         f"weight_block_size {list(s.block)}", problems)
