@@ -7,7 +7,10 @@
 # in OUT_DIR (created):
 #   machine   nvidia-smi, torch / CUDA / capability, package versions    -> machine.txt
 #   tests     pytest -k cuda (fake-tensor CUDA-path tests + real-GPU tests, which
-#             skip without CUDA)                       T_TESTS=60    -> tests.log, tests.xml
+#             skip without CUDA; the Linear and the attention lowerings) T_TESTS=90 -> tests.log, tests.xml
+#   attention benchmarks/attention_cuda.py: the lowered fp8fx::matmul (_scaled_grouped_mm, sm90)
+#             against its emulation and bf16, Llama-3-8B Q·Kᵀ / P·V, prefill and decode
+#                                                               T_ATTN=50     -> attention.jsonl
 #   schemes   benchmarks/linear_schemes_cuda.py: FP8_DYNAMIC and FP8_BLOCK (compiled) against bf16
 #             on Llama-3-8B Linear shapes, M = 1,16,256,2048  T_SCHEMES=90 -> schemes.jsonl
 #   linear    benchmarks/linear.py --device cuda, Llama-3-8B then Llama-3-70B Linear shapes,
@@ -23,7 +26,8 @@ cd "$(dirname "$0")/.." || exit 2
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
-T_TESTS=${T_TESTS:-60}
+T_TESTS=${T_TESTS:-90}
+T_ATTN=${T_ATTN:-50}
 T_SCHEMES=${T_SCHEMES:-90}
 T_LINEAR=${T_LINEAR:-80}
 T_LINEAR70=${T_LINEAR70:-70}
@@ -79,18 +83,21 @@ EOF
 
 HAS_CUDA=$(timeout 60 "$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 
-# -k cuda: every test in test_cuda_paths.py (all marked `cuda`: the fp8fx::linear and the
-# schemes' fp8fx::scaled_linear CUDA paths) and the fake-tensor CUDA tests of
-# test_backend_inductor.py (named *cuda*)
+# -k cuda: every test in test_cuda_paths.py and test_cuda_attention.py (all marked `cuda`: the
+# fp8fx::linear and the schemes' fp8fx::scaled_linear CUDA paths, the attention lowering) and the
+# fake-tensor CUDA tests of test_backend_inductor.py (named *cuda*)
 step tests "$T_TESTS" "$OUT/tests.log" "$PY" -m pytest -q -rs -p no:cacheprovider -k cuda \
-  --junitxml "$OUT/tests.xml" tests/test_cuda_paths.py tests/test_backend_inductor.py
+  --junitxml "$OUT/tests.xml" tests/test_cuda_paths.py tests/test_cuda_attention.py tests/test_backend_inductor.py
 
 if [[ $HAS_CUDA != 1 ]]; then
   echo "no CUDA device: skipping the GPU benchmarks"
   exit 0
 fi
 
-# the schemes first: a timeout then cuts the older linear.py figures, not the new ones
+# the attention matmuls first (no figures yet), then the schemes: a timeout cuts the older ones
+step attention "$T_ATTN" "$OUT/attention.log" "$PY" benchmarks/attention_cuda.py --device cuda \
+  --warmup 3 --repeats 20 --json-out "$OUT/attention.jsonl"
+
 step schemes "$T_SCHEMES" "$OUT/schemes.log" "$PY" benchmarks/linear_schemes_cuda.py --device cuda \
   --shapes llama --m 1,16,256,2048 --warmup 3 --repeats 20 --json-out "$OUT/schemes.jsonl"
 

@@ -472,9 +472,11 @@ def quantize(model: nn.Module, scheme: str | dict | FP8Config = "FP8_DYNAMIC", c
 # ----------------------------------------------------------------------------- explain / report
 @dataclass
 class Explanation:
-    """Every candidate node and what fp8fx does with it."""
+    """Every candidate node and what fp8fx does with it; ``lowering``: what the target's backend
+    lowering does with a quantized node, by name (target ``cuda``: fp8fx.backends.cuda_attention)."""
 
     rows: list[Decision]
+    lowering: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def counts(self) -> dict[str, dict[str, int]]:
         q = Counter(d.match.kind.value for d in self.rows if d.quantize)
@@ -482,13 +484,15 @@ class Explanation:
         return {"quantized": dict(q), "skipped": dict(s)}
 
     def to_dict(self) -> list[dict]:
-        return [{**d.to_meta(), "module_type": d.match.module_type, "node": d.match.node} for d in self.rows]
+        return [{**d.to_meta(), "module_type": d.match.module_type, "node": d.match.node,
+                 **({"lowering": self.lowering[d.match.name]} if d.match.name in self.lowering else {})}
+                for d in self.rows]
 
     def __str__(self) -> str:
         head = ("name", "kind", "module type", "decision", "reason")
         body = [(d.match.name, d.match.kind.value, d.match.module_type,
                  "quantize" if d.quantize else ("measure" if d.measure else "skip"),
-                 "" if d.quantize else d.reason) for d in self.rows]
+                 self.lowering.get(d.match.name, "") if d.quantize else d.reason) for d in self.rows]
         widths = [max(len(r[i]) for r in [head, *body]) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in [head, *body]]
         c = self.counts()
@@ -501,7 +505,7 @@ def explain(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
     """List every candidate node: quantized or not, and why. Runs nothing, changes nothing."""
     state = state_of(model)
     if state is not None and state.decisions and cfg is None:
-        return Explanation(list(state.decisions.values()))
+        return _explanation(list(state.decisions.values()), state.config)
     cfg = resolve_config(cfg, "explain")
     args, kwargs = _call_args(example_inputs, example_kwargs)
     if not (args or kwargs):
@@ -510,7 +514,13 @@ def explain(model: nn.Module, cfg: FP8Config | dict | str | None = None, example
     if state is not None and state.phase == "converted":
         raise Fp8fxError(f"{type(model).__name__} is already converted: call fp8fx.explain(model) "
                          "without a config to see what was done, or explain a fresh model")
-    return Explanation(list(_decide_graphs(model, _capture_model(model, args, kwargs), cfg).values()))
+    return _explanation(list(_decide_graphs(model, _capture_model(model, args, kwargs), cfg).values()), cfg)
+
+
+def _explanation(rows: list[Decision], cfg: FP8Config) -> Explanation:
+    from .backends.cuda_attention import explain_notes
+
+    return Explanation(rows, explain_notes(rows, cfg.target.value))
 
 
 def report(model: nn.Module) -> dict:

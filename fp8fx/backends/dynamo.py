@@ -197,6 +197,9 @@ def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
 
         lower_to_hpu(gm, e4m3_max=fp8_max(torch.float8_e4m3fn, cfg.target.value))  # 240 on Gaudi2, not a guess
         return _swap_on_first_run(_bound_to_parameters(gm, example_inputs, sources), swap)
+    from .cuda_attention import lower_attention_for_cuda
+
+    lower_attention_for_cuda(gm)  # CUDA nodes only: FP8 GEMMs for fp8fx.matmul, reasons in node.meta
     if not opts["inductor"]:
         return _swap_on_first_run(_bound_to_parameters(gm, example_inputs, sources), swap)
     from torch._inductor.compile_fx import compile_fx
