@@ -207,6 +207,9 @@ def fp8fx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict |
     from .inductor import register_lowering
 
     register_lowering()
+    from .cpu_attention import lower_cpu_attention
+
+    lower_cpu_attention(gm)  # fp8fx::sdpa on CPU tensors: FP8 codes into Inductor's GEMMs/reductions
     compiled = compile_fx(gm, example_inputs,
                           config_patches={"post_grad_custom_post_pass": _cache_pass(_digest(cfg, quants))})
     return _swap_on_first_run(_bound_to_parameters(compiled, example_inputs, sources), swap)

@@ -388,6 +388,9 @@ def register_lowering() -> None:
     from fp8fx.backends.inductor_schemes import register_scheme_lowerings
 
     register_scheme_lowerings(_decomposition_tables())
+    from fp8fx.backends.cpu_attention import register_cpu_attention
+
+    register_cpu_attention()
     from torch.compiler import config as compiler_config
 
     tag = _cache_tag()

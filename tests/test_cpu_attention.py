@@ -1,0 +1,168 @@
+"""The CPU Inductor lowering of ``fp8fx::sdpa`` (fp8fx/backends/cpu_attention.py): the same values
+as the op's definition, and generated code without float32 copies of K/V per query head."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import fp8fx
+from arch_zoo import build, calibration_batches, eval_ids, main_output
+from fp8fx import numerics
+from fp8fx.backends.cpu_attention import lower_cpu_attention, sdpa_cpu
+from tiny_models import tiny_llama
+
+E4M3 = torch.float8_e4m3fn
+POW2 = (2.0**-5, 2.0**-5, 2.0**-6, 2.0**-8, 2.0**-6)  # q, k, v, probabilities, output
+ARBITRARY = (0.0123, 0.0171, 0.0093, 0.00213, 0.0051)
+
+
+def _inputs(b, h, hk, s, sk, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, m, d, generator=g).to(torch.bfloat16) for n, m in ((h, s), (hk, sk), (hk, sk))]
+
+
+def _mask(kind, b, s, sk):
+    g = torch.Generator().manual_seed(7)
+    if kind == "bool":
+        return torch.rand(b, 1, s, sk, generator=g) > 0.3
+    if kind == "float":
+        return torch.randn(b, 1, s, sk, generator=g).to(torch.bfloat16)
+    return None
+
+
+def _call(fn, q, k, v, mask, causal, scales):
+    op = torch.ops.fp8fx.sdpa.heads if isinstance(scales[0], list) else torch.ops.fp8fx.sdpa.default
+    return (fn or op)(q, k, v, mask, 0.0, causal, None, True, *scales, 448.0, E4M3)
+
+
+@pytest.mark.parametrize("shape", [(1, 9, 3, 7, 7, 64), (2, 4, 2, 1, 13, 16), (1, 4, 4, 5, 5, 16), (2, 4, 1, 3, 6, 8)],
+                         ids=["gqa-prefill", "gqa-decode", "mha", "one-kv-head"])
+@pytest.mark.parametrize("mask", ["causal", "bool", "float"])
+@pytest.mark.parametrize("scales", ["pow2", "arbitrary", "heads"])
+def test_sdpa_cpu_equals_the_op_definition(shape, mask, scales):
+    b, h, hk, s, sk, d = shape
+    q, k, v = _inputs(*shape)
+    sc = {"pow2": POW2, "arbitrary": ARBITRARY,
+          "heads": ([2.0**-5] * h, [2.0**-5 * 2 ** (i % 2) for i in range(hk)], [2.0**-6] * hk, 2.0**-8, 2.0**-6)}[scales]
+    causal = mask == "causal" and s == sk
+    m = None if mask == "causal" else _mask(mask, b, s, sk)
+    want = _call(None, q, k, v, m, causal, sc)
+    got = _call(sdpa_cpu, q, k, v, m, causal, sc)
+    # every element equal: the GEMMs on codes (scales in the epilogue) reorder nothing at these sizes
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("s", [6, 1], ids=["prefill", "decode"])
+def test_compiled_sdpa_cpu_equals_the_op_definition(s):
+    q, k, v = _inputs(1, 4, 2, s, 6, 16, seed=3)
+    want = _call(None, q, k, v, None, s == 6, POW2)
+    torch._dynamo.reset()
+    got = torch.compile(lambda *a: _call(sdpa_cpu, *a), dynamic=False)(q, k, v, None, s == 6, POW2)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_sdpa_cpu_keeps_the_reference_where_it_does_not_apply():
+    q, k, v = (t[0] for t in _inputs(1, 4, 2, 5, 5, 16))  # 3-D: not lowered
+    want = _call(None, q, k, v, None, True, POW2)
+    torch.testing.assert_close(_call(sdpa_cpu, q, k, v, None, True, POW2), want, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------- models
+def _calibrated(arch, tmp_path):
+    model = build(arch)
+    cfg = fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m"))
+    fp8fx.prepare(model, cfg)
+    with torch.no_grad():
+        for ids in calibration_batches():
+            model(input_ids=ids)
+    fp8fx.finalize_calibration(model)
+    return build(arch), cfg.replace(mode="QUANTIZE")
+
+
+def _compiled(model, qcfg, inductor):
+    import copy
+
+    m = copy.deepcopy(model)
+    m.forward = torch.compile(m.forward, backend="fp8fx", dynamic=True, options={"config": qcfg, "inductor": inductor})
+    return m
+
+
+@pytest.mark.parametrize("arch,lowered", [("llama", 1), ("gpt2", 1), ("bloom", 0)])
+def test_compiled_model_equals_the_rewritten_graph(arch, lowered, tmp_path, monkeypatch):
+    """Inductor (this lowering for SDPA, AOTAutograd's decomposition of the other fp8fx ops)
+    against the rewritten graph run eagerly (``inductor=False``: the ops' reference kernels).
+    Bloom's attention is fp8fx::matmul/qdq (no SDPA node to lower)."""
+    from fp8fx.backends import cpu_attention
+
+    counts = []
+    monkeypatch.setattr(cpu_attention, "lower_cpu_attention",
+                        lambda gm: counts.append(lower_cpu_attention(gm)) or counts[-1])
+    base, qcfg = _calibrated(arch, tmp_path)
+    ids = eval_ids()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = main_output(_compiled(base, qcfg, False)(input_ids=ids, use_cache=False))
+        torch._dynamo.reset()
+        fast = _compiled(base, qcfg, True)
+        got = main_output(fast(input_ids=ids, use_cache=False))
+    torch._dynamo.reset()
+    # Inductor fuses bf16/float32 casts and orders reductions its own way (Linears, norms, softmax):
+    # an FP8 code can move by one step now and then, so compare as FP8 results are compared
+    assert counts and all(c == lowered for c in counts)  # one SDPA per layer, in every compiled graph
+    assert numerics.sqnr_db(want, got) > 35
+    assert torch.equal(want.argmax(-1), got.argmax(-1))
+
+
+_FP32_BUF = re.compile(r"empty_strided_cpu\(\(([^)]*)\), \([^)]*\), torch\.float32\)")
+
+
+def _fp32_buffers(code: str) -> list[list[str]]:
+    return [[d.strip() for d in m.group(1).split(",") if d.strip()] for m in _FP32_BUF.finditer(code)]
+
+
+def test_generated_code_has_no_float32_kv_copies_per_query_head(tmp_path):
+    """A tiny Llama (4 query heads, 2 KV heads, head_dim 16), bf16, FP8 KV cache: prefill runs two
+    ``bmm`` per layer on the KV heads' codes (no repeated K/V), decode reads the FP8 cache in its
+    reductions (no ``bmm``, no float32 buffer of the cache's length)."""
+    from torch._inductor.utils import run_and_get_code
+    from transformers import DynamicCache
+
+    model = tiny_llama(layers=1, dtype=torch.bfloat16)
+    base = tiny_llama(layers=1, dtype=torch.bfloat16)
+    cfg = fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(tmp_path / "m"))
+    fp8fx.prepare(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    for n in (9, 14):
+        model.generate(torch.randint(0, 128, (1, n), generator=g), max_new_tokens=3, do_sample=False)
+    fp8fx.finalize_calibration(model)
+    qcfg = cfg.replace(mode="QUANTIZE")
+    torch._dynamo.reset()
+    fast = _compiled(base, qcfg, True)
+    cache = fp8fx.fp8_kv_cache(DynamicCache(config=fast.config), fast, qcfg)
+    ids = torch.randint(0, 128, (1, 9), generator=g)
+    with torch.no_grad():
+        _, (prefill,) = run_and_get_code(lambda: fast(ids, past_key_values=cache, use_cache=True))
+        _, (decode,) = run_and_get_code(lambda: fast(ids[:, :1], past_key_values=cache, use_cache=True))
+    torch._dynamo.reset()
+    assert cache.layers[0].keys.dtype == E4M3
+    # prefill: the two products are bmm over the 2 KV heads; no 5-D (repeated) float32 buffer
+    bmm_first = re.findall(r"extern_kernels\.bmm\((?:reinterpret_tensor\()?(buf\d+)", prefill)
+    assert len(bmm_first) == 2
+    shapes = dict(re.findall(r"(buf\d+) = empty_strided_cpu\(\(([^)]*)\)", prefill))
+    assert all(shapes[b].split(",")[0].strip() == "2" for b in bmm_first if b in shapes)
+    assert not [s for s in _fp32_buffers(prefill) if len(s) == 5]
+    # decode: no GEMM call for attention, and no float32 buffer of [.., S_k, head_dim]
+    assert "extern_kernels.bmm" not in decode
+    assert not [s for s in _fp32_buffers(decode) if s[-1] == "16" and any(re.search(r"s\d", d) for d in s)]
+
+
+def test_lower_cpu_attention_points_sdpa_nodes_at_the_lowering():
+    gm = torch.fx.symbolic_trace(lambda q, k, v: torch.ops.fp8fx.sdpa.default(
+        q, k, v, None, 0.0, True, None, True, *POW2, 448.0, E4M3) + 1)
+    assert lower_cpu_attention(gm) == 1
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"][0] is sdpa_cpu
+    q, k, v = _inputs(1, 4, 2, 5, 5, 16)
+    torch.testing.assert_close(gm(q, k, v), _call(None, q, k, v, None, True, POW2) + 1, rtol=0, atol=0)
