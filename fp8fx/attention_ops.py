@@ -46,7 +46,7 @@ from . import numerics
 from .errors import QuantizationError
 from .fp8 import FP8_DTYPES  # noqa: F401  (re-exported: fp8fx.attention_ops.FP8_DTYPES)
 
-__all__ = ["FP8_DTYPES", "attention_probs", "quantize", "qdq", "qdq_heads", "head_scale"]
+__all__ = ["FP8_DTYPES", "attention_probs", "masked_softmax", "quantize", "qdq", "qdq_heads", "head_scale"]
 
 
 def quantize(x: Tensor, scale: float, fp8_max: float, fp8_dtype: torch.dtype) -> Tensor:
@@ -91,8 +91,14 @@ def attention_probs(q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: b
     (a fully masked row gives zeros). Also what calibration observes for an SDPA's probabilities."""
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     scores = torch.matmul(q.float(), _repeat_kv(q, k, enable_gqa).float().transpose(-2, -1)) * sm_scale
+    return masked_softmax(scores, attn_mask, is_causal)
+
+
+def masked_softmax(scores: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+    """The masking (causal, boolean, additive) and softmax of float32 ``scores`` ``[..., S, S_k]``
+    as ``F.scaled_dot_product_attention`` defines them; a fully masked row gives zeros."""
     if is_causal:
-        keep = torch.ones(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=q.device).tril()
+        keep = torch.ones(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:

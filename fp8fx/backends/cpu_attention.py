@@ -116,19 +116,6 @@ def _apply(cp: Tensor, cv: Tensor) -> Tensor:
     return torch.matmul(_grouped(cp, hk), cv).reshape(b, h, s, d)
 
 
-def _masked_softmax(scores: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Tensor:
-    """The reference's masking and softmax (``fp8fx.attention_ops.attention_probs``)."""
-    if is_causal:
-        keep = torch.ones(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask.float()
-    return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
-
-
 def sdpa_cpu(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
              scale: Optional[float], enable_gqa: bool, scale_q: Scale, scale_k: Scale, scale_v: Scale,
              scale_p: float, scale_o: float, fp8_max: float, fp8_dtype: torch.dtype) -> Tensor:
@@ -142,7 +129,7 @@ def sdpa_cpu(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropo
     cq, ck, cv = (_codes(t, s, fp8_max, fp8_dtype) for t, s in ((q, scale_q), (k, scale_k), (v, scale_v)))
     qk = _factor(q, scale_q) * _factor(q, scale_k)  # [H, 1, 1] for per-head scales (KV heads repeated)
     scores = _scores(cq, ck) * qk * sm_scale
-    probs = _masked_softmax(scores, attn_mask, is_causal)
+    probs = attention_ops.masked_softmax(scores, attn_mask, is_causal)
     cp = _codes(probs, scale_p, fp8_max, fp8_dtype)
     out = _apply(cp, cv) * (float(scale_p) * _factor(q, scale_v))
     return numerics.dequantize(_codes(out, scale_o, fp8_max, fp8_dtype), scale_o).to(q.dtype)
