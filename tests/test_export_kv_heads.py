@@ -16,10 +16,9 @@ import fp8fx
 from fp8fx.errors import UnsupportedError
 from fp8fx.export import CheckpointError, check_checkpoint, load_pretrained, save_pretrained
 from fp8fx.export.plan import KVScales, Plan, kv_strategy
+from export_helpers import E4M3, IDS, assert_check_names, calibrated
 from tiny_models import tiny_llama
 
-E4M3 = torch.float8_e4m3fn
-IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
 ATTN = "model.layers.1.self_attn"
 GEN = {"max_new_tokens": 4, "do_sample": False, "return_dict_in_generate": True, "output_logits": True}
 
@@ -34,14 +33,7 @@ def _per_head_model(path: Path):
         for layer in model.model.layers:
             layer.self_attn.k_proj.weight[d:2 * d] *= 0.05
             layer.self_attn.q_proj.weight[2 * d:] *= 20.0
-    cfg = fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(path), observer_params={"kv_cache_strategy": "attn_head"},
-                          blocklist={"names": ["lm_head"], "types": ["sdpa", "matmul", "softmax"]})
-    fp8fx.prepare(model, cfg)
-    g = torch.Generator().manual_seed(0)
-    for n in (9, 14):
-        model.generate(torch.randint(0, 128, (1, n), generator=g), max_new_tokens=3, do_sample=False)
-    fp8fx.finalize_calibration(model)
-    fp8fx.convert(model)
+    calibrated(model, path, observer_params={"kv_cache_strategy": "attn_head"})
     assert fp8fx.report(model)["nodes_quantized"] == {"linear": 14, "kv_cache": 4}
     return model
 
@@ -195,24 +187,13 @@ def test_check_names_the_kv_scale_of_every_per_head_trap(tmp_path, saved, config
     folder = tmp_path / "ckpt"
     shutil.copytree(saved, folder)
     _edit(folder, config, tensors)
-    problems = [str(p) for p in check_checkpoint(folder).problems]
-    assert any(needle in p for p in problems), problems
-    with pytest.raises(CheckpointError, match="would load wrong"):
-        load_pretrained(folder)
+    assert_check_names(folder, needle)
 
 
 @pytest.fixture(scope="module")
 def per_tensor_folders(tmp_path_factory):
     """A per-tensor KV model (the same calibration, kv_cache_strategy 'tensor') saved as vllm and modelopt."""
-    model = tiny_llama(layers=2)
-    path = tmp_path_factory.mktemp("meas_t") / "m"
-    cfg = fp8fx.FP8Config(mode="MEASURE", dump_stats_path=str(path),
-                          blocklist={"names": ["lm_head"], "types": ["sdpa", "matmul", "softmax"]})
-    fp8fx.prepare(model, cfg)
-    model.generate(torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(0)), max_new_tokens=3,
-                   do_sample=False)
-    fp8fx.finalize_calibration(model)
-    fp8fx.convert(model)
+    model = calibrated(tiny_llama(layers=2), tmp_path_factory.mktemp("meas_t") / "m", lengths=(9,))
     root = tmp_path_factory.mktemp("per_tensor")
     return {fmt: save_pretrained(model, root / fmt, format=fmt) for fmt in ("vllm", "modelopt")}
 
