@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from ..errors import UnsupportedError
 from ..modules import Fp8Linear
 from ..schemes import ActivationScheme, LinearScheme, WeightGranularity
+from . import _common
 from .checks import (CONFIG, Manifest, Problem, Structure, block_shape, check_kv_scale, check_scale,
                      fp8_weight_shape)
 from .moe import collapse, ignore_pattern
@@ -90,10 +91,10 @@ def _activations(s: LinearScheme) -> dict[str, Any] | None:
 
 
 def quant_config(plan: Plan) -> dict[str, Any]:
-    bad = sorted(n for n, q in plan.linears.items() if q.fp8_dtype != torch.float8_e4m3fn)
-    if bad:
-        raise UnsupportedError(f"{', '.join(bad[:6])}: weights in {plan.linears[bad[0]].fp8_dtype}; compressed-tensors "
-                               "'float' 8-bit means E4M3 (float8_e4m3fn). Quantize with fp8_config E4M3")
+    _common.require_e4m3(plan, "compressed-tensors 'float' 8-bit means E4M3 (float8_e4m3fn). Quantize with "
+                         "fp8_config E4M3",
+                         "the KV cache is stored in E5M2, which compressed-tensors' kv_cache_scheme (8-bit 'float' = "
+                         "E4M3) cannot say: calibrate with kv_cache_dtype fp8_e4m3 to export it")
     schemes = plan.schemes()
     groups: dict[str, Any] = {}
     for i, s in enumerate(schemes):
@@ -101,10 +102,6 @@ def quant_config(plan: Plan) -> dict[str, Any]:
         groups[f"group_{i}"] = {"targets": ["Linear"] if len(schemes) == 1 else members,
                                 "weights": _weights(s), "input_activations": _activations(s),
                                 "output_activations": None}
-    kv_dtypes = {k.fp8_dtype for k in plan.kv.values()}
-    if kv_dtypes - {torch.float8_e4m3fn}:
-        raise UnsupportedError("the KV cache is stored in E5M2, which compressed-tensors' kv_cache_scheme (8-bit "
-                               "'float' = E4M3) cannot say: calibrate with kv_cache_dtype fp8_e4m3 to export it")
     strategy = kv_strategy(plan)
     kv = ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "dynamic": False}
           if strategy is not None else None)
@@ -157,20 +154,12 @@ def linear_tensors(name: str, m: Fp8Linear) -> dict[str, Tensor]:
         ws = ws.reshape(1)
     elif s.weights is WeightGranularity.CHANNEL:
         ws = ws.reshape(-1, 1)
-    out = {f"{name}.weight": m.weight, f"{name}.weight_scale": ws}
-    if m.input_scale is not None:
-        out[f"{name}.input_scale"] = m.input_scale.reshape(1)
-    if m.bias is not None:
-        out[f"{name}.bias"] = m.bias
-    return out
+    return _common.linear_tensors(name, m, "weight_scale", ws, (1,))
 
 
 def kv_tensors(path: str, kv: KVScales) -> dict[str, Tensor]:
     """``[1]`` per tensor; ``[num_kv_heads, 1, 1]`` per head (compressed-tensors' ``attn_head``)."""
-    shape = (1,) if kv.heads is None else (kv.heads, 1, 1)
-    k, v = ([kv.k], [kv.v]) if kv.heads is None else (list(kv.k), list(kv.v))
-    return {f"{path}.k_scale": torch.tensor(k, dtype=torch.float32).reshape(shape),
-            f"{path}.v_scale": torch.tensor(v, dtype=torch.float32).reshape(shape)}
+    return _common.kv_tensors(f"{path}.k_scale", f"{path}.v_scale", kv, (1,) if kv.heads is None else (kv.heads, 1, 1))
 
 
 # ------------------------------------------------------------------------------------ reading

@@ -70,6 +70,7 @@ from torch import Tensor
 from ..errors import UnsupportedError
 from ..modules import Fp8Linear
 from ..schemes import ActivationScheme, LinearScheme, WeightGranularity
+from . import _common
 from .checks import CONFIG, Manifest, Problem, Structure, check_kv_scale, check_scale, fp8_weight_shape
 from .moe import collapse
 from .plan import KVScales, Plan, QLinear, kv_strategy
@@ -111,22 +112,13 @@ PER_HEAD_REFUSED = ("per-head KV-cache scales (observer_params.kv_cache_strategy
 
 # ------------------------------------------------------------------------------------ writing
 def _algo(plan: Plan) -> str:
-    bad = sorted(n for n, q in plan.linears.items() if q.fp8_dtype != torch.float8_e4m3fn)
-    if bad:
-        raise UnsupportedError(f"{', '.join(bad[:6])}: weights in {plan.linears[bad[0]].fp8_dtype}; ModelOpt FP8 "
-                               "weights are float8_e4m3fn. Quantize with fp8_config E4M3")
-    if any(k.fp8_dtype != torch.float8_e4m3fn for k in plan.kv.values()):
-        raise UnsupportedError("the KV cache is stored in E5M2: ModelOpt's kv_cache_quant_algo 'FP8' is E4M3; "
-                               "calibrate with kv_cache_dtype fp8_e4m3 to export it")
+    _common.require_e4m3(plan, "ModelOpt FP8 weights are float8_e4m3fn. Quantize with fp8_config E4M3",
+                         "the KV cache is stored in E5M2: ModelOpt's kv_cache_quant_algo 'FP8' is E4M3; calibrate "
+                         "with kv_cache_dtype fp8_e4m3 to export it")
     if kv_strategy(plan) == "attn_head":
         raise UnsupportedError(PER_HEAD_REFUSED)
-    schemes = plan.schemes()
-    if len(schemes) != 1:
-        listing = "; ".join(s.describe() for s in schemes)
-        raise UnsupportedError(f"the model mixes {len(schemes)} schemes ({listing}); fp8fx writes one ModelOpt "
-                               "quant_algo per model (not MIXED_PRECISION): save it as compressed-tensors, whose "
-                               "config groups hold one scheme each")
-    s = schemes[0]
+    s = _common.one_scheme(plan, "fp8fx writes one ModelOpt quant_algo per model (not MIXED_PRECISION): save it as "
+                                 "compressed-tensors, whose config groups hold one scheme each")
     for algo, scheme in ALGOS.items():
         if s == scheme:
             return algo
@@ -205,12 +197,7 @@ def linear_tensors(name: str, m: Fp8Linear) -> dict[str, Tensor]:
         ws = ws.reshape(-1)
     else:
         ws = ws.reshape(ws.shape[0], 1, ws.shape[1], 1)
-    out = {f"{name}.weight": m.weight, f"{name}.weight_scale": ws}
-    if m.input_scale is not None:
-        out[f"{name}.input_scale"] = m.input_scale.reshape(())
-    if m.bias is not None:
-        out[f"{name}.bias"] = m.bias
-    return out
+    return _common.linear_tensors(name, m, "weight_scale", ws, ())
 
 
 def kv_names(path: str) -> tuple[str, str]:
@@ -220,8 +207,7 @@ def kv_names(path: str) -> tuple[str, str]:
 def kv_tensors(path: str, kv: KVScales) -> dict[str, Tensor]:
     if kv.heads is not None:
         raise UnsupportedError(f"{path}: {PER_HEAD_REFUSED}")
-    k, v = kv_names(path)
-    return {k: torch.tensor(kv.k, dtype=torch.float32), v: torch.tensor(kv.v, dtype=torch.float32)}
+    return _common.kv_tensors(*kv_names(path), kv, ())
 
 
 def extra_names(plan: Plan) -> set[str]:

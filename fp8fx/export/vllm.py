@@ -54,6 +54,7 @@ from torch import Tensor
 from ..errors import UnsupportedError
 from ..modules import Fp8Linear
 from ..schemes import ActivationScheme, LinearScheme, WeightGranularity
+from . import _common
 from .checks import CONFIG, Manifest, Problem, Structure, block_shape, check_kv_scale, check_scale, fp8_weight_shape
 from .moe import collapse
 from .plan import AttentionScales, KVScales, Plan, QLinear, kv_strategy
@@ -74,13 +75,8 @@ PER_HEAD_REFUSED = ("per-head KV-cache scales (observer_params.kv_cache_strategy
 
 
 def _one_scheme(plan: Plan) -> LinearScheme:
-    schemes = plan.schemes()
-    if len(schemes) != 1:
-        listing = "; ".join(s.describe() for s in schemes)
-        raise UnsupportedError(f"the model mixes {len(schemes)} schemes ({listing}); vLLM's 'fp8' format has one "
-                               "activation_scheme and one weight layout for the whole model: save it as "
-                               "compressed-tensors, whose config groups hold one scheme each")
-    s = schemes[0]
+    s = _common.one_scheme(plan, "vLLM's 'fp8' format has one activation_scheme and one weight layout for the whole "
+                                 "model: save it as compressed-tensors, whose config groups hold one scheme each")
     if s.weights is WeightGranularity.CHANNEL:
         raise UnsupportedError(f"scheme '{s.describe()}': vLLM's 'fp8' format holds one weight scale per tensor (or "
                                "per block), not per channel; save FP8_DYNAMIC / FP8_WEIGHT_ONLY models as "
@@ -100,13 +96,9 @@ def _one_scheme(plan: Plan) -> LinearScheme:
 
 
 def quant_config(plan: Plan) -> dict[str, Any]:
-    bad = sorted(n for n, q in plan.linears.items() if q.fp8_dtype != torch.float8_e4m3fn)
-    if bad:
-        raise UnsupportedError(f"{', '.join(bad[:6])}: weights in {plan.linears[bad[0]].fp8_dtype}; vLLM's 'fp8' "
-                               "weights are float8_e4m3fn")
-    if any(k.fp8_dtype != torch.float8_e4m3fn for k in plan.kv.values()):
-        raise UnsupportedError("the KV cache is stored in E5M2: vLLM's kv_cache_dtype fp8_e5m2 takes no scales, so "
-                               "the calibrated ones would be dropped; calibrate with kv_cache_dtype fp8_e4m3")
+    _common.require_e4m3(plan, "vLLM's 'fp8' weights are float8_e4m3fn",
+                         "the KV cache is stored in E5M2: vLLM's kv_cache_dtype fp8_e5m2 takes no scales, so the "
+                         "calibrated ones would be dropped; calibrate with kv_cache_dtype fp8_e4m3")
     if kv_strategy(plan) == "attn_head":
         raise UnsupportedError(PER_HEAD_REFUSED)
     s = _one_scheme(plan)
@@ -126,23 +118,15 @@ def expert_scheme_problem(s: LinearScheme) -> str | None:
 
 
 def linear_tensors(name: str, m: Fp8Linear) -> dict[str, Tensor]:
-    s = m.scheme
-    if s.weights is WeightGranularity.BLOCK:
-        out = {f"{name}.weight": m.weight, f"{name}.weight_scale_inv": m.weight_scale}
-    else:
-        out = {f"{name}.weight": m.weight, f"{name}.weight_scale": m.weight_scale.reshape(1)}
-    if m.input_scale is not None:
-        out[f"{name}.input_scale"] = m.input_scale.reshape(1)
-    if m.bias is not None:
-        out[f"{name}.bias"] = m.bias
-    return out
+    if m.scheme.weights is WeightGranularity.BLOCK:
+        return _common.linear_tensors(name, m, "weight_scale_inv", m.weight_scale, (1,))
+    return _common.linear_tensors(name, m, "weight_scale", m.weight_scale.reshape(1), (1,))
 
 
 def kv_tensors(path: str, kv: KVScales) -> dict[str, Tensor]:
     if kv.heads is not None:
         raise UnsupportedError(f"{path}: {PER_HEAD_REFUSED}")
-    return {f"{path}.k_scale": torch.tensor([kv.k], dtype=torch.float32),
-            f"{path}.v_scale": torch.tensor([kv.v], dtype=torch.float32)}
+    return _common.kv_tensors(f"{path}.k_scale", f"{path}.v_scale", kv, (1,))
 
 
 def attention_tensors(path: str, a: AttentionScales) -> dict[str, Tensor]:
