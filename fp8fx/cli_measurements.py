@@ -18,19 +18,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli import _positive_int
 from .formats import ranks
 
 COMMANDS = ("measurements",)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> None:
@@ -40,7 +31,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
     actions = p.add_subparsers(dest="measurements_command", metavar="ACTION", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("prefix", metavar="PREFIX", help="the calibration's dump_stats_path (directory plus prefix)")
-    common.add_argument("--world", metavar="N", type=_positive, required=True, help="world size of the input files")
+    common.add_argument("--world", metavar="N", type=_positive_int, required=True, help="world size of the input files")
     common.add_argument("--out", metavar="OUT_PREFIX", default=None, help="prefix of the written files "
                         "(default: PREFIX)")
     common.add_argument("--observer", choices=ranks.OBSERVERS, default=None,
@@ -52,7 +43,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> None:
                            description="Write per-rank files for world size M: M < N combines groups of ranks "
                                        "(consecutive by default), M > N gives new rank j the files of old rank "
                                        "j // (M/N).")
-    r.add_argument("--to", metavar="M", type=_positive, required=True, help="world size of the written files")
+    r.add_argument("--to", metavar="M", type=_positive_int, required=True, help="world size of the written files")
     r.add_argument("--groups", metavar="G", default=None,
                    help="old ranks of each new rank, e.g. '0,8--1,9--...' (default: consecutive blocks)")
     r.add_argument("--arrays", choices=ranks.ARRAY_RULES, default="error",
