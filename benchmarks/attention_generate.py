@@ -11,7 +11,7 @@ Variants (each built once from the same bf16 model, then timed in turn, round af
 * ``fp8fx_attn_eager`` — ``fp8fx.convert`` with every kind quantized (Linears, SDPA, KV cache;
   ``lm_head`` excluded): the converted model runs fp8fx's graph eagerly, op by op, with the
   attention ops' reference kernels.
-* ``fp8fx_attn_compiled`` — the bf16 model's forward under ``torch.compile(backend="fp8fx",
+* ``fp8fx_attn_compiled`` — the model's forward (bf16, or fp32 by ``--fp8-dtype``) under ``torch.compile(backend="fp8fx",
   dynamic=True)`` with the same QUANTIZE config and an FP8 KV cache (``fp8fx.fp8_kv_cache``): the
   attention ops lowered by :mod:`fp8fx.backends.cpu_attention`; ``fp8fx_attn_compiled_before``
   is the same with that lowering switched off while it compiles (``fp8fx::sdpa`` traced from its
@@ -120,10 +120,11 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     clock = _CLOCK[args.clock]
     rows, models = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        qcfg = _calibrate(base, windows, str(Path(tmp) / "measure"), args.linears)
+        fp8_base = base if args.fp8_torch_dtype == torch.bfloat16 else copy.deepcopy(base).to(args.fp8_torch_dtype)
+        qcfg = _calibrate(fp8_base, windows, str(Path(tmp) / "measure"), args.linears)
         for name in args.variants:
             t0 = time.perf_counter()
-            model, cache = _build(name, base, qcfg, windows[0][:, :16])
+            model, cache = _build(name, fp8_base if name.startswith("fp8fx") else base, qcfg, windows[0][:, :16])
             with _lowering(name):
                 for _ in range(2 if name.startswith("fp8fx_attn_compiled") else 1):
                     out = _generate(model, cache, prompt, args.tokens)  # compiles, if any
@@ -148,13 +149,15 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 print(json.dumps(r), flush=True)
             rows += done
     info = {"prompt": args.prompt, "new_tokens": args.tokens, "threads": args.threads, "clock": args.clock,
-            "rounds": args.rounds, "linears": args.linears, "cpu_class": cpu_class(), "torch": torch.__version__}
+            "rounds": args.rounds, "linears": args.linears, "fp8_model_dtype": args.fp8_dtype, "cpu_class": cpu_class(),
+            "torch": torch.__version__}
     return rows, info
 
 
 def table(rows: list[dict], info: dict) -> str:
     lines = [f"SmolLM2-135M, prompt {info['prompt']}, {info['new_tokens']} new tokens, {info['threads']} thread(s), "
-             f"{info['clock']} clock, {info['rounds']} rounds; CPU: {info['cpu_class']}",
+             f"{info['clock']} clock, {info['rounds']} rounds; FP8 model from {info['fp8_model_dtype']}; "
+             f"CPU: {info['cpu_class']}",
              "| variant | generate s (median) | range | tokens/s | vs fastest hp (median) | range | tokens equal (bf16 eager / fp8fx eager) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name in dict.fromkeys(r["variant"] for r in rows):
@@ -181,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="fp8 (default): every kind quantized; bf16: attention and KV cache only")
     p.add_argument("--calib-window", type=int, default=256, help="calibration: two windows of this many tokens")
     p.add_argument("--isa", choices=("native", "avx2"), default="native", help="avx2: emulate an AVX2-only CPU")
+    p.add_argument("--fp8-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="dtype of the model the fp8fx variants are made from (their activations' and non-quantized "
+                        "ops' dtype); auto: bf16 on CPUs with bf16 GEMM instructions, else fp32 (as benchmarks/model.py)")
     p.add_argument("--json", help="also write the JSON rows to this file")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
@@ -191,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.clock == "thread" and args.threads != 1:
         p.error("--clock thread measures the calling thread only: use it with --threads 1")
     emulate_isa(args.isa)
+    from fp8fx.kernels.linear import cpu_has_bf16
+
+    args.fp8_dtype = args.fp8_dtype if args.fp8_dtype != "auto" else ("bf16" if cpu_has_bf16() else "fp32")
+    args.fp8_torch_dtype = torch.bfloat16 if args.fp8_dtype == "bf16" else torch.float32
     rows, info = run(args)
     if args.json:
         from fp8fx.fileio import atomic_write_text
