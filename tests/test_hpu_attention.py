@@ -531,8 +531,12 @@ def test_float32_models_lower_with_cast_pairs_for_softmax(arch, measured, device
 def test_arbitrary_scales_stay_within_fp8_tolerance(arch, measured, device):
     """With unrounded scales (maxabs_arbitrary) ``x * (1/s)`` can differ from the definition's
     ``x / s`` by one float32 ulp and move an FP8 code now and then; the lowered model stays within
-    FP8 tolerance of its definition (the same models for gaudi2 measured 36.0 dB llama, 38.6 dB bloom)."""
+    FP8 tolerance of its definition (the same models for gaudi2 measured 36.0 dB llama, 38.6 dB bloom).
+    Whether any code moves depends on how the CPU's kernels divide (on an AVX2-only CPU none did),
+    so the test checks instead that the lowered graphs really run on scales that are not powers of two."""
     cfg = measured(arch).replace(mode="QUANTIZE", target="gaudi3", scale_method="maxabs_arbitrary")
     _, after, sqnrs = compile_lowered(arch, cfg, 448.0)
     assert all(not fp8fx_attention_nodes(gm) for gm in after)
-    assert sqnrs and MIN_SQNR_DB < min(sqnrs) < math.inf, sqnrs
+    scales = [float(b) for gm in after for b in gm.buffers() if b.dim() == 0 and b.is_floating_point()]
+    assert any(s > 0 and math.frexp(s)[0] != 0.5 for s in scales), scales
+    assert sqnrs and min(sqnrs) > MIN_SQNR_DB, sqnrs
