@@ -32,13 +32,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpuclass import cpu_class, emulate_isa  # noqa: E402
 
-#: (mantissa bits, smallest normal exponent, max) per FP8 dtype
-_GRID = {torch.float8_e4m3fn: (3, -6, 448.0), torch.float8_e5m2: (2, -14, 57344.0)}
-
+from fp8fx.fp8 import FORMATS  # noqa: E402
 
 def fp8_grid(x: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     """float32 ``x`` (already within ``±max``) rounded to the FP8 grid by float32/int32 ops."""
-    m, emin, _ = _GRID[fp8_dtype]
+    fmt = FORMATS[fp8_dtype]
+    m, emin = fmt.mantissa_bits, fmt.min_normal_exponent
     drop = 23 - m
     bits = x.view(torch.int32)
     odd = (bits >> drop) & 1
@@ -50,7 +49,7 @@ def fp8_grid(x: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
 
 def grid_mismatches(fp8_dtype: torch.dtype) -> tuple[int, int]:
     """(values checked, values whose bits differ from the cast's)."""
-    _, _, mx = _GRID[fp8_dtype]
+    mx = FORMATS[fp8_dtype].max
     gen = torch.Generator().manual_seed(0)
     parts = [torch.randn(1_000_000, generator=gen) * s for s in (1e-4, 1e-3, 0.01, 0.1, 1, 10, 100, 1e3, 3e4)]
     every = torch.arange(256, dtype=torch.uint8).view(fp8_dtype).float()
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         base = ms if base is None else base
         rows.append({"candidate": name, "ms": round(ms, 2), "vs_fp32_sdpa": round(ms / base, 2)})
         print(json.dumps(rows[-1]), flush=True)
-    checks = {str(dt).split(".")[-1]: grid_mismatches(dt) for dt in _GRID}
+    checks = {FORMATS[dt].name: grid_mismatches(dt) for dt in (torch.float8_e4m3fn, torch.float8_e5m2)}
     info = {"seq": s, "heads": h, "kv_heads": hk, "head_dim": d, "cpu_class": cpu_class(), "torch": torch.__version__,
             "grid_check": {k: {"values": n, "mismatches": bad} for k, (n, bad) in checks.items()}}
     print(json.dumps(info))
