@@ -12,6 +12,7 @@ import fp8fx
 from arch_zoo import build, calibration_batches, eval_ids, main_output
 from fp8fx import numerics
 from fp8fx.backends.cpu_attention import lower_cpu_attention, sdpa_cpu
+from fp8fx.kernels import attention_cpp, gemv
 from tiny_models import tiny_llama
 
 E4M3 = torch.float8_e4m3fn
@@ -42,7 +43,12 @@ def _call(fn, q, k, v, mask, causal, scales):
                          ids=["gqa-prefill", "gqa-decode", "mha", "one-kv-head"])
 @pytest.mark.parametrize("mask", ["causal", "bool", "float"])
 @pytest.mark.parametrize("scales", ["pow2", "arbitrary", "heads"])
-def test_sdpa_cpu_equals_the_op_definition(shape, mask, scales):
+@pytest.mark.parametrize("path", ["cpp", "torch"])
+def test_sdpa_cpu_equals_the_op_definition(shape, mask, scales, path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setattr(gemv, "sdpa_op", lambda: None)
+    elif not gemv.available():
+        pytest.skip(f"C++ kernels not in use: {gemv.status()}")
     b, h, hk, s, sk, d = shape
     q, k, v = _inputs(*shape)
     sc = {"pow2": POW2, "arbitrary": ARBITRARY,
@@ -53,6 +59,56 @@ def test_sdpa_cpu_equals_the_op_definition(shape, mask, scales):
     got = _call(sdpa_cpu, q, k, v, m, causal, sc)
     # every element equal: the GEMMs on codes (scales in the epilogue) reorder nothing at these sizes
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _bits_equal(a, b):
+    a, b = a.float(), b.float()
+    return bool(((a == b) | (a.isnan() & b.isnan())).all()) and a.shape == b.shape
+
+
+@pytest.mark.parametrize("shape", [(1, 9, 3, 70, 70, 64), (2, 6, 2, 33, 45, 32), (1, 2, 2, 65, 65, 8)],
+                         ids=["gqa-3-blocks", "keys-past-queries", "mha-block-edge"])
+@pytest.mark.parametrize("dtype,fp8", [(torch.bfloat16, E4M3), (torch.float32, torch.float8_e5m2)], ids=["bf16-e4m3", "fp32-e5m2"])
+def test_cpp_prefill_kernel_is_the_torch_lowering_bit_for_bit(shape, dtype, fp8, monkeypatch):
+    """The C++ kernel (blocks of 32 positions, causal keys skipped, its own FP8 rounding) against
+    the torch ops of the lowering on sizes that span several blocks, with every mask kind, a fully
+    masked row, a NaN input, and per-tensor, arbitrary and per-head scales."""
+    if not gemv.available():
+        pytest.skip(f"C++ kernels not in use: {gemv.status()}")
+    b, h, hk, s, sk, d = shape
+    g = torch.Generator().manual_seed(1)
+    q = (3 * torch.randn(b, h, s, d, generator=g)).to(dtype)
+    k, v = (torch.randn(b, hk, sk, d, generator=g).to(dtype) for _ in range(2))
+    q[0, 0, 5, 3] = float("nan")
+    fmax = 448.0 if fp8 == E4M3 else 57344.0
+    bool4 = torch.rand(b, 1, s, sk, generator=g) > 0.3
+    bool4[0, 0, 2] = False  # a fully masked row: zeros
+    masks = {"causal": None, "bool": bool4, "float": torch.randn(b, 1, s, sk, generator=g).to(dtype),
+             "2d": torch.rand(s, sk, generator=g) > 0.5}
+    heads = ([2.0**-5 * (1 + i % 3) for i in range(h)], [0.017 * (1 + i) for i in range(hk)], [0.0093] * hk,
+             2.0**-8, 0.0051)
+    for name, m in masks.items():
+        for sc in (POW2, ARBITRARY, heads):
+            op = torch.ops.fp8fx.sdpa.heads if isinstance(sc[0], list) else torch.ops.fp8fx.sdpa.default
+            args = (q, k, v, m, 0.0, name == "causal", None, True, *sc, fmax, fp8)
+            got = sdpa_cpu(*args)
+            with monkeypatch.context() as mp:
+                mp.setattr(gemv, "sdpa_op", lambda: None)
+                want = sdpa_cpu(*args)
+            assert _bits_equal(got, want), (name, sc)
+            if sc is POW2:  # and against the definition: power-of-two scales make every product exact
+                assert _bits_equal(got, op(*args)), name
+    nan_row = sdpa_cpu(q, k, v, None, 0.0, True, None, True, *POW2, fmax, fp8)[0, 0, 5]
+    assert not nan_row.isnan().any() and not nan_row.any()  # NaN scores: the definition's nan_to_num, zeros
+
+
+def test_cpp_prefill_kernel_without_keys_gives_zeros():
+    if not gemv.available():
+        pytest.skip(f"C++ kernels not in use: {gemv.status()}")
+    q, k, v = _inputs(1, 4, 2, 3, 0, 16)
+    got = attention_cpp.call(gemv.sdpa_op(), q, k, v, None, False, 0.25, *POW2, 448.0, E4M3)
+    assert got.shape == q.shape and not got.float().any()
+    torch.testing.assert_close(got, _call(None, q, k, v, None, False, POW2), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("s", [6, 1], ids=["prefill", "decode"])
@@ -124,8 +180,9 @@ def _fp32_buffers(code: str) -> list[list[str]]:
 
 
 def test_generated_code_has_no_float32_kv_copies_per_query_head(tmp_path):
-    """A tiny Llama (4 query heads, 2 KV heads, head_dim 16), bf16, FP8 KV cache: prefill runs two
-    ``bmm`` per layer on the KV heads' codes (no repeated K/V), decode reads the FP8 cache in its
+    """A tiny Llama (4 query heads, 2 KV heads, head_dim 16), bf16, FP8 KV cache: prefill runs the
+    C++ attention kernel (or, without it, two ``bmm`` per layer on the KV heads' codes; no
+    repeated K/V either way), decode reads the FP8 cache in its
     reductions (no ``bmm``, no float32 buffer of the cache's length)."""
     from torch._inductor.utils import run_and_get_code
     from transformers import DynamicCache
@@ -148,12 +205,15 @@ def test_generated_code_has_no_float32_kv_copies_per_query_head(tmp_path):
         _, (decode,) = run_and_get_code(lambda: fast(ids[:, :1], past_key_values=cache, use_cache=True))
     torch._dynamo.reset()
     assert cache.layers[0].keys.dtype == E4M3
-    # prefill: the two products are bmm over the 2 KV heads; no 5-D (repeated) float32 buffer
-    bmm_first = re.findall(r"extern_kernels\.bmm\((?:reinterpret_tensor\()?(buf\d+)", prefill)
-    assert len(bmm_first) == 2
-    shapes = dict(re.findall(r"(buf\d+) = empty_strided_cpu\(\(([^)]*)\)", prefill))
-    assert all(shapes[b].split(",")[0].strip() == "2" for b in bmm_first if b in shapes)
-    assert not [s for s in _fp32_buffers(prefill) if len(s) == 5]
+    if gemv.available():  # prefill: the whole attention is one call of the C++ kernel
+        assert prefill.count("torch.ops.fp8fx_cpp.sdpa_fp8.default(") == 1
+        assert "extern_kernels.bmm" not in prefill
+    else:  # the two products are bmm over the 2 KV heads
+        bmm_first = re.findall(r"extern_kernels\.bmm\((?:reinterpret_tensor\()?(buf\d+)", prefill)
+        assert len(bmm_first) == 2
+        shapes = dict(re.findall(r"(buf\d+) = empty_strided_cpu\(\(([^)]*)\)", prefill))
+        assert all(shapes[b].split(",")[0].strip() == "2" for b in bmm_first if b in shapes)
+    assert not [s for s in _fp32_buffers(prefill) if len(s) == 5]  # no 5-D (repeated) float32 buffer
     # decode: no GEMM call for attention, and no float32 buffer of [.., S_k, head_dim]
     assert "extern_kernels.bmm" not in decode
     assert not [s for s in _fp32_buffers(decode) if s[-1] == "16" and any(re.search(r"s\d", d) for d in s)]

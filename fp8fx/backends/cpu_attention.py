@@ -23,14 +23,21 @@ the reference. On a CPU tensor it computes the same definition in another order:
 * **No repeated K/V.** The ``H = H_kv · r`` query heads are viewed as ``[B, H_kv, r·S, D]``
   (a view of contiguous q), so each KV head's codes are multiplied once against its ``r``
   query heads: no per-query-head copy of the keys or values.
+* **Prefill is one C++ call.** With more than one query row, where the C++ extension is built
+  (:func:`fp8fx.kernels.gemv.status`), the whole op is ``fp8fx_cpp::sdpa_fp8``
+  (:mod:`fp8fx.kernels.attention_cpp`): the same float32 operations in the same order, one
+  block of 32 query positions at a time (the block's scores in cache through the mask, the
+  softmax and the probabilities' FP8 rounding; no ``[B, H, S, S_k]`` float32 tensor), and a
+  causal prefill never multiplies the keys past a block's last row. Bit-identical to the torch
+  ops below (``tests/test_cpu_attention.py``); Inductor calls it as one extern kernel.
 * **Decode reads the FP8 cache in the reduction.** With one query row (``S == 1``, static in
   a decode graph) the two products are written as broadcast-multiply-and-sum, which Inductor
   generates as reductions that load the cache's FP8 bytes (through the ``fp8fx::dequant`` of
   the cache read and the re-quantization, fused into the load): no float32 copy of the cache
-  per step. With more rows (prefill) they are ``bmm`` (float32, MKL/oneDNN) on float32 codes:
-  the GEMM needs its operands in memory, and float32 keeps the reference's precision (a
-  bfloat16 GEMM on CPU returns bfloat16, which would round the scores; ``bmm`` with
-  ``out_dtype`` is CUDA-only).
+  per step. Without the C++ extension, more rows (prefill) are ``bmm`` (float32, MKL/oneDNN)
+  on float32 codes: the GEMM needs its operands in memory, and float32 keeps the reference's
+  precision (a bfloat16 GEMM on CPU returns bfloat16, which would round the scores; ``bmm``
+  with ``out_dtype`` is CUDA-only).
 
 The softmax, the masks (causal, boolean, additive), the fully-masked-row rule and the two FP8
 roundings (probabilities with ``s_p``, output with ``s_o``) are the reference's ops, in the
@@ -54,6 +61,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from fp8fx import attention_ops, numerics
+from fp8fx.kernels import attention_cpp, gemv
 
 __all__ = ["lower_cpu_attention", "register_cpu_attention", "sdpa_cpu"]
 
@@ -126,6 +134,11 @@ def sdpa_cpu(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropo
         op = torch.ops.fp8fx.sdpa.heads if isinstance(scale_q, (list, tuple)) else torch.ops.fp8fx.sdpa.default
         return op(*args)
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if not _one_row(q.shape[-2]):
+        op = gemv.sdpa_op()
+        if op is not None:
+            return attention_cpp.call(op, q, k, v, attn_mask, is_causal, sm_scale, scale_q, scale_k, scale_v,
+                                      scale_p, scale_o, fp8_max, fp8_dtype)
     cq, ck, cv = (_codes(t, s, fp8_max, fp8_dtype) for t, s in ((q, scale_q), (k, scale_k), (v, scale_v)))
     qk = _factor(q, scale_q) * _factor(q, scale_k)  # [H, 1, 1] for per-head scales (KV heads repeated)
     scores = _scores(cq, ck) * qk * sm_scale
@@ -156,7 +169,7 @@ def lower_cpu_attention(gm: fx.GraphModule) -> int:
 
 def _cache_tag() -> str:
     digest = hashlib.sha256()
-    for module in (__file__, attention_ops.__file__, numerics.__file__):
+    for module in (__file__, attention_ops.__file__, numerics.__file__, attention_cpp.__file__):
         try:
             digest.update(Path(module).read_bytes())
         except (OSError, TypeError):  # not plain files: the function's bytecode

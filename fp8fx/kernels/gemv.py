@@ -43,7 +43,6 @@ conversion, a float32 ``mm`` per block). :func:`status` says which path is in us
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import warnings
@@ -54,9 +53,10 @@ from torch import Tensor
 
 from ..errors import QuantizationError
 from ..fp8 import FORMATS
+from . import attention_cpp
 
 __all__ = ["gemv_fp8", "gemv_fp8_torch", "available", "status", "cpp_op", "cpp_dequant_op", "qgemv_op",
-           "QGEMV_MODES"]
+           "QGEMV_MODES", "sdpa_op"]
 
 _ENV_SWITCH = "FP8FX_CPP_KERNELS"  # "0": never build or use the C++ kernel
 _ISA_LEVEL = {"AVX512": 2, "AVX2": 1}  # torch's CPU capability -> the kernel body to run
@@ -441,8 +441,9 @@ _HEADER = r"""
 
 
 def _source() -> str:
-    return (_HEADER + _AVX512.replace("%BODY%", _BODY) + _AVX2.replace("%BODY%", _BODY)
-            + _ENTRY)
+    body = _BODY + attention_cpp.ROWS
+    return (_HEADER + _AVX512.replace("%BODY%", body) + _AVX2.replace("%BODY%", body)
+            + _ENTRY + attention_cpp.ENTRY)
 
 
 _NAME = "fp8fx_gemv_" + hashlib.sha256(_source().encode()).hexdigest()[:12]
@@ -455,8 +456,18 @@ def _isa_level() -> tuple[int, str]:
     return level, f"CPU capability {cap}"
 
 
-@functools.cache
+_LOADED: list = []  # _build()'s result, once: a plain global, so that dynamo tracing a function
+# that asks for an op reads it (a functools.cache wrapper would be traced through)
+
+
 def _load() -> tuple[Optional[object], str]:
+    """(the ``torch.ops.fp8fx_cpp`` namespace or None, a sentence saying which path and why)."""
+    if not _LOADED:
+        _LOADED.append(_build())
+    return _LOADED[0]
+
+
+def _build() -> tuple[Optional[object], str]:
     """(the ``torch.ops.fp8fx_cpp`` namespace or None, a sentence saying which path and why).
 
     Built on the first call in a process (the build itself is cached on disk by torch)."""
@@ -475,6 +486,7 @@ def _load() -> tuple[Optional[object], str]:
         torch.library.register_fake("fp8fx_cpp::gemv_fp8")(_gemv_fake)
         torch.library.register_fake("fp8fx_cpp::fp8_to_float32")(_dequant_fake)
         torch.library.register_fake("fp8fx_cpp::qgemv")(_qgemv_fake)
+        torch.library.register_fake(attention_cpp.SCHEMA)(attention_cpp.fake)
     except Exception as exc:  # no compiler, a failed build: the torch ops do the same math
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ''}"
         warnings.warn(f"fp8fx: the C++ FP8 GEMV kernel could not be built ({reason}); using "
@@ -521,6 +533,13 @@ def cpp_dequant_op():
     or None where :func:`available` is False."""
     ns = _load()[0]
     return None if ns is None else ns.fp8_to_float32
+
+
+def sdpa_op():
+    """``torch.ops.fp8fx_cpp.sdpa_fp8`` (:mod:`fp8fx.kernels.attention_cpp`), or None where
+    :func:`available` is False."""
+    ns = _load()[0]
+    return None if ns is None else ns.sdpa_fp8
 
 
 def available() -> bool:
