@@ -3,7 +3,10 @@
 Side by side, one thread timed by its own CPU time, each compiled with Inductor (static shapes):
 
 * ``fp32_sdpa``: ``F.scaled_dot_product_attention`` in float32, eager (the fused kernel);
-* ``sdpa_cpu``: fp8fx's CPU lowering of ``fp8fx::sdpa`` (:mod:`fp8fx.backends.cpu_attention`);
+* ``sdpa_cpu``: fp8fx's CPU lowering of ``fp8fx::sdpa`` (:mod:`fp8fx.backends.cpu_attention`),
+  at a prompt the C++ kernel ``fp8fx_cpp::sdpa_fp8`` (:mod:`fp8fx.kernels.attention_cpp`);
+* ``sdpa_cpu_torch``: the same lowering without the C++ kernel (its torch ops, the path taken
+  where the extension cannot be built);
 * ``p_round_cast``: the FP8 rounding of a probabilities-sized tensor, ``[B, H, S, S]``, as the
   ops write it (saturate, cast to float8 and back);
 * ``p_round_grid``: the same rounding by integer ops on the float32 bits (round-to-nearest-even
@@ -74,6 +77,18 @@ def _ms(fn, *args, repeats: int) -> float:  # noqa: ANN001
     return best * 1e3
 
 
+def _without_cpp(gemv, fn):  # noqa: ANN001, ANN202
+    """``fn`` traced and run with the C++ attention kernel unavailable."""
+    def run(*args):  # noqa: ANN002, ANN202
+        saved = gemv.sdpa_op
+        gemv.sdpa_op = lambda: None
+        try:
+            return fn(*args)
+        finally:
+            gemv.sdpa_op = saved
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq", type=int, default=2040)
@@ -86,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     emulate_isa(args.isa)
     torch.set_num_threads(1)
     from fp8fx.backends.cpu_attention import sdpa_cpu
+    from fp8fx.kernels import gemv
 
     e4m3 = torch.float8_e4m3fn
     gen = torch.Generator().manual_seed(0)
@@ -102,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                       (q, k, v)),
         "sdpa_cpu": (torch.compile(lambda a, b, c: sdpa_cpu(a, b, c, None, 0.0, True, None, True, *scales)),
                      (q, k, v)),
+        "sdpa_cpu_torch": (_without_cpp(gemv, torch.compile(
+            lambda a, b, c: sdpa_cpu(a, b, c, None, 0.0, True, None, True, *scales))), (q, k, v)),
         "p_round_cast": (torch.compile(lambda x: fp8(x, 1 / 448).to(e4m3).float()), (probs,)),
         "p_round_grid": (torch.compile(lambda x: fp8_grid(fp8(x, 1 / 448), e4m3)), (probs,)),
         "softmax": (torch.compile(lambda x: torch.softmax(x, -1)), (probs,)),

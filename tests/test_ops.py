@@ -284,6 +284,8 @@ def test_nan_code_mask_is_exactly_the_nan_codes() -> None:
 
 from fp8fx.errors import QuantizationError  # noqa: E402
 from fp8fx.kernels import gemv as G  # noqa: E402
+from fp8fx.fp8 import FORMATS as FP8_FORMATS  # noqa: E402
+from fp8fx.numerics import quantize_fp32  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -374,6 +376,32 @@ def test_cpp_dequant_is_exact_for_all_256_codes(level, fmt, flush) -> None:
                 got = op(codes)
             assert got.dtype == torch.float32 and got.shape == shape
             assert bool(same_bits(got, codes.to(torch.float32)).all()), shape
+
+
+@pytest.mark.parametrize("level", [1, 2])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_cpp_codes_are_the_fp8_cast_bit_for_bit(level, fmt) -> None:
+    """``fp8fx_cpp::fp8_codes`` (the prefill activation quantization), each ISA body, against
+    ``quantize_fp32(...).float()``: every FP8 value, every midpoint between neighbours and one
+    float32 ulp either side of both (ties to even), random values at nine scales, zeros of both
+    signs, NaN, inf and a tiny value; one scale per tensor and one per row; E4M3 at Gaudi2's 240."""
+    finite = all_codes(fmt).float()
+    finite = finite[torch.isfinite(finite)].unique()
+    mids = (finite[1:] + finite[:-1]) / 2
+    parts = [torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40, -3e-39])]
+    for t in (finite, mids):
+        parts += [t, torch.nextafter(t, torch.full_like(t, 1e9)), torch.nextafter(t, torch.full_like(t, -1e9))]
+    g = torch.Generator().manual_seed(0)
+    parts += [torch.randn(4096, generator=g) * 10.0**e for e in range(-5, 4)]
+    x = torch.cat(parts)
+    x = torch.cat([x, torch.zeros(-x.numel() % 64)]).reshape(-1, 64)  # rows of 64 (vector tails too below)
+    with _isa_body(level):
+        for fp8_max in {FP8_FORMATS[fmt].max, 240.0 if fmt == E4M3 else FP8_FORMATS[fmt].max}:
+            for scale in (torch.tensor(1.0), torch.tensor(0.37), torch.rand(x.shape[0], 1, generator=g) + 0.01):
+                for xs in (x, x[:, :61], x.bfloat16()):
+                    got = G.codes(xs, scale, fmt, fp8_max)
+                    want = quantize_fp32(xs, scale, fmt, fp8_max).float()
+                    assert got.dtype == torch.float32 and bool(same_bits(got, want).all()), (fp8_max, scale.shape)
 
 
 @pytest.mark.parametrize("path", GEMV_PATHS)

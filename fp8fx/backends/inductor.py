@@ -84,7 +84,11 @@ denormals flushed). Its shifts, biases and special codes come from the format ta
   and page-faults on every call (more than the conversion itself costs), and a conversion
   fused with the cast to bfloat16 runs at Inductor's 32-lane width, much slower than the
   16-lane float32 one; ``_materialized`` keeps the two apart. Where the GEMM dominates
-  (thousands of rows) the grouping is within noise of one conversion.
+  (thousands of rows) the grouping is within noise of one conversion. The activation is
+  quantized by the C++ ``fp8fx_cpp::fp8_codes`` where it is built (``_cpu_codes``): the
+  cast's codes bit for bit, by integer ops the compiler vectorizes, where Inductor's float32
+  -> FP8 cast is a scalar loop under AVX2 (at 2040 rows of SmolLM2's sizes it cost 7-16 ms
+  around a 40 ms float32 GEMM, ``benchmarks/linear.py --m 2040``).
 * ``torch._scaled_mm`` runs on CPU (oneDNN) but was the slowest candidate everywhere, so it is
   not used on CPU.
 
@@ -279,13 +283,31 @@ def _cpu_qgemv(x2d: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: O
                            AMAX_FLOOR)
 
 
+def _cpu_codes(x2d: Tensor, scale: Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> Optional[Tensor]:
+    """The float32 FP8 codes of ``x2d / scale`` (one scale, or ``[M, 1]``) by the C++ op where
+    it is built and ``M`` is more than the GEMV's few rows, else None: Inductor's float32 -> FP8 cast is a scalar loop
+    under AVX2 (7-16 ms of a 40 ms float32 GEMM at 2040 rows of SmolLM2's sizes). The codes
+    are the cast's bit for bit; one row keeps the fused forms (reduction, GEMV)."""
+    from fp8fx.kernels import gemv
+    from fp8fx.kernels.linear import gemv_rows
+
+    m = _static_rows(x2d.shape[0])
+    if _is_one(x2d.shape[0]) or (m is not None and gemv_rows(m)):
+        return None
+    return gemv.codes(x2d, scale, fp8_dtype, fp8_max)
+
+
 def _cpu_linear(x2d: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Tensor,
                 bias: Optional[Tensor], fp8_max: float) -> Tensor:
     fused = _cpu_qgemv(x2d, weight, weight_scale, input_scale, bias, fp8_max, "static")
     if fused is not None:
         return fused
-    qx = quantize_activation(x2d, input_scale, weight.dtype, fp8_max)
     bf16_gemm = x2d.dtype == torch.bfloat16 and cpu_has_bf16()
+    codes = _cpu_codes(x2d, input_scale, weight.dtype, fp8_max)
+    if codes is not None:  # prefill: the C++ quantization, then the converted-weight GEMM
+        acc = _cpu_dequant_mm(codes, weight, torch.bfloat16 if bf16_gemm else torch.float32)
+        return _epilogue(acc, input_scale * weight_scale, bias, x2d.dtype)
+    qx = quantize_activation(x2d, input_scale, weight.dtype, fp8_max)
     acc = _cpu_gemv(qx, weight)
     if acc is None and _is_one(x2d.shape[0]):  # no C++ kernel: a reduction Inductor generates
         n, k = weight.shape

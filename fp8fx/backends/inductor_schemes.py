@@ -52,7 +52,7 @@ from fp8fx.numerics import expand_block_scale, quantize_fp32
 from fp8fx.kernels.linear import cpu_has_bf16
 
 from .inductor import (_GROUP_ELEMS, _MIN_CUDA_CAPABILITY, _SCALED_MM_ALIGNMENT, _cpu_dequant_mm, _cpu_gemv, _cpu_qgemv,
-                       _epilogue, _fp8_to_float32, _is_one, _materialized, _reduction_parts)
+                       _cpu_codes, _epilogue, _fp8_to_float32, _is_one, _materialized, _reduction_parts)
 
 __all__ = ["register_scheme_lowerings", "decompose_scaled_linear"]
 
@@ -64,7 +64,9 @@ def _activation(x2d: Tensor, input_scale: Optional[Tensor], activations: str, gr
     if activations == "none":
         return x2d.to(torch.float32), None
     s = activation_scale(x2d, input_scale, activations, group_size, fp8_max)
-    q = quantize_fp32(x2d, s, fp8_dtype, fp8_max).to(torch.float32)
+    q = _cpu_codes(x2d, s, fp8_dtype, fp8_max) if activations != "group" else None
+    if q is None:
+        q = quantize_fp32(x2d, s, fp8_dtype, fp8_max).to(torch.float32)
     return (q * s, None) if activations == "group" else (q, s)
 
 

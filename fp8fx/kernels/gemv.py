@@ -56,7 +56,7 @@ from ..fp8 import FORMATS
 from . import attention_cpp
 
 __all__ = ["gemv_fp8", "gemv_fp8_torch", "available", "status", "cpp_op", "cpp_dequant_op", "qgemv_op",
-           "QGEMV_MODES", "sdpa_op"]
+           "QGEMV_MODES", "sdpa_op", "codes"]
 
 _ENV_SWITCH = "FP8FX_CPP_KERNELS"  # "0": never build or use the C++ kernel
 _ISA_LEVEL = {"AVX512": 2, "AVX2": 1}  # torch's CPU capability -> the kernel body to run
@@ -408,7 +408,43 @@ at::Tensor qgemv(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tenso
   return y;
 }
 
+// fp8_codes: the FP8 codes of x / scale as float32 values (saturated at fp8_max, rounded to
+// nearest even), scale one value or one per row: numerics.quantize_fp32(x, s).float(), the
+// activation quantization of a prefill GEMM, vectorized (Inductor's float -> FP8 cast is scalar
+// under AVX2)
+at::Tensor fp8_codes(const at::Tensor& x_in, const at::Tensor& scale, double fp8_max, int64_t fmt) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2, "fp8_codes: a 2-D CPU x");
+  TORCH_CHECK(fmt == 0 || fmt == 1, "fp8_codes: fmt must be 0 (E4M3) or 1 (E5M2)");
+  const int level = g_level.load();
+  TORCH_CHECK(level >= 1, "fp8_codes: no vector ISA selected (fp8fx.kernels.gemv sets it)");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const at::Tensor s = scale.to(at::kFloat).contiguous().reshape({-1});
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(s.numel() == 1 || s.numel() == M, "fp8_codes: scale must be one value or one per row");
+  at::Tensor out = at::empty({M, K}, x.options());
+  if (M == 0 || K == 0) return out;
+  const float* xp = x.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const bool per_row = s.numel() != 1;
+  const float mx = float(fp8_max);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float sm = sp[per_row ? m : 0];
+      if (level >= 2) {
+        if (fmt == 0) isa_avx512::codes_row<0>(xp + m * K, K, sm, mx, op + m * K);
+        else isa_avx512::codes_row<1>(xp + m * K, K, sm, mx, op + m * K);
+      } else {
+        if (fmt == 0) isa_avx2::codes_row<0>(xp + m * K, K, sm, mx, op + m * K);
+        else isa_avx2::codes_row<1>(xp + m * K, K, sm, mx, op + m * K);
+      }
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY(fp8fx_cpp, m) {
+  m.def("fp8_codes(Tensor x, Tensor scale, float fp8_max, int fmt) -> Tensor");
   m.def("qgemv(Tensor x, Tensor w, Tensor w_scale, Tensor? x_scale, Tensor? bias, float fp8_max, "
         "int mode, float amax_floor) -> Tensor");
   m.def("gemv_fp8(Tensor x, Tensor w) -> Tensor");
@@ -419,6 +455,7 @@ TORCH_LIBRARY_IMPL(fp8fx_cpp, CPU, m) {
   m.impl("gemv_fp8", &gemv_fp8);
   m.impl("qgemv", &qgemv);
   m.impl("fp8_to_float32", &fp8_to_float32);
+  m.impl("fp8_codes", &fp8_codes);
 }
 TORCH_LIBRARY_IMPL(fp8fx_cpp, CatchAll, m) { m.impl("set_level", &set_level); }
 """
@@ -487,6 +524,7 @@ def _build() -> tuple[Optional[object], str]:
         torch.library.register_fake("fp8fx_cpp::fp8_to_float32")(_dequant_fake)
         torch.library.register_fake("fp8fx_cpp::qgemv")(_qgemv_fake)
         torch.library.register_fake(attention_cpp.SCHEMA)(attention_cpp.fake)
+        torch.library.register_fake("fp8fx_cpp::fp8_codes")(_codes_fake)
     except Exception as exc:  # no compiler, a failed build: the torch ops do the same math
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ''}"
         warnings.warn(f"fp8fx: the C++ FP8 GEMV kernel could not be built ({reason}); using "
@@ -533,6 +571,25 @@ def cpp_dequant_op():
     or None where :func:`available` is False."""
     ns = _load()[0]
     return None if ns is None else ns.fp8_to_float32
+
+
+def _codes_fake(x: Tensor, scale: Tensor, fp8_max: float, fmt: int) -> Tensor:
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def codes(x: Tensor, scale: Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> Optional[Tensor]:
+    """``numerics.quantize_fp32(x, scale, fp8_dtype, fp8_max).float()`` for a 2-D CPU ``x`` and a
+    scale of one value or one per row (``[M, 1]``), bit for bit, by the C++ op
+    ``fp8fx_cpp::fp8_codes`` (vectorized integer-op rounding); None where it is not built or
+    does not apply (then the caller runs the torch ops)."""
+    ns = _load()[0]
+    if ns is None or x.device.type != "cpu" or x.dim() != 2 or fp8_dtype not in FORMATS:
+        return None
+    if not 0 < float(fp8_max) <= FORMATS[fp8_dtype].max:  # the rounding needs the clamp inside the grid
+        return None
+    if not isinstance(scale, Tensor) or scale.numel() not in (1, x.shape[0]) or scale.dim() > 2:
+        return None
+    return ns.fp8_codes(x, scale, float(fp8_max), 0 if fp8_dtype == torch.float8_e4m3fn else 1)
 
 
 def sdpa_op():
