@@ -18,9 +18,10 @@ float32 operations and order, one block of query rows at a time:
 So no ``[B, H, S, S_k]`` float32 tensor exists: a block's scores are ``r · 32 · S_k`` floats
 (390 KB for SmolLM2's 3 query heads per KV head at 2048 keys), reused through the softmax and
 the rounding while they are in cache, and a causal prefill skips the masked half of both
-GEMMs. The FP8 rounding loops are compiled for AVX512 and for AVX2 inside the GEMV
-extension's ISA sections (:mod:`fp8fx.kernels.gemv`), where the compiler vectorizes them (the
-same rounding as ``attention_layer.py``'s grid check, bit-identical to the FP8 cast).
+GEMMs. The FP8 rounding loops are 8-lane AVX2 intrinsics (both ISA sections of the GEMV
+extension, :mod:`fp8fx.kernels.gemv`, enable AVX2) with a scalar form for the tails: the same
+rounding as ``attention_layer.py``'s grid check, bit-identical to the FP8 cast (GCC does not
+vectorize the scalar form's selects by itself).
 
 Scales arrive as lists of Python floats, one per query head (``sq``, ``qk``, ``pv``) or per KV
 head (``sk``, ``sv``), each exactly the float32 number the torch lowering multiplies or divides
@@ -41,13 +42,13 @@ __all__ = ["ROWS", "ENTRY", "SCHEMA", "call", "fake"]
 
 Scale = Union[float, Sequence[float]]
 
-#: row loops, instantiated in each ISA section of the extension (no intrinsics: the compiler
-#: vectorizes them for the section's target)
+#: row loops, instantiated in each ISA section of the extension (both enable AVX2: 8-lane
+#: intrinsics, the scalar form for the tails; the compiler does not vectorize the selects itself)
 ROWS = r"""
 template <int FMT>
 static inline float fp8_grid(float x) {
   // x within ±max: round-to-nearest-even to FP8's 3 (E4M3) or 2 (E5M2) mantissa bits; below the
-  // smallest normal, to a multiple of the subnormal step; NaN stays NaN
+  // smallest normal, to a multiple of the subnormal step; NaN stays NaN (vector form: fp8_grid8)
   constexpr int DROP = FMT == 0 ? 20 : 21;
   constexpr float QSUB = FMT == 0 ? 512.0f : 65536.0f;
   constexpr float MIN_NORMAL = FMT == 0 ? 0.015625f : 6.103515625e-05f;
@@ -60,40 +61,88 @@ static inline float fp8_grid(float x) {
   return std::fabs(x) < MIN_NORMAL ? sub : (x != x ? x : nrm);
 }
 
+template <int FMT>
+static inline __m256 fp8_grid8(__m256 x) {
+  constexpr int DROP = FMT == 0 ? 20 : 21;
+  constexpr float QSUB = FMT == 0 ? 512.0f : 65536.0f;
+  constexpr float MIN_NORMAL = FMT == 0 ? 0.015625f : 6.103515625e-05f;
+  const __m256i b = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, DROP), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32((1 << (DROP - 1)) - 1)), odd);
+  r = _mm256_and_si256(r, _mm256_set1_epi32(~((1 << DROP) - 1)));
+  const __m256 sub = _mm256_mul_ps(
+      _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(QSUB)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+      _mm256_set1_ps(1.0f / QSUB));
+  const __m256 small = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x), _mm256_set1_ps(MIN_NORMAL),
+                                     _CMP_LT_OQ);
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  return _mm256_blendv_ps(_mm256_blendv_ps(_mm256_castsi256_ps(r), x, nan), sub, small);
+}
+
 static inline float saturate(float v, float mx) { return v < -mx ? -mx : (v > mx ? mx : v); }
+
+static inline __m256 saturate8(__m256 v, __m256 mx) {
+  // min/max return their second operand when one is NaN: NaN stays NaN
+  return _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), mx), _mm256_min_ps(mx, v));
+}
 
 template <int FMT>
 static void codes_row(const float* __restrict x, int64_t n, float s, float mx, float* __restrict out) {
-  for (int64_t k = 0; k < n; ++k) out[k] = fp8_grid<FMT>(saturate(x[k] / s, mx));
+  const __m256 sv = _mm256_set1_ps(s), mv = _mm256_set1_ps(mx);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    _mm256_storeu_ps(out + k, fp8_grid8<FMT>(saturate8(_mm256_div_ps(_mm256_loadu_ps(x + k), sv), mv)));
+  for (; k < n; ++k) out[k] = fp8_grid<FMT>(saturate(x[k] / s, mx));
 }
 
 static void scores_row(float* __restrict s, int64_t n, float qk, float sm, int64_t keep,
                        const float* __restrict mask, int64_t mstride) {
   const float ninf = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = (s[j] * qk) * sm;
-    s[j] = j < keep ? v : ninf;
-  }
+  const int64_t kept = std::min(keep, n);
+  const __m256 qv = _mm256_set1_ps(qk), smv = _mm256_set1_ps(sm);
+  int64_t j = 0;
+  for (; j + 8 <= kept; j += 8)
+    _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(s + j), qv), smv));
+  for (; j < kept; ++j) s[j] = (s[j] * qk) * sm;
+  for (j = std::max<int64_t>(kept, 0); j < n; ++j) s[j] = ninf;
   if (mask != nullptr) {
     if (mstride == 1) {
-      for (int64_t j = 0; j < n; ++j) s[j] = s[j] + mask[j];
+      for (j = 0; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(s + j, _mm256_add_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(mask + j)));
+      for (; j < n; ++j) s[j] = s[j] + mask[j];
     } else {
-      for (int64_t j = 0; j < n; ++j) s[j] = s[j] + mask[j * mstride];
+      for (j = 0; j < n; ++j) s[j] = s[j] + mask[j * mstride];
     }
   }
 }
 
 template <int FMT>
 static void probs_codes(float* __restrict p, int64_t n, float sp, float mx) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = p[j] != p[j] ? 0.0f : p[j];  // softmax of a fully masked row: NaN -> 0
+  // softmax of a fully masked row is NaN: 0, as the definition's nan_to_num
+  const __m256 sv = _mm256_set1_ps(sp), mv = _mm256_set1_ps(mx), zero = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 v = _mm256_loadu_ps(p + j);
+    v = _mm256_blendv_ps(v, zero, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    _mm256_storeu_ps(p + j, fp8_grid8<FMT>(saturate8(_mm256_div_ps(v, sv), mv)));
+  }
+  for (; j < n; ++j) {
+    const float v = p[j] != p[j] ? 0.0f : p[j];
     p[j] = fp8_grid<FMT>(saturate(v / sp, mx));
   }
 }
 
 template <int FMT, typename T>
 static void out_row(const float* __restrict o, int64_t n, float f, float so, float mx, T* __restrict y) {
-  for (int64_t k = 0; k < n; ++k) y[k] = T(fp8_grid<FMT>(saturate((o[k] * f) / so, mx)) * so);
+  const __m256 fv = _mm256_set1_ps(f), sv = _mm256_set1_ps(so), mv = _mm256_set1_ps(mx);
+  alignas(32) float t[8];
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 v = fp8_grid8<FMT>(saturate8(_mm256_div_ps(_mm256_mul_ps(_mm256_loadu_ps(o + k), fv), sv), mv));
+    _mm256_store_ps(t, _mm256_mul_ps(v, sv));
+    for (int i = 0; i < 8; ++i) y[k + i] = T(t[i]);
+  }
+  for (; k < n; ++k) y[k] = T(fp8_grid<FMT>(saturate((o[k] * f) / so, mx)) * so);
 }
 """
 
