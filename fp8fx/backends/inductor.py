@@ -86,9 +86,9 @@ denormals flushed). Its shifts, biases and special codes come from the format ta
   16-lane float32 one; ``_materialized`` keeps the two apart. Where the GEMM dominates
   (thousands of rows) the grouping is within noise of one conversion. The activation is
   quantized by the C++ ``fp8fx_cpp::fp8_codes`` where it is built (``_cpu_codes``): the
-  cast's codes bit for bit, by integer ops the compiler vectorizes, where Inductor's float32
-  -> FP8 cast is a scalar loop under AVX2 (at 2040 rows of SmolLM2's sizes it cost 7-16 ms
-  around a 40 ms float32 GEMM, ``benchmarks/linear.py --m 2040``).
+  cast's codes bit for bit, by 8-lane integer ops, where Inductor's float32 -> FP8 cast is a
+  scalar loop under AVX2 (before this, the lowered op took 1.18-1.39x the float32 GEMM's time
+  at 2040 rows of SmolLM2's sizes, ``benchmarks/linear.py --m 2040``).
 * ``torch._scaled_mm`` runs on CPU (oneDNN) but was the slowest candidate everywhere, so it is
   not used on CPU.
 
@@ -285,9 +285,9 @@ def _cpu_qgemv(x2d: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: O
 
 def _cpu_codes(x2d: Tensor, scale: Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> Optional[Tensor]:
     """The float32 FP8 codes of ``x2d / scale`` (one scale, or ``[M, 1]``) by the C++ op where
-    it is built and ``M`` is more than the GEMV's few rows, else None: Inductor's float32 -> FP8 cast is a scalar loop
-    under AVX2 (7-16 ms of a 40 ms float32 GEMM at 2040 rows of SmolLM2's sizes). The codes
-    are the cast's bit for bit; one row keeps the fused forms (reduction, GEMV)."""
+    it is built and ``M`` is more than the GEMV's few rows, else None (the module docstring
+    says why). The codes are the cast's bit for bit; few rows keep the fused forms (GEMV,
+    reduction)."""
     from fp8fx.kernels import gemv
     from fp8fx.kernels.linear import gemv_rows
 
