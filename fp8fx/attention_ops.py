@@ -157,17 +157,24 @@ _define("dequant(Tensor x, float scale, ScalarType dtype) -> Tensor", _dequant_o
 
 
 # ------------------------------------------------------------------------------ per-head scales
+def head_repeats(shape: tuple, scale: list[float] | tuple[float, ...], what: str = "tensor") -> int:
+    """How many heads of a ``[..., H, S, D]`` tensor of ``shape`` each scale of a per-head list
+    covers (``H / len``: grouped-query heads repeated by ``repeat_kv``); a list whose length does
+    not divide ``H`` raises."""
+    if len(shape) < 3 or not scale or shape[-3] % len(scale):
+        raise QuantizationError(
+            f"per-head scales: {len(scale)} scale(s) for a {what} of shape {tuple(shape)}, which has "
+            f"{shape[-3] if len(shape) >= 3 else 'no'} heads at dim -3: the scales were calibrated on another "
+            "head count (another model?); calibrate this model again")
+    return shape[-3] // len(scale)
+
+
 def head_scale(x: Tensor, scale: list[float] | tuple[float, ...], what: str = "tensor") -> Tensor:
     """A per-head scale list as a float32 ``[H, 1, 1]`` tensor that broadcasts over ``x``
     (``[..., H, S, D]``). ``H`` a multiple of the list's length is a grouped-query tensor whose KV
     heads were repeated (``repeat_kv``: each KV head ``H / len`` times in a row), and each scale
     covers its copies; any other length raises."""
-    if x.dim() < 3 or not scale or x.shape[-3] % len(scale):
-        raise QuantizationError(
-            f"per-head scales: {len(scale)} scale(s) for a {what} of shape {tuple(x.shape)}, which has "
-            f"{x.shape[-3] if x.dim() >= 3 else 'no'} heads at dim -3: the scales were calibrated on another "
-            "head count (another model?); calibrate this model again")
-    rep = x.shape[-3] // len(scale)
+    rep = head_repeats(tuple(x.shape), scale, what)
     return torch.tensor([float(v) for v in scale for _ in range(rep)], dtype=torch.float32,
                         device=x.device).reshape(-1, 1, 1)
 

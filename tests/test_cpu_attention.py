@@ -102,6 +102,21 @@ def test_cpp_prefill_kernel_is_the_torch_lowering_bit_for_bit(shape, dtype, fp8,
     assert not nan_row.isnan().any() and not nan_row.any()  # NaN scores: the definition's nan_to_num, zeros
 
 
+@pytest.mark.parametrize("path", ["cpp", "torch"])
+@pytest.mark.parametrize("which", ["query", "key", "value"])
+def test_per_head_scales_of_another_head_count_raise_naming_the_tensor(which, path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setattr(gemv, "sdpa_op", lambda: None)
+    elif not gemv.available():
+        pytest.skip(f"C++ kernels not in use: {gemv.status()}")
+    q, k, v = _inputs(1, 6, 3, 5, 5, 16)  # 6 query heads, 3 KV heads: lists of 6 / 3 (or 1) fit
+    good = {"query": [2.0**-5] * 6, "key": [2.0**-5] * 3, "value": [2.0**-6] * 3}
+    good[which] = [2.0**-5] * 4  # calibrated on a 4-head model
+    sc = (good["query"], good["key"], good["value"], 2.0**-8, 2.0**-6)
+    with pytest.raises(fp8fx.QuantizationError, match=rf"4 scale\(s\) for a {which}.*calibrate this model again"):
+        _call(sdpa_cpu, q, k, v, None, True, sc)
+
+
 def test_cpp_prefill_kernel_without_keys_gives_zeros():
     if not gemv.available():
         pytest.skip(f"C++ kernels not in use: {gemv.status()}")

@@ -68,9 +68,9 @@ __all__ = ["lower_cpu_attention", "register_cpu_attention", "sdpa_cpu"]
 Scale = Union[float, Sequence[float]]
 
 
-def _codes(x: Tensor, scale: Scale, fp8_max: float, fp8_dtype: torch.dtype) -> Tensor:
+def _codes(x: Tensor, scale: Scale, fp8_max: float, fp8_dtype: torch.dtype, what: str = "tensor") -> Tensor:
     """The FP8 codes of ``x`` as float32 values (exact): the reference's quantization."""
-    s = attention_ops.head_scale(x, scale) if isinstance(scale, (list, tuple)) else scale
+    s = attention_ops.head_scale(x, scale, what) if isinstance(scale, (list, tuple)) else scale
     return numerics.quantize_fp32(x, s, fp8_dtype, fp8_max).to(torch.float32)
 
 
@@ -139,7 +139,8 @@ def sdpa_cpu(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropo
         if op is not None:
             return attention_cpp.call(op, q, k, v, attn_mask, is_causal, sm_scale, scale_q, scale_k, scale_v,
                                       scale_p, scale_o, fp8_max, fp8_dtype)
-    cq, ck, cv = (_codes(t, s, fp8_max, fp8_dtype) for t, s in ((q, scale_q), (k, scale_k), (v, scale_v)))
+    cq, ck, cv = (_codes(t, s, fp8_max, fp8_dtype, what)
+                  for t, s, what in ((q, scale_q, "query"), (k, scale_k, "key"), (v, scale_v, "value")))
     qk = _factor(q, scale_q) * _factor(q, scale_k)  # [H, 1, 1] for per-head scales (KV heads repeated)
     scores = _scores(cq, ck) * qk * sm_scale
     probs = attention_ops.masked_softmax(scores, attn_mask, is_causal)

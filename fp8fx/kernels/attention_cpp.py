@@ -38,6 +38,8 @@ import struct
 import torch
 from torch import Tensor
 
+from fp8fx import attention_ops
+
 __all__ = ["ROWS", "ENTRY", "SCHEMA", "call", "fake"]
 
 Scale = Union[float, Sequence[float]]
@@ -267,12 +269,13 @@ def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def _per_head(scale: Scale, heads: int) -> list[float]:
-    """One float32 scale per head of a ``heads``-head tensor, as ``attention_ops.head_scale``
-    repeats a per-head list (or the one scale of a per-tensor op)."""
+def _per_head(scale: Scale, x: Tensor, what: str) -> list[float]:
+    """One float32 scale per head of ``x`` (``[..., H, S, D]``), as ``attention_ops.head_scale``
+    repeats a per-head list (or the one scale of a per-tensor op); a list of another head count
+    raises as it does."""
     if not isinstance(scale, (list, tuple)):
-        return [_f32(scale)] * heads
-    rep = heads // len(scale)
+        return [_f32(scale)] * x.shape[-3]
+    rep = attention_ops.head_repeats(tuple(x.shape), scale, what)
     return [_f32(s) for s in scale for _ in range(rep)]
 
 
@@ -288,7 +291,9 @@ def call(op, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_ca
         attn_mask = (torch.where(attn_mask, 0.0, float("-inf")) if attn_mask.dtype == torch.bool
                      else attn_mask.float())
     heads = isinstance(scale_q, (list, tuple))
-    sq, skq, svq = _per_head(scale_q, h), _per_head(scale_k, h), _per_head(scale_v, h)
+    sq, sk, sv = _per_head(scale_q, q, "query"), _per_head(scale_k, k, "key"), _per_head(scale_v, v, "value")
+    # the key and value scales over the query heads: each KV head's scale for its r query heads
+    skq, svq = ([s for s in t for _ in range(h // hk)] for t in (sk, sv))
     if heads:  # float32 [H, 1, 1] tensors multiplied in float32
         qk = [_f32(a * b) for a, b in zip(sq, skq)]
         pv = [_f32(_f32(scale_p) * b) for b in svq]
@@ -296,5 +301,5 @@ def call(op, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_ca
         qk = [_f32(float(scale_q) * float(scale_k))] * h
         pv = [_f32(float(scale_p) * float(scale_v))] * h
     fmt = 0 if fp8_dtype == torch.float8_e4m3fn else 1
-    return op(q, k, v, attn_mask, bool(is_causal), float(sm_scale), sq, _per_head(scale_k, hk),
-              _per_head(scale_v, hk), qk, pv, float(scale_p), float(scale_o), float(fp8_max), fmt)
+    return op(q, k, v, attn_mask, bool(is_causal), float(sm_scale), sq, sk, sv, qk, pv, float(scale_p),
+              float(scale_o), float(fp8_max), fmt)
