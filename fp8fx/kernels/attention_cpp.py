@@ -148,10 +148,8 @@ static void out_row(const float* __restrict o, int64_t n, float f, float so, flo
 }
 """
 
-#: the operator (after the GEMV extension's entry points, whose ``g_level`` it reads)
+#: the operator (after the GEMV extension's entry points, whose ``g_level`` and ``FP8FX_ISA`` it uses)
 ENTRY = r"""
-#define FP8FX_ISA(call) do { if (g_level.load() >= 2) { isa_avx512::call; } else { isa_avx2::call; } } while (0)
-
 static void codes_of(const at::Tensor& x, int64_t heads, const std::vector<float>& scale, float mx,
                      int fmt, at::Tensor& out) {
   // x float32 contiguous [B, heads, S, D]: out[b, h] = codes of x[b, h] with scale[h]

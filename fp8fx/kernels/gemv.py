@@ -270,6 +270,9 @@ static std::atomic<int> g_level{0};
 
 void set_level(int64_t level) { g_level.store(int(level)); }
 
+// one call in the body of the selected ISA (AVX512 at level 2, AVX2 at level 1)
+#define FP8FX_ISA(call) do { if (g_level.load() >= 2) { isa_avx512::call; } else { isa_avx2::call; } } while (0)
+
 at::Tensor gemv_fp8(const at::Tensor& x_in, const at::Tensor& w_in) {
   TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu(), "gemv_fp8: CPU tensors only");
   TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && x_in.size(1) == w_in.size(1),
@@ -290,11 +293,7 @@ at::Tensor gemv_fp8(const at::Tensor& x_in, const at::Tensor& w_in) {
   const int fmt = wt == at::kFloat8_e4m3fn ? 0 : 1;
   const float factor = fmt == 0 ? 256.0f : 1.0f;
   const auto* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
-  if (level >= 2) {
-    isa_avx512::gemv(fmt, x.data_ptr<float>(), M, K, wp, N, y.data_ptr<float>(), factor);
-  } else {
-    isa_avx2::gemv(fmt, x.data_ptr<float>(), M, K, wp, N, y.data_ptr<float>(), factor);
-  }
+  FP8FX_ISA(gemv(fmt, x.data_ptr<float>(), M, K, wp, N, y.data_ptr<float>(), factor));
   return y;
 }
 
@@ -311,8 +310,7 @@ at::Tensor fp8_to_float32(const at::Tensor& w_in) {
   if (N == 0 || K == 0) return out;
   const int fmt = wt == at::kFloat8_e4m3fn ? 0 : 1;
   const auto* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
-  if (level >= 2) isa_avx512::dequant(fmt, wp, N, K, out.data_ptr<float>());
-  else isa_avx2::dequant(fmt, wp, N, K, out.data_ptr<float>());
+  FP8FX_ISA(dequant(fmt, wp, N, K, out.data_ptr<float>()));
   return out;
 }
 
@@ -431,13 +429,8 @@ at::Tensor fp8_codes(const at::Tensor& x_in, const at::Tensor& scale, double fp8
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float sm = sp[per_row ? m : 0];
-      if (level >= 2) {
-        if (fmt == 0) isa_avx512::codes_row<0>(xp + m * K, K, sm, mx, op + m * K);
-        else isa_avx512::codes_row<1>(xp + m * K, K, sm, mx, op + m * K);
-      } else {
-        if (fmt == 0) isa_avx2::codes_row<0>(xp + m * K, K, sm, mx, op + m * K);
-        else isa_avx2::codes_row<1>(xp + m * K, K, sm, mx, op + m * K);
-      }
+      if (fmt == 0) FP8FX_ISA(codes_row<0>(xp + m * K, K, sm, mx, op + m * K));
+      else FP8FX_ISA(codes_row<1>(xp + m * K, K, sm, mx, op + m * K));
     }
   });
   return out;
