@@ -346,6 +346,7 @@ static void quant_rows(const T* x, int64_t M, int64_t K, int mode, float static_
     return std::isnan(amax) ? nan : std::max(amax, amax_floor) / fp8_max;
   };
   float tensor_scale = static_scale;
+  std::vector<float> wide(mode == 3 ? 0 : K);
   if (mode == 2) tensor_scale = to_scale(row_amax(x, M * K));
   for (int64_t m = 0; m < M; ++m) {
     const T* xr = x + m * K;
@@ -357,11 +358,10 @@ static void quant_rows(const T* x, int64_t M, int64_t K, int mode, float static_
     }
     const float s = mode == 1 ? to_scale(row_amax(xr, K)) : tensor_scale;
     sx[m] = s;
-    for (int64_t k = 0; k < K; ++k) {
-      float v = float(xr[k]) / s;
-      v = v < -fp8_max ? -fp8_max : (v > fp8_max ? fp8_max : v);  // NaN stays NaN
-      qr[k] = e4m3 ? float(c10::Float8_e4m3fn(v)) : float(c10::Float8_e5m2(v));
-    }
+    // widened, then codes_row: the cast's codes bit for bit (NaN stays NaN) by vector ops
+    for (int64_t k = 0; k < K; ++k) wide[k] = float(xr[k]);
+    if (e4m3) FP8FX_ISA(codes_row<0>(wide.data(), K, s, fp8_max, qr));
+    else FP8FX_ISA(codes_row<1>(wide.data(), K, s, fp8_max, qr));
   }
 }
 
