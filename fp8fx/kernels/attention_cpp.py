@@ -290,9 +290,9 @@ def call(op, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_ca
                      else attn_mask.float())
     heads = isinstance(scale_q, (list, tuple))
     sq, sk, sv = _per_head(scale_q, q, "query"), _per_head(scale_k, k, "key"), _per_head(scale_v, v, "value")
-    # the key and value scales over the query heads: each KV head's scale for its r query heads
-    skq, svq = ([s for s in t for _ in range(h // hk)] for t in (sk, sv))
     if heads:  # float32 [H, 1, 1] tensors multiplied in float32
+        # the key and value scales over the query heads: each KV head's scale for its r query heads
+        skq, svq = ([s for s in t for _ in range(h // hk)] for t in (sk, sv))
         qk = [_f32(a * b) for a, b in zip(sq, skq)]
         pv = [_f32(_f32(scale_p) * b) for b in svq]
     else:
