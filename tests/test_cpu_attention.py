@@ -11,7 +11,7 @@ import torch
 import fp8fx
 from arch_zoo import build, calibration_batches, eval_ids, main_output
 from fp8fx import numerics
-from fp8fx.backends.cpu_attention import lower_cpu_attention, sdpa_cpu
+from fp8fx.backends.cpu_attention import lower_cpu_attention, sdpa_cpu, sdpa_cpu_kv
 from fp8fx.kernels import attention_cpp, gemv
 from tiny_models import tiny_llama
 
@@ -51,14 +51,19 @@ def test_sdpa_cpu_equals_the_op_definition(shape, mask, scales, path, monkeypatc
         pytest.skip(f"C++ kernels not in use: {gemv.status()}")
     b, h, hk, s, sk, d = shape
     q, k, v = _inputs(*shape)
-    sc = {"pow2": POW2, "arbitrary": ARBITRARY,
-          "heads": ([2.0**-5] * h, [2.0**-5 * 2 ** (i % 2) for i in range(hk)], [2.0**-6] * hk, 2.0**-8, 2.0**-6)}[scales]
+    sc = _scales(scales, h, hk)
     causal = mask == "causal" and s == sk
     m = None if mask == "causal" else _mask(mask, b, s, sk)
     want = _call(None, q, k, v, m, causal, sc)
     got = _call(sdpa_cpu, q, k, v, m, causal, sc)
     # every element equal: the GEMMs on codes (scales in the epilogue) reorder nothing at these sizes
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _scales(kind, h, hk):
+    return {"pow2": POW2, "arbitrary": ARBITRARY,
+            "heads": ([2.0**-5] * h, [2.0**-5 * 2 ** (i % 2) for i in range(hk)], [2.0**-6] * hk, 2.0**-8,
+                      2.0**-6)}[kind]
 
 
 def _bits_equal(a, b):
@@ -220,9 +225,10 @@ def test_generated_code_has_no_float32_kv_copies_per_query_head(tmp_path):
         _, (decode,) = run_and_get_code(lambda: fast(ids[:, :1], past_key_values=cache, use_cache=True))
     torch._dynamo.reset()
     assert cache.layers[0].keys.dtype == E4M3
-    if gemv.available():  # prefill: the whole attention is one call of the C++ kernel
-        assert prefill.count("torch.ops.fp8fx_cpp.sdpa_fp8.default(") == 1
-        assert "extern_kernels.bmm" not in prefill
+    if gemv.available():  # prefill and decode: one call of the C++ kernel on the FP8 caches
+        for code in (prefill, decode):
+            assert code.count("torch.ops.fp8fx_cpp.sdpa_fp8_kv.default(") == 1
+            assert "extern_kernels.bmm" not in code
     else:  # the two products are bmm over the 2 KV heads
         bmm_first = re.findall(r"extern_kernels\.bmm\((?:reinterpret_tensor\()?(buf\d+)", prefill)
         assert len(bmm_first) == 2
@@ -241,3 +247,100 @@ def test_lower_cpu_attention_points_sdpa_nodes_at_the_lowering():
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"][0] is sdpa_cpu
     q, k, v = _inputs(1, 4, 2, 5, 5, 16)
     torch.testing.assert_close(gm(q, k, v), _call(None, q, k, v, None, True, POW2) + 1, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ FP8 cache read in the kernel
+_KV_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@pytest.mark.parametrize("level", [1, 2], ids=["avx2", "avx512"])
+@pytest.mark.parametrize("fmt", [E4M3, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_kv_floats_is_the_cache_read_bit_for_bit(level, fmt, dtype):
+    """``fp8fx_cpp::kv_floats``: every FP8 code (NaN codes included) times per-head scales that
+    round, overflow float16 and reach float32's subnormals, rounded to the read's dtype, equals
+    ``fp8fx::dequant``'s ``(x8 · s).to(dtype)`` bit for bit, in both ISA bodies."""
+    if not gemv.available():
+        pytest.skip(f"C++ kernels not in use: {gemv.status()}")
+    if level == 2 and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("the AVX512 body needs an AVX512 CPU")
+    scales = [0.0078125, 0.0123, 1.7, 2.5e4, 1e-30]
+    x8 = torch.arange(256, dtype=torch.uint8).view(fmt).repeat(len(scales) * 3).reshape(1, len(scales), 3, 256)
+    x8 = x8[..., :253]  # a row length with vector tails
+    torch.ops.fp8fx_cpp.set_level(level)
+    try:
+        got = torch.ops.fp8fx_cpp.kv_floats(x8, scales, _KV_CODES[dtype])
+    finally:
+        torch.ops.fp8fx_cpp.set_level(gemv._isa_level()[0])
+    want = numerics.dequantize(x8, torch.tensor(scales).reshape(-1, 1, 1), dtype).float()
+    assert _bits_equal(got, want)
+
+
+def _caches(b, hk, sk, d, fmt, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, hk, sk, d, generator=g) * 40).clamp(-400, 400).to(fmt) for _ in range(2)]
+
+
+@pytest.mark.parametrize("shape", [(1, 9, 3, 7, 7, 64), (2, 4, 2, 1, 13, 16), (2, 4, 1, 1, 40, 8)],
+                         ids=["gqa-prefill", "gqa-decode", "one-kv-head-decode"])
+@pytest.mark.parametrize("mask", ["none", "bool", "float"])
+@pytest.mark.parametrize("scales", ["arbitrary", "heads"])
+@pytest.mark.parametrize("read", ["same", "other"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("path", ["cpp", "torch"])
+def test_sdpa_cpu_kv_equals_the_cache_reads_then_the_op(shape, mask, scales, read, dtype, path, monkeypatch):
+    """``sdpa_cpu_kv`` (the C++ kernel reading the FP8 caches; without it the reads, then
+    ``sdpa_cpu``) equals ``fp8fx::sdpa`` on ``fp8fx::dequant`` of the caches, every element: with
+    the read's scale equal to the op's key/value scale (an FP8 cache calibrated as the attention
+    reads it) and with another one (a requantization)."""
+    if path == "torch":
+        monkeypatch.setattr(gemv, "sdpa_kv_op", lambda: None)
+    elif not gemv.available():
+        pytest.skip(f"C++ kernels not in use: {gemv.status()}")
+    b, h, hk, s, sk, d = shape
+    q = _inputs(*shape)[0].to(dtype)
+    k8, v8 = _caches(b, hk, sk, d, E4M3)
+    sc = _scales(scales, h, hk)
+    per_head = isinstance(sc[0], list)
+    if read == "same":
+        k_read, v_read = sc[1], sc[2]
+    else:
+        k_read, v_read = ([0.0071 * (i + 1) for i in range(hk)], [0.0113] * hk) if per_head else (0.0071, 0.0113)
+    op = torch.ops.fp8fx.dequant.heads if per_head else torch.ops.fp8fx.dequant.default
+    k, v = op(k8, k_read, dtype), op(v8, v_read, dtype)
+    m = None if mask == "none" else _mask(mask, b, s, sk)
+    want = _call(None, q, k, v, m, False, sc)
+    got = sdpa_cpu_kv(q, k8, v8, k_read, v_read, dtype, m, 0.0, False, None, True, *sc, 448.0, E4M3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("heads", [False, True], ids=["per-tensor", "per-head"])
+def test_lower_cpu_attention_hands_fp8_caches_to_the_kernel(heads):
+    """An ``fp8fx::sdpa`` whose K and V are ``fp8fx::dequant`` reads of FP8 caches becomes one
+    ``sdpa_cpu_kv`` node on the FP8 tensors (the reads leave the graph), same values; a read
+    whose scale is not a constant keeps the plain lowering."""
+    sc = _scales("heads" if heads else "pow2", 4, 2)
+    read = [2.0**-5, 2.0**-4] if heads else 2.0**-5
+    dq = torch.ops.fp8fx.dequant.heads if heads else torch.ops.fp8fx.dequant.default
+    sdpa = torch.ops.fp8fx.sdpa.heads if heads else torch.ops.fp8fx.sdpa.default
+
+    def f(q, k8, v8):
+        k, v = dq(k8, read, torch.bfloat16), dq(v8, read, torch.bfloat16)
+        return sdpa(q, k, v, None, 0.0, True, None, True, *sc, 448.0, E4M3)
+
+    gm = torch.fx.symbolic_trace(f)
+    assert lower_cpu_attention(gm) == 1
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets == [sdpa_cpu_kv]
+    q = _inputs(1, 4, 2, 5, 5, 16)[0]
+    k8, v8 = _caches(1, 2, 5, 16, E4M3)
+    torch.testing.assert_close(gm(q, k8, v8), f(q, k8, v8), rtol=0, atol=0)
+
+    def g(q, k8, v8, s):  # a traced scale (a graph input): not a constant read
+        return torch.ops.fp8fx.sdpa.default(q, torch.ops.fp8fx.dequant.default(k8, s, torch.bfloat16),
+                                            torch.ops.fp8fx.dequant.default(v8, s, torch.bfloat16), None, 0.0,
+                                            True, None, True, *POW2, 448.0, E4M3)
+
+    gm = torch.fx.symbolic_trace(g)
+    assert lower_cpu_attention(gm) == 1
+    assert sdpa_cpu in [n.target for n in gm.graph.nodes] and sdpa_cpu_kv not in [n.target for n in gm.graph.nodes]

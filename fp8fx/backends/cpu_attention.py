@@ -23,21 +23,28 @@ the reference. On a CPU tensor it computes the same definition in another order:
 * **No repeated K/V.** The ``H = H_kv · r`` query heads are viewed as ``[B, H_kv, r·S, D]``
   (a view of contiguous q), so each KV head's codes are multiplied once against its ``r``
   query heads: no per-query-head copy of the keys or values.
-* **Prefill is one C++ call.** With more than one query row, where the C++ extension is built
-  (:func:`fp8fx.kernels.gemv.status`), the whole op is ``fp8fx_cpp::sdpa_fp8``
+* **One C++ call.** Where the C++ extension is built (:func:`fp8fx.kernels.gemv.status`), the
+  whole op is ``fp8fx_cpp::sdpa_fp8``
   (:mod:`fp8fx.kernels.attention_cpp`): the same float32 operations in the same order, one
   block of 32 query positions at a time (the block's scores in cache through the mask, the
   softmax and the probabilities' FP8 rounding; no ``[B, H, S, S_k]`` float32 tensor), and a
   causal prefill never multiplies the keys past a block's last row. Bit-identical to the torch
   ops below (``tests/test_cpu_attention.py``); Inductor calls it as one extern kernel.
-* **Decode reads the FP8 cache in the reduction.** With one query row (``S == 1``, static in
-  a decode graph) the two products are written as broadcast-multiply-and-sum, which Inductor
-  generates as reductions that load the cache's FP8 bytes (through the ``fp8fx::dequant`` of
-  the cache read and the re-quantization, fused into the load): no float32 copy of the cache
-  per step. Without the C++ extension, more rows (prefill) are ``bmm`` (float32, MKL/oneDNN)
-  on float32 codes: the GEMM needs its operands in memory, and float32 keeps the reference's
-  precision (a bfloat16 GEMM on CPU returns bfloat16, which would round the scores; ``bmm``
-  with ``out_dtype`` is CUDA-only).
+* **The kernel reads the FP8 cache.** Where K and V are reads of FP8 caches (``fp8fx::dequant``
+  nodes with constant scales, what the FP8 KV-cache layers of :mod:`fp8fx.kv_cache` return),
+  :func:`lower_cpu_attention` points the node at :func:`sdpa_cpu_kv` on the FP8 tensors and
+  the reads' scales, and the reads leave the graph: ``fp8fx_cpp::sdpa_fp8_kv`` does the read
+  (bit for bit ``dequant``: ``x8 · s`` in float32, rounded to the read's dtype) and the
+  re-quantization row by row, at a prompt and at decode (one query row) alike.
+* **Without the C++ extension**, decode (``S == 1``, static in a decode graph) writes the two
+  products as broadcast-multiply-and-sum, which Inductor generates as reductions that load the
+  cache's FP8 bytes through the read and the re-quantization; Inductor inlines the query's
+  producers (the rotary embedding, the quantization) into them and recomputes them for every
+  key, which is why the C++ kernel takes decode too where it is built (29 ms per layer and
+  step at 2040 keys under AVX2 in the reductions, about 1.5 ms in the kernel). More rows
+  (prefill) are ``bmm`` (float32, MKL/oneDNN) on float32 codes: the GEMM needs its operands in
+  memory, and float32 keeps the reference's precision (a bfloat16 GEMM on CPU returns
+  bfloat16, which would round the scores; ``bmm`` with ``out_dtype`` is CUDA-only).
 
 The softmax, the masks (causal, boolean, additive), the fully-masked-row rule and the two FP8
 roundings (probabilities with ``s_p``, output with ``s_o``) are the reference's ops, in the
@@ -63,7 +70,7 @@ from torch import Tensor
 from fp8fx import attention_ops, numerics
 from fp8fx.kernels import attention_cpp, gemv
 
-__all__ = ["lower_cpu_attention", "register_cpu_attention", "sdpa_cpu"]
+__all__ = ["lower_cpu_attention", "register_cpu_attention", "sdpa_cpu", "sdpa_cpu_kv"]
 
 Scale = Union[float, Sequence[float]]
 
@@ -134,11 +141,10 @@ def sdpa_cpu(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropo
         op = torch.ops.fp8fx.sdpa.heads if isinstance(scale_q, (list, tuple)) else torch.ops.fp8fx.sdpa.default
         return op(*args)
     sm_scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if not _one_row(q.shape[-2]):
-        op = gemv.sdpa_op()
-        if op is not None:
-            return attention_cpp.call(op, q, k, v, attn_mask, is_causal, sm_scale, scale_q, scale_k, scale_v,
-                                      scale_p, scale_o, fp8_max, fp8_dtype)
+    op = gemv.sdpa_op()
+    if op is not None:
+        return attention_cpp.call(op, q, k, v, attn_mask, is_causal, sm_scale, scale_q, scale_k, scale_v,
+                                  scale_p, scale_o, fp8_max, fp8_dtype)
     cq, ck, cv = (_codes(t, s, fp8_max, fp8_dtype, what)
                   for t, s, what in ((q, scale_q, "query"), (k, scale_k, "key"), (v, scale_v, "value")))
     qk = _factor(q, scale_q) * _factor(q, scale_k)  # [H, 1, 1] for per-head scales (KV heads repeated)
@@ -149,8 +155,50 @@ def sdpa_cpu(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropo
     return numerics.dequantize(_codes(out, scale_o, fp8_max, fp8_dtype), scale_o).to(q.dtype)
 
 
+def _dequant(x8: Tensor, read: Scale, dtype: torch.dtype) -> Tensor:
+    """The cache read the graph had: ``fp8fx::dequant`` (``.heads`` for a per-head list)."""
+    if isinstance(read, (list, tuple)):
+        return torch.ops.fp8fx.dequant.heads(x8, list(read), dtype)
+    return torch.ops.fp8fx.dequant.default(x8, read, dtype)
+
+
+def sdpa_cpu_kv(q: Tensor, k8: Tensor, v8: Tensor, k_read: Scale, v_read: Scale, kv_dtype: torch.dtype,
+                attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: Optional[float],
+                enable_gqa: bool, scale_q: Scale, scale_k: Scale, scale_v: Scale, scale_p: float, scale_o: float,
+                fp8_max: float, fp8_dtype: torch.dtype) -> Tensor:
+    """:func:`sdpa_cpu` on ``fp8fx::dequant(k8, k_read, kv_dtype)`` and ``(v8, v_read, ...)``:
+    where the C++ kernel applies, it reads the FP8 caches itself (``fp8fx_cpp::sdpa_fp8_kv``), so
+    no dequantized copy of the cache is made in the graph; elsewhere the two reads, then
+    :func:`sdpa_cpu`."""
+    op = gemv.sdpa_kv_op()
+    if (op is not None and _lowerable(q, k8, v8, enable_gqa) and kv_dtype in attention_cpp.KV_DTYPES
+            and k8.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and v8.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)):
+        sm_scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        return attention_cpp.call_kv(op, q, k8, v8, k_read, v_read, kv_dtype, attn_mask, is_causal, sm_scale,
+                                     scale_q, scale_k, scale_v, scale_p, scale_o, fp8_max, fp8_dtype)
+    return sdpa_cpu(q, _dequant(k8, k_read, kv_dtype), _dequant(v8, v_read, kv_dtype), attn_mask, dropout_p,
+                    is_causal, scale, enable_gqa, scale_q, scale_k, scale_v, scale_p, scale_o, fp8_max, fp8_dtype)
+
+
 def _targets() -> dict:
     return {torch.ops.fp8fx.sdpa.default: sdpa_cpu, torch.ops.fp8fx.sdpa.heads: sdpa_cpu}
+
+
+def _cache_read(node: object) -> Optional[tuple]:
+    """``(x8, scale, dtype)`` of a ``fp8fx::dequant`` node whose scale is a constant (a float, or
+    a list of floats for ``.heads``); None for anything else."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and not node.kwargs
+            and node.target in (torch.ops.fp8fx.dequant, torch.ops.fp8fx.dequant.default,
+                                torch.ops.fp8fx.dequant.heads)):
+        return None
+    if len(node.args) != 3:
+        return None
+    x8, read, dtype = node.args
+    heads = isinstance(read, (list, tuple))
+    if node.target is not torch.ops.fp8fx.dequant and heads != (node.target is torch.ops.fp8fx.dequant.heads):
+        return None
+    constant = all(isinstance(v, float) for v in read) if heads else isinstance(read, float)
+    return (x8, read, dtype) if constant and isinstance(dtype, torch.dtype) else None
 
 
 def lower_cpu_attention(gm: fx.GraphModule) -> int:
@@ -158,10 +206,22 @@ def lower_cpu_attention(gm: fx.GraphModule) -> int:
     kernel off the CPU); returns how many. Run it on a QUANTIZE graph right before Inductor."""
     table = _targets()
     count = 0
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in table:
-            node.target = table[node.target]
-            node.meta["fp8fx_cpu_attention"] = "sdpa_cpu"
+            reads = [_cache_read(a) for a in node.args[1:3]] if not node.kwargs else [None]
+            if all(r is not None for r in reads) and reads[0][2] == reads[1][2]:
+                # K and V read from FP8 caches: the kernel takes the FP8 bytes and the reads' scales
+                (k8, k_read, dtype), (v8, v_read, _) = reads
+                old = node.args[1:3]
+                node.args = (node.args[0], k8, v8, k_read, v_read, dtype, *node.args[3:])
+                node.target = sdpa_cpu_kv
+                node.meta["fp8fx_cpu_attention"] = "sdpa_cpu_kv"
+                for read in old:
+                    if not read.users:
+                        gm.graph.erase_node(read)
+            else:
+                node.target = table[node.target]
+                node.meta["fp8fx_cpu_attention"] = "sdpa_cpu"
             count += 1
     if count:
         gm.recompile()

@@ -1,4 +1,4 @@
-"""``sdpa_fp8``: the CPU kernel of ``fp8fx::sdpa`` with more than one query row (prefill).
+"""``sdpa_fp8``: the CPU kernel of ``fp8fx::sdpa`` (prefill and decode).
 
 ``fp8fx_cpp::sdpa_fp8(q, k, v, mask, causal, sm_scale, sq, sk, sv, qk, pv, sp, so, fp8_max,
 fmt) -> out`` computes what :func:`fp8fx.backends.cpu_attention.sdpa_cpu` computes, in the same
@@ -14,6 +14,12 @@ float32 operations and order, one block of query rows at a time:
   ATen's softmax, NaN rows (fully masked) to 0, the probabilities' FP8 codes (``p / sp``), one
   GEMM by the value codes and the epilogue ``o · pv[h]`` rounded to FP8 with ``so`` and
   written as ``so · code`` in q's dtype.
+
+``fp8fx_cpp::sdpa_fp8_kv(q, k8, v8, dk, dv, kv_dtype, ...)`` is the same on FP8 caches: K and V
+are ``fp8fx::dequant(k8, dk[h], kv_dtype)`` computed inside (the FP8 bytes widened by integer
+ops, times the read's scale in float32, rounded to the read's dtype: float32, bfloat16 or
+float16, bit for bit the read; ``fp8fx_cpp::kv_floats`` is that step alone), so a graph that
+reads an FP8 KV cache hands the kernel the cache itself.
 
 So no ``[B, H, S, S_k]`` float32 tensor exists: a block's scores are ``r · 32 · S_k`` floats
 (390 KB for SmolLM2's 3 query heads per KV head at 2048 keys), reused through the softmax and
@@ -40,7 +46,8 @@ from torch import Tensor
 
 from fp8fx import attention_ops
 
-__all__ = ["ROWS", "ENTRY", "SCHEMA", "call", "fake"]
+__all__ = ["ROWS", "ENTRY", "SCHEMA", "SCHEMA_KV", "SCHEMA_KV_FLOATS", "KV_DTYPES", "call", "call_kv", "fake",
+           "fake_kv", "fake_kv_floats"]
 
 Scale = Union[float, Sequence[float]]
 
@@ -146,6 +153,55 @@ static void out_row(const float* __restrict o, int64_t n, float f, float so, flo
   }
   for (; k < n; ++k) y[k] = T(fp8_grid<FMT>(saturate((o[k] * f) / so, mx)) * so);
 }
+
+static inline __m256 bf16_round8(__m256 x) {
+  // float32 -> bfloat16 -> float32, round to nearest even as c10::BFloat16; NaN stays NaN
+  const __m256i b = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7FFF)), lsb);
+  r = _mm256_and_si256(r, _mm256_set1_epi32(int(0xFFFF0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+template <int FMT>
+static void kv_row(const uint8_t* __restrict p, int64_t n, float s, int dt, float* __restrict out) {
+  // a cache read, fp8fx::dequant: float32(x8) * s in float32, rounded to the read's dtype
+  // (dt 0 float32, 1 bfloat16, 2 float16) and widened back to float32
+  const VF vf = set1(FMT == 0 ? 256.0f : 1.0f);  // cvt yields x8 / 256 for E4M3 (exact)
+  alignas(64) uint8_t wt[16];
+  alignas(64) float ot[16];
+  for (int64_t k = 0; k < n; k += 16) {
+    const bool tail = k + 16 > n;
+    const uint8_t* src = p + k;
+    if (tail) {
+      std::memset(wt, 0, 16);
+      std::memcpy(wt, src, n - k);
+      src = wt;
+    }
+    __m128i nanmax = _mm_setzero_si128();
+    VF v[VPC];
+    cvt<FMT>(src, v, nanmax);
+    float* dst = tail ? ot : out + k;
+    for (int j = 0; j < VPC; ++j) storeu(dst + j * LANES, mul(v[j], vf));
+    if (FMT == 0 && _mm_movemask_epi8(_mm_cmpeq_epi8(nanmax, _mm_set1_epi8(0x7F))) != 0) {
+      for (int j = 0; j < 16; ++j)
+        if ((src[j] & 0x7F) == 0x7F) dst[j] = std::numeric_limits<float>::quiet_NaN();
+    }
+    if (tail) std::memcpy(out + k, ot, (n - k) * sizeof(float));
+  }
+  const __m256 sv = _mm256_set1_ps(s);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    __m256 x = _mm256_mul_ps(_mm256_loadu_ps(out + k), sv);
+    if (dt == 1) x = bf16_round8(x);
+    else if (dt == 2) x = _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm256_storeu_ps(out + k, x);
+  }
+  for (; k < n; ++k) {
+    const float x = out[k] * s;
+    out[k] = dt == 1 ? float(c10::BFloat16(x)) : (dt == 2 ? float(c10::Half(x)) : x);
+  }
+}
 """
 
 #: the operator (after the GEMV extension's entry points, whose ``g_level`` and ``FP8FX_ISA`` it uses)
@@ -172,11 +228,46 @@ static std::vector<float> floats(at::ArrayRef<double> v, int64_t n, const char* 
   return out;
 }
 
-at::Tensor sdpa_fp8(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                    const std::optional<at::Tensor>& mask_in, bool causal, double sm_scale,
-                    at::ArrayRef<double> sq_in, at::ArrayRef<double> sk_in, at::ArrayRef<double> sv_in,
-                    at::ArrayRef<double> qk_in, at::ArrayRef<double> pv_in, double sp_in, double so_in,
-                    double fp8_max, int64_t fmt) {
+static at::Tensor kv_floats_of(const at::Tensor& x_in, const std::vector<float>& scale, int64_t dt,
+                               const std::vector<float>* code_scale = nullptr, float mx = 0.0f, int fmt = 0) {
+  // x_in FP8 [B, H_kv, S, D]: float32 of fp8fx::dequant(x_in, scale[h], dtype dt), head by head;
+  // with code_scale, the FP8 codes of that read with code_scale[h] instead (one pass per row)
+  const auto xt = x_in.scalar_type();
+  TORCH_CHECK(xt == at::kFloat8_e4m3fn || xt == at::kFloat8_e5m2,
+              "sdpa_fp8_kv: the cache tensors must be float8_e4m3fn or float8_e5m2, got ", xt);
+  TORCH_CHECK(x_in.dim() == 4, "sdpa_fp8_kv: 4-D caches [B, H_kv, S, D] expected, got ", x_in.sizes());
+  TORCH_CHECK(dt >= 0 && dt <= 2, "sdpa_fp8_kv: kv_dtype must be 0 (float32), 1 (bfloat16) or 2 (float16)");
+  const int64_t heads = x_in.size(1), S = x_in.size(2), D = x_in.size(3);
+  TORCH_CHECK(int64_t(scale.size()) == heads, "sdpa_fp8_kv: ", heads, " cache scales expected, got ",
+              scale.size());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+  const int64_t rows = D == 0 ? 0 : x.numel() / D;
+  const uint8_t* xp = reinterpret_cast<const uint8_t*>(x.data_ptr());
+  float* op = out.data_ptr<float>();
+  const bool e4m3 = xt == at::kFloat8_e4m3fn;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, D)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(code_scale != nullptr ? D : 0);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t h = (r / S) % heads;
+      float* dst = code_scale != nullptr ? row.data() : op + r * D;
+      if (e4m3) FP8FX_ISA(kv_row<0>(xp + r * D, D, scale[h], int(dt), dst));
+      else FP8FX_ISA(kv_row<1>(xp + r * D, D, scale[h], int(dt), dst));
+      if (code_scale == nullptr) continue;
+      if (fmt == 0) FP8FX_ISA(codes_row<0>(dst, D, (*code_scale)[h], mx, op + r * D));
+      else FP8FX_ISA(codes_row<1>(dst, D, (*code_scale)[h], mx, op + r * D));
+    }
+  });
+  return out;
+}
+
+static at::Tensor sdpa_impl(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                            const std::optional<at::Tensor>& mask_in, bool causal, double sm_scale,
+                            at::ArrayRef<double> sq_in, at::ArrayRef<double> sk_in, at::ArrayRef<double> sv_in,
+                            at::ArrayRef<double> qk_in, at::ArrayRef<double> pv_in, double sp_in, double so_in,
+                            double fp8_max, int64_t fmt, const std::vector<float>* dk = nullptr,
+                            const std::vector<float>* dv = nullptr, int64_t kv_dtype = 0) {
+  // dk/dv given: k_in and v_in are FP8 caches, read as fp8fx::dequant(x8, d[h], kv_dtype)
   TORCH_CHECK(q_in.device().is_cpu() && q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4,
               "sdpa_fp8: 4-D CPU q, k, v expected");
   TORCH_CHECK(fmt == 0 || fmt == 1, "sdpa_fp8: fmt must be 0 (E4M3) or 1 (E5M2)");
@@ -196,12 +287,19 @@ at::Tensor sdpa_fp8(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
   at::Tensor out = at::empty({B, H, S, D}, q_in.options());
   if (out.numel() == 0) return out;
   if (Sk == 0) return out.zero_();  // softmax over no keys, times no values: zeros, as the definition
-  const at::Tensor qf = q_in.to(at::kFloat).contiguous(), kf = k_in.to(at::kFloat).contiguous(),
-                   vf = v_in.to(at::kFloat).contiguous();
-  at::Tensor qc = at::empty_like(qf), kc = at::empty_like(kf), vc = at::empty_like(vf);
+  const at::Tensor qf = q_in.to(at::kFloat).contiguous();
+  at::Tensor qc = at::empty_like(qf), kc, vc;
   codes_of(qf, H, sq, mx, int(fmt), qc);
-  codes_of(kf, Hk, sk, mx, int(fmt), kc);
-  codes_of(vf, Hk, sv, mx, int(fmt), vc);
+  if (dk != nullptr) {  // the cache read and the re-quantization, one pass per row
+    kc = kv_floats_of(k_in, *dk, kv_dtype, &sk, mx, int(fmt));
+    vc = kv_floats_of(v_in, *dv, kv_dtype, &sv, mx, int(fmt));
+  } else {
+    const at::Tensor kf = k_in.to(at::kFloat).contiguous(), vf = v_in.to(at::kFloat).contiguous();
+    kc = at::empty_like(kf);
+    vc = at::empty_like(vf);
+    codes_of(kf, Hk, sk, mx, int(fmt), kc);
+    codes_of(vf, Hk, sv, mx, int(fmt), vc);
+  }
   at::Tensor mask;
   const float* mp = nullptr;
   int64_t ms0 = 0, ms1 = 0, ms2 = 0, ms3 = 0;
@@ -246,19 +344,68 @@ at::Tensor sdpa_fp8(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
   return out;
 }
 
+at::Tensor sdpa_fp8(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                    const std::optional<at::Tensor>& mask_in, bool causal, double sm_scale,
+                    at::ArrayRef<double> sq, at::ArrayRef<double> sk, at::ArrayRef<double> sv,
+                    at::ArrayRef<double> qk, at::ArrayRef<double> pv, double sp, double so,
+                    double fp8_max, int64_t fmt) {
+  return sdpa_impl(q_in, k_in, v_in, mask_in, causal, sm_scale, sq, sk, sv, qk, pv, sp, so, fp8_max, fmt);
+}
+
+at::Tensor kv_floats(const at::Tensor& x8, at::ArrayRef<double> scale, int64_t dt) {
+  TORCH_CHECK(g_level.load() >= 1, "kv_floats: no vector ISA selected (fp8fx.kernels.gemv sets it)");
+  return kv_floats_of(x8, floats(scale, x8.dim() == 4 ? x8.size(1) : int64_t(scale.size()), "scale"), dt);
+}
+
+at::Tensor sdpa_fp8_kv(const at::Tensor& q_in, const at::Tensor& k8, const at::Tensor& v8,
+                       at::ArrayRef<double> dk, at::ArrayRef<double> dv, int64_t kv_dtype,
+                       const std::optional<at::Tensor>& mask_in, bool causal, double sm_scale,
+                       at::ArrayRef<double> sq, at::ArrayRef<double> sk, at::ArrayRef<double> sv,
+                       at::ArrayRef<double> qk, at::ArrayRef<double> pv, double sp, double so,
+                       double fp8_max, int64_t fmt) {
+  // the FP8 cache read inside the kernel: no dequantized copy of the cache in the graph
+  TORCH_CHECK(g_level.load() >= 1, "sdpa_fp8_kv: no vector ISA selected (fp8fx.kernels.gemv sets it)");
+  TORCH_CHECK(k8.dim() == 4 && v8.dim() == 4, "sdpa_fp8_kv: 4-D caches [B, H_kv, S, D] expected, got ",
+              k8.sizes(), " and ", v8.sizes());
+  const std::vector<float> dkf = floats(dk, k8.size(1), "dk"), dvf = floats(dv, v8.size(1), "dv");
+  return sdpa_impl(q_in, k8, v8, mask_in, causal, sm_scale, sq, sk, sv, qk, pv, sp, so, fp8_max, fmt, &dkf, &dvf,
+                   kv_dtype);
+}
+
 TORCH_LIBRARY_FRAGMENT(fp8fx_cpp, m) {
   m.def("sdpa_fp8(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float sm_scale, float[] sq, "
         "float[] sk, float[] sv, float[] qk, float[] pv, float sp, float so, float fp8_max, int fmt) -> Tensor");
+  m.def("sdpa_fp8_kv(Tensor q, Tensor k8, Tensor v8, float[] dk, float[] dv, int kv_dtype, Tensor? mask, "
+        "bool causal, float sm_scale, float[] sq, float[] sk, float[] sv, float[] qk, float[] pv, float sp, "
+        "float so, float fp8_max, int fmt) -> Tensor");
+  m.def("kv_floats(Tensor x8, float[] scale, int kv_dtype) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(fp8fx_cpp, CPU, m) { m.impl("sdpa_fp8", &sdpa_fp8); }
+TORCH_LIBRARY_IMPL(fp8fx_cpp, CPU, m) {
+  m.impl("sdpa_fp8", &sdpa_fp8);
+  m.impl("sdpa_fp8_kv", &sdpa_fp8_kv);
+  m.impl("kv_floats", &kv_floats);
+}
 """
 
 SCHEMA = "fp8fx_cpp::sdpa_fp8"
+SCHEMA_KV = "fp8fx_cpp::sdpa_fp8_kv"
+SCHEMA_KV_FLOATS = "fp8fx_cpp::kv_floats"
+#: the dtypes a cache read (``fp8fx::dequant``) may return, as the kernels' ``kv_dtype`` codes
+KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def fake(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, sm_scale: float, sq, sk, sv,  # noqa: ANN001
          qk, pv, sp: float, so: float, fp8_max: float, fmt: int) -> Tensor:
     return q.new_empty(q.shape)
+
+
+def fake_kv(q: Tensor, k8: Tensor, v8: Tensor, dk, dv, kv_dtype: int, mask: Optional[Tensor], causal: bool,  # noqa: ANN001
+            sm_scale: float, sq, sk, sv, qk, pv, sp: float, so: float, fp8_max: float, fmt: int) -> Tensor:
+    return q.new_empty(q.shape)
+
+
+def fake_kv_floats(x8: Tensor, scale, kv_dtype: int) -> Tensor:  # noqa: ANN001
+    return x8.new_empty(x8.shape, dtype=torch.float32)
 
 
 def _f32(x: float) -> float:
@@ -277,20 +424,14 @@ def _per_head(scale: Scale, x: Tensor, what: str) -> list[float]:
     return [_f32(s) for s in scale for _ in range(rep)]
 
 
-def call(op, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,  # noqa: ANN001
-         sm_scale: float, scale_q: Scale, scale_k: Scale, scale_v: Scale, scale_p: float, scale_o: float,
-         fp8_max: float, fp8_dtype: torch.dtype) -> Tensor:
-    """``op`` (``torch.ops.fp8fx_cpp.sdpa_fp8``) on ``fp8fx::sdpa``'s arguments: the mask made
-    additive float32 (a boolean mask's dropped keys ``-inf``), the scales as the float32 numbers
-    the torch lowering uses (per tensor: ``s_q · s_k`` and ``s_p · s_v`` in double, then rounded,
-    as a Python float multiplies a float32 tensor; per head: the float32 products)."""
+def _scale_lists(q: Tensor, k: Tensor, v: Tensor, scale_q: Scale, scale_k: Scale, scale_v: Scale,
+                 scale_p: float) -> tuple[list[float], ...]:
+    """``(sq, sk, sv, qk, pv)``: the float32 numbers the torch lowering multiplies or divides by
+    (per tensor: ``s_q · s_k`` and ``s_p · s_v`` in double, then rounded, as a Python float
+    multiplies a float32 tensor; per head: the float32 products)."""
     h, hk = q.shape[-3], k.shape[-3]
-    if attn_mask is not None:
-        attn_mask = (torch.where(attn_mask, 0.0, float("-inf")) if attn_mask.dtype == torch.bool
-                     else attn_mask.float())
-    heads = isinstance(scale_q, (list, tuple))
     sq, sk, sv = _per_head(scale_q, q, "query"), _per_head(scale_k, k, "key"), _per_head(scale_v, v, "value")
-    if heads:  # float32 [H, 1, 1] tensors multiplied in float32
+    if isinstance(scale_q, (list, tuple)):  # float32 [H, 1, 1] tensors multiplied in float32
         # the key and value scales over the query heads: each KV head's scale for its r query heads
         skq, svq = ([s for s in t for _ in range(h // hk)] for t in (sk, sv))
         qk = [_f32(a * b) for a, b in zip(sq, skq)]
@@ -298,6 +439,35 @@ def call(op, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_ca
     else:
         qk = [_f32(float(scale_q) * float(scale_k))] * h
         pv = [_f32(float(scale_p) * float(scale_v))] * h
+    return sq, sk, sv, qk, pv
+
+
+def _additive(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The mask as the kernel takes it: additive float32 (a boolean mask's dropped keys ``-inf``)."""
+    if attn_mask is None:
+        return None
+    return torch.where(attn_mask, 0.0, float("-inf")) if attn_mask.dtype == torch.bool else attn_mask.float()
+
+
+def call(op, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,  # noqa: ANN001
+         sm_scale: float, scale_q: Scale, scale_k: Scale, scale_v: Scale, scale_p: float, scale_o: float,
+         fp8_max: float, fp8_dtype: torch.dtype) -> Tensor:
+    """``op`` (``torch.ops.fp8fx_cpp.sdpa_fp8``) on ``fp8fx::sdpa``'s arguments: the mask made
+    additive float32, the scales as :func:`_scale_lists` gives them."""
+    sq, sk, sv, qk, pv = _scale_lists(q, k, v, scale_q, scale_k, scale_v, scale_p)
     fmt = 0 if fp8_dtype == torch.float8_e4m3fn else 1
-    return op(q, k, v, attn_mask, bool(is_causal), float(sm_scale), sq, sk, sv, qk, pv, float(scale_p),
+    return op(q, k, v, _additive(attn_mask), bool(is_causal), float(sm_scale), sq, sk, sv, qk, pv, float(scale_p),
               float(scale_o), float(fp8_max), fmt)
+
+
+def call_kv(op, q: Tensor, k8: Tensor, v8: Tensor, k_read: Scale, v_read: Scale, kv_dtype: torch.dtype,  # noqa: ANN001
+            attn_mask: Optional[Tensor], is_causal: bool, sm_scale: float, scale_q: Scale, scale_k: Scale,
+            scale_v: Scale, scale_p: float, scale_o: float, fp8_max: float, fp8_dtype: torch.dtype) -> Tensor:
+    """``op`` (``torch.ops.fp8fx_cpp.sdpa_fp8_kv``): :func:`call` on ``k = fp8fx::dequant(k8,
+    k_read, kv_dtype)`` and ``v = fp8fx::dequant(v8, v_read, kv_dtype)``, the cache read done
+    inside the kernel (``k_read``/``v_read`` a float, or one per KV head as ``dequant.heads``)."""
+    sq, sk, sv, qk, pv = _scale_lists(q, k8, v8, scale_q, scale_k, scale_v, scale_p)
+    dk, dv = _per_head(k_read, k8, "KV-cache read"), _per_head(v_read, v8, "KV-cache read")
+    fmt = 0 if fp8_dtype == torch.float8_e4m3fn else 1
+    return op(q, k8, v8, dk, dv, KV_DTYPES[kv_dtype], _additive(attn_mask), bool(is_causal), float(sm_scale),
+              sq, sk, sv, qk, pv, float(scale_p), float(scale_o), float(fp8_max), fmt)

@@ -56,7 +56,7 @@ from ..fp8 import FORMATS
 from . import attention_cpp
 
 __all__ = ["gemv_fp8", "gemv_fp8_torch", "available", "status", "cpp_op", "cpp_dequant_op", "qgemv_op",
-           "QGEMV_MODES", "sdpa_op", "codes"]
+           "QGEMV_MODES", "sdpa_op", "sdpa_kv_op", "codes"]
 
 _ENV_SWITCH = "FP8FX_CPP_KERNELS"  # "0": never build or use the C++ kernel
 _ISA_LEVEL = {"AVX512": 2, "AVX2": 1}  # torch's CPU capability -> the kernel body to run
@@ -526,6 +526,8 @@ def _build() -> tuple[Optional[object], str]:
         torch.library.register_fake("fp8fx_cpp::fp8_to_float32")(_dequant_fake)
         torch.library.register_fake("fp8fx_cpp::qgemv")(_qgemv_fake)
         torch.library.register_fake(attention_cpp.SCHEMA)(attention_cpp.fake)
+        torch.library.register_fake(attention_cpp.SCHEMA_KV)(attention_cpp.fake_kv)
+        torch.library.register_fake(attention_cpp.SCHEMA_KV_FLOATS)(attention_cpp.fake_kv_floats)
         torch.library.register_fake("fp8fx_cpp::fp8_codes")(_codes_fake)
     except Exception as exc:  # no compiler, a failed build: the torch ops do the same math
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else ''}"
@@ -599,6 +601,13 @@ def sdpa_op():
     :func:`available` is False."""
     ns = _load()[0]
     return None if ns is None else ns.sdpa_fp8
+
+
+def sdpa_kv_op():
+    """``torch.ops.fp8fx_cpp.sdpa_fp8_kv`` (``sdpa_fp8`` reading FP8 K/V caches itself), or None
+    where :func:`available` is False."""
+    ns = _load()[0]
+    return None if ns is None else ns.sdpa_fp8_kv
 
 
 def available() -> bool:
