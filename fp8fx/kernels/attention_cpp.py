@@ -167,28 +167,7 @@ template <int FMT>
 static void kv_row(const uint8_t* __restrict p, int64_t n, float s, int dt, float* __restrict out) {
   // a cache read, fp8fx::dequant: float32(x8) * s in float32, rounded to the read's dtype
   // (dt 0 float32, 1 bfloat16, 2 float16) and widened back to float32
-  const VF vf = set1(FMT == 0 ? 256.0f : 1.0f);  // cvt yields x8 / 256 for E4M3 (exact)
-  alignas(64) uint8_t wt[16];
-  alignas(64) float ot[16];
-  for (int64_t k = 0; k < n; k += 16) {
-    const bool tail = k + 16 > n;
-    const uint8_t* src = p + k;
-    if (tail) {
-      std::memset(wt, 0, 16);
-      std::memcpy(wt, src, n - k);
-      src = wt;
-    }
-    __m128i nanmax = _mm_setzero_si128();
-    VF v[VPC];
-    cvt<FMT>(src, v, nanmax);
-    float* dst = tail ? ot : out + k;
-    for (int j = 0; j < VPC; ++j) storeu(dst + j * LANES, mul(v[j], vf));
-    if (FMT == 0 && _mm_movemask_epi8(_mm_cmpeq_epi8(nanmax, _mm_set1_epi8(0x7F))) != 0) {
-      for (int j = 0; j < 16; ++j)
-        if ((src[j] & 0x7F) == 0x7F) dst[j] = std::numeric_limits<float>::quiet_NaN();
-    }
-    if (tail) std::memcpy(out + k, ot, (n - k) * sizeof(float));
-  }
+  codes_to_floats<FMT>(p, n, out);
   const __m256 sv = _mm256_set1_ps(s);
   int64_t k = 0;
   for (; k + 8 <= n; k += 8) {
