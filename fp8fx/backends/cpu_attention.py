@@ -41,7 +41,7 @@ the reference. On a CPU tensor it computes the same definition in another order:
   cache's FP8 bytes through the read and the re-quantization; Inductor inlines the query's
   producers (the rotary embedding, the quantization) into them and recomputes them for every
   key, which is why the C++ kernel takes decode too where it is built (29 ms per layer and
-  step at 2040 keys under AVX2 in the reductions, about 1.5 ms in the kernel). More rows
+  step at 2040 keys under AVX2 in the reductions, about 1.0 ms in the kernel). More rows
   (prefill) are ``bmm`` (float32, MKL/oneDNN) on float32 codes: the GEMM needs its operands in
   memory, and float32 keeps the reference's precision (a bfloat16 GEMM on CPU returns
   bfloat16, which would round the scores; ``bmm`` with ``out_dtype`` is CUDA-only).
@@ -68,6 +68,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from fp8fx import attention_ops, numerics
+from fp8fx.fp8 import FORMATS
 from fp8fx.kernels import attention_cpp, gemv
 
 __all__ = ["lower_cpu_attention", "register_cpu_attention", "sdpa_cpu", "sdpa_cpu_kv"]
@@ -172,7 +173,7 @@ def sdpa_cpu_kv(q: Tensor, k8: Tensor, v8: Tensor, k_read: Scale, v_read: Scale,
     :func:`sdpa_cpu`."""
     op = gemv.sdpa_kv_op()
     if (op is not None and _lowerable(q, k8, v8, enable_gqa) and kv_dtype in attention_cpp.KV_DTYPES
-            and k8.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and v8.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)):
+            and k8.dtype in FORMATS and v8.dtype in FORMATS):
         sm_scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
         return attention_cpp.call_kv(op, q, k8, v8, k_read, v_read, kv_dtype, attn_mask, is_causal, sm_scale,
                                      scale_q, scale_k, scale_v, scale_p, scale_o, fp8_max, fp8_dtype)

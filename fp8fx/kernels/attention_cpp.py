@@ -333,7 +333,8 @@ at::Tensor sdpa_fp8(const at::Tensor& q_in, const at::Tensor& k_in, const at::Te
 
 at::Tensor kv_floats(const at::Tensor& x8, at::ArrayRef<double> scale, int64_t dt) {
   TORCH_CHECK(g_level.load() >= 1, "kv_floats: no vector ISA selected (fp8fx.kernels.gemv sets it)");
-  return kv_floats_of(x8, floats(scale, x8.dim() == 4 ? x8.size(1) : int64_t(scale.size()), "scale"), dt);
+  TORCH_CHECK(x8.dim() == 4, "kv_floats: a 4-D cache [B, H_kv, S, D] expected, got ", x8.sizes());
+  return kv_floats_of(x8, floats(scale, x8.size(1), "scale"), dt);
 }
 
 at::Tensor sdpa_fp8_kv(const at::Tensor& q_in, const at::Tensor& k8, const at::Tensor& v8,
