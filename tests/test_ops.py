@@ -364,18 +364,25 @@ def test_gemv_subnormal_codes_survive_flushed_denormals(path, fmt) -> None:
 @pytest.mark.parametrize("level", [1, 2])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("flush", [False, True])
-def test_cpp_dequant_is_exact_for_all_256_codes(level, fmt, flush) -> None:
-    """The C++ conversion op (Inductor's M > 16 path), each ISA body: bit for bit the FP8
-    cast, NaN codes NaN, subnormal codes exact with denormals flushed; rows off the vector
-    width (a tail) too."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_dequant_is_exact_for_all_256_codes(level, fmt, flush, dtype) -> None:
+    """The C++ conversion ops (Inductor's M > 16 path, float32 and bfloat16 output), each ISA
+    body: bit for bit the FP8 cast, NaN codes NaN, subnormal codes exact with denormals
+    flushed; rows off the vector width (a tail) and longer than the bfloat16 op's 512-value
+    chunk too."""
     with _isa_body(level):
-        op = G.cpp_dequant_op()
-        for shape in ((16, 16), (8, 32), (32, 8), (256, 1)):
-            codes = all_codes(fmt).reshape(shape)
+        op = G.cpp_dequant_op(dtype)
+        long_row = all_codes(fmt).repeat(3)[None, :700]
+        for codes in [all_codes(fmt).reshape(shape) for shape in ((16, 16), (8, 32), (32, 8), (256, 1))] + [long_row]:
             with flush_denormal() if flush else contextlib.nullcontext():
                 got = op(codes)
-            assert got.dtype == torch.float32 and got.shape == shape
-            assert bool(same_bits(got, codes.to(torch.float32)).all()), shape
+            assert got.dtype == dtype and got.shape == codes.shape
+            assert bool(same_bits(got, codes.to(dtype)).all()), codes.shape
+
+
+def test_cpp_dequant_takes_float32_or_bfloat16_only() -> None:
+    with pytest.raises(QuantizationError, match="float32 or bfloat16"):
+        G.cpp_dequant_op(torch.float16)
 
 
 @pytest.mark.parametrize("level", [1, 2])
@@ -402,6 +409,25 @@ def test_cpp_codes_are_the_fp8_cast_bit_for_bit(level, fmt) -> None:
                     got = G.codes(xs, scale, fmt, fp8_max)
                     want = quantize_fp32(xs, scale, fmt, fp8_max).float()
                     assert got.dtype == torch.float32 and bool(same_bits(got, want).all()), (fp8_max, scale.shape)
+
+
+@pytest.mark.parametrize("path", GEMV_PATHS)
+@pytest.mark.parametrize("k", [1, 15, 16, 48, 63, 64, 65, 80, 127, 128, 200])
+def test_gemv_one_row_every_width(path, k) -> None:
+    """One activation row (the address-order read: 64-weight steps, then 16-weight chunks, then a
+    zero-padded tail): every split of K between the three, a NaN code in the last weight of a
+    row, within float32 summation error of the exact sum elsewhere."""
+    g = torch.Generator().manual_seed(k)
+    w = (torch.randn(5, k, generator=g) * 30).to(E4M3)
+    w.view(torch.uint8)[3, k - 1] = 0x7F  # NaN code at the very end: found after the tail
+    x = torch.randn(1, k, generator=g).to(E4M3).float()
+    with _gemv_path(path) as fn:
+        got = fn(x, w)
+    want = _exact_product(x, w)
+    assert got.isnan().tolist() == want.isnan().tolist() == [[False, False, False, True, False]]
+    ok = ~want.isnan()
+    bound = 1e-6 * (x.abs().double() @ w.float().abs().double().t())[ok] + 1e-30
+    assert bool(((got.double()[ok] - want[ok]).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("path", GEMV_PATHS)

@@ -23,9 +23,14 @@ ISA). Which one runs follows ``torch.backends.cpu.get_cpu_capability()``, so
 Per 16 weights: one 16-byte load, sign-extend to int16, shift and mask into the float16 bit
 pattern (E5M2: ``code << 8``; E4M3: ``(code << 7) & 0xBF80``, the value times ``2**-8``), the
 hardware float16 -> float32 conversion (F16C; exact for every code, float16 subnormals
-included, whatever the denormal mode), then one FMA per activation row. Tiles of 4 weight rows
-x 4 activation rows (AVX512) or 2 x 4 (AVX2) keep the converted weight in registers while each
-activation row is multiplied; float32 partial sums per lane, added at the end of the row
+included, whatever the denormal mode), then one FMA per activation row. One activation row
+(decode at batch 1) reads each weight row from start to end, 64 weights a step into four sets
+of accumulators, and the rows one after another: the weight streams through memory in address
+order, which the hardware prefetcher follows (on an AVX512 EPYC that doubled the rate at which
+SmolLM2's out-of-cache weights streamed, against the earlier 8-row interleave;
+``benchmarks/decode_gemv.py``). More activation rows take tiles of 4 weight rows x 4 activation
+rows (AVX512) or 2 x 4 (AVX2), which keep the converted weight in registers while each
+activation row is multiplied. Float32 partial sums per lane, added at the end of the row
 (float32 accumulation, only the summation order differs from a float32 ``matmul``). E4M3's
 factor ``2**8`` multiplies the finished sum (exact: a power of two, and sums of FP8 products are
 far from float32's denormal and overflow ranges). E4M3 NaN codes (``0x7F``, ``0xFF``) are found
@@ -64,12 +69,14 @@ _BLOCK_ELEMS = 1 << 20  # fallback: weight elements converted per block
 
 # One kernel body, instantiated once per ISA inside a ``#pragma GCC target`` region. The ISA
 # section above it defines: VF (float vector), LANES, VPC (vectors per 16 weights),
-# MR x NR (tile; NR1 weight rows when M == 1), zero(), loadx(p), fma(a, b, c), hsum(v), and cvt<FMT>(p, out, nanmax).
+# MR x NR (tile, for more than one activation row), zero(), loadx(p), fma(a, b, c), add(a, b),
+# hsum(v), and cvt<FMT>(p, out, nanmax).
 _BODY = r"""
-// software prefetch distance in bytes along each weight row (a few rows ahead at LLM widths):
-// a one-row product does too little work per byte for the hardware prefetcher alone to keep
-// the stream in flight; on a Zen 3 EPYC it lifted out-of-cache FP8 weights from about 4.3 to
-// 6.5 GB/s at SmolLM2's sizes (1024 and 4096 bytes were no better)
+// software prefetch distance in bytes ahead of the read position: in the interleaved tiles a
+// few-row product does too little work per byte for the hardware prefetcher alone to keep the
+// streams in flight (on a Zen 3 EPYC it lifted out-of-cache FP8 weights from about 4.3 to
+// 6.5 GB/s at SmolLM2's sizes; 1024 and 4096 bytes were no better); row1's address-order read
+// needs it less (12.5 vs 13.0 GB/s on an AVX512 EPYC)
 constexpr int64_t PF = 2048;
 template <int FMT, int MRT, int NRT>
 static inline __attribute__((always_inline)) void chunk(
@@ -152,12 +159,61 @@ static void run_tiles(const float* x, int64_t M, int64_t K, const uint8_t* w, in
   });
 }
 
+// one activation row: each weight row read start to end (64 codes a step, four accumulator
+// sets), rows one after another, so that the weight streams through memory in address order;
+// on an AVX512 EPYC this read SmolLM2's out-of-cache FP8 weights at about 12.5 GB/s where 8
+// rows interleaved 16 codes at a time (the tiles above) reached 5.7
+template <int FMT>
+static void row1(const float* __restrict x, int64_t K, const uint8_t* __restrict w,
+                 float* __restrict y, float factor) {
+  VF acc[4][VPC];
+  __m128i nanmax = _mm_setzero_si128();
+  for (int j = 0; j < 4; ++j)
+    for (int v = 0; v < VPC; ++v) acc[j][v] = zero();
+  const int64_t kline = K & ~int64_t(63);
+  for (int64_t k = 0; k < kline; k += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + PF), _MM_HINT_T0);
+    for (int j = 0; j < 4; ++j) {
+      VF wv[VPC];
+      cvt<FMT>(w + k + 16 * j, wv, nanmax);
+      for (int v = 0; v < VPC; ++v)
+        acc[j][v] = fma(loadx(x + k + 16 * j + v * LANES), wv[v], acc[j][v]);
+    }
+  }
+  int64_t k = kline;
+  for (; k + 16 <= K; k += 16) {
+    VF wv[VPC];
+    cvt<FMT>(w + k, wv, nanmax);
+    for (int v = 0; v < VPC; ++v) acc[0][v] = fma(loadx(x + k + v * LANES), wv[v], acc[0][v]);
+  }
+  if (k < K) {  // the last, partial chunk: zero-padded copies
+    alignas(64) uint8_t wtail[16] = {0};
+    alignas(64) float xtail[16] = {0};
+    std::memcpy(wtail, w + k, K - k);
+    std::memcpy(xtail, x + k, (K - k) * sizeof(float));
+    VF wv[VPC];
+    cvt<FMT>(wtail, wv, nanmax);
+    for (int v = 0; v < VPC; ++v) acc[0][v] = fma(loadx(xtail + v * LANES), wv[v], acc[0][v]);
+  }
+  VF sum = zero();
+  for (int v = 0; v < VPC; ++v)
+    sum = add(sum, add(add(acc[0][v], acc[1][v]), add(acc[2][v], acc[3][v])));
+  const bool nan = FMT == 0 &&
+      _mm_movemask_epi8(_mm_cmpeq_epi8(nanmax, _mm_set1_epi8(0x7F))) != 0;
+  *y = nan ? std::numeric_limits<float>::quiet_NaN() : hsum(sum) * factor;
+}
+
 template <int FMT>
 static void run(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, float* y,
                 float factor) {
-  // one activation row leaves registers for more weight rows in flight
-  if (M == 1) run_tiles<FMT, NR1>(x, M, K, w, N, y, factor);
-  else run_tiles<FMT, NR>(x, M, K, w, N, y, factor);
+  if (M == 1) {
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, K));
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) row1<FMT>(x, K, w + n * K, y + n, factor);
+    });
+  } else {
+    run_tiles<FMT, NR>(x, M, K, w, N, y, factor);
+  }
 }
 
 template <int FMT>
@@ -192,10 +248,37 @@ static void dequant_rows(const uint8_t* w, int64_t n0, int64_t n1, int64_t K, fl
   for (int64_t n = n0; n < n1; ++n) codes_to_floats<FMT>(w + n * K, K, out + n * K);
 }
 
-static void dequant(int fmt, const uint8_t* w, int64_t N, int64_t K, float* out) {
+template <int FMT>
+static void dequant_rows_bf16(const uint8_t* w, int64_t n0, int64_t n1, int64_t K, uint16_t* out) {
+  // through a float32 buffer that stays in L1; every FP8 value (NaN and inf too) is exact in
+  // bfloat16, so its float32 pattern's low 16 bits are zero and the high half is the bfloat16
+  constexpr int64_t CH = 512;
+  alignas(64) float buf[CH];
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t k0 = 0; k0 < K; k0 += CH) {
+      const int64_t len = std::min<int64_t>(CH, K - k0);
+      codes_to_floats<FMT>(w + n * K + k0, len, buf);
+      uint16_t* o = out + n * K + k0;
+      for (int64_t j = 0; j < len; ++j) {
+        uint32_t bits;
+        std::memcpy(&bits, buf + j, sizeof bits);
+        o[j] = uint16_t(bits >> 16);
+      }
+    }
+  }
+}
+
+// the weight's values, written out in float32 (out_bf16 false) or bfloat16 (true)
+static void dequant(int fmt, const uint8_t* w, int64_t N, int64_t K, void* out, bool out_bf16) {
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, K));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    if (fmt == 0) dequant_rows<0>(w, n0, n1, K, out); else dequant_rows<1>(w, n0, n1, K, out);
+    if (out_bf16) {
+      auto* o = static_cast<uint16_t*>(out);
+      if (fmt == 0) dequant_rows_bf16<0>(w, n0, n1, K, o); else dequant_rows_bf16<1>(w, n0, n1, K, o);
+    } else {
+      auto* o = static_cast<float*>(out);
+      if (fmt == 0) dequant_rows<0>(w, n0, n1, K, o); else dequant_rows<1>(w, n0, n1, K, o);
+    }
   });
 }
 
@@ -210,11 +293,12 @@ _AVX512 = r"""
 #pragma GCC target("avx2,fma,f16c,avx512f")
 namespace isa_avx512 {
 typedef __m512 VF;
-constexpr int LANES = 16, VPC = 1, MR = 4, NR = 4, NR1 = 8;
+constexpr int LANES = 16, VPC = 1, MR = 4, NR = 4;
 static inline VF zero() { return _mm512_setzero_ps(); }
 static inline VF loadx(const float* p) { return _mm512_loadu_ps(p); }
 static inline VF fma(VF a, VF b, VF c) { return _mm512_fmadd_ps(a, b, c); }
 static inline VF mul(VF a, VF b) { return _mm512_mul_ps(a, b); }
+static inline VF add(VF a, VF b) { return _mm512_add_ps(a, b); }
 static inline VF set1(float f) { return _mm512_set1_ps(f); }
 static inline void storeu(float* p, VF v) { _mm512_storeu_ps(p, v); }
 static inline float hsum(VF v) { return _mm512_reduce_add_ps(v); }
@@ -240,14 +324,14 @@ _AVX2 = r"""
 #pragma GCC target("avx2,fma,f16c")
 namespace isa_avx2 {
 typedef __m256 VF;
-// NR1 2, not 4: four rows' converted weights (2 vectors each), accumulators and NaN maxima
-// need more than AVX2's 16 vector registers; with two, one-row products at K = 576 ran faster
-// on a Zen 3 EPYC and at K = 4096 no slower
-constexpr int LANES = 8, VPC = 2, MR = 4, NR = 2, NR1 = 2;
+// NR 2: more rows' converted weights (2 vectors each), accumulators and NaN maxima need more
+// than AVX2's 16 vector registers
+constexpr int LANES = 8, VPC = 2, MR = 4, NR = 2;
 static inline VF zero() { return _mm256_setzero_ps(); }
 static inline VF loadx(const float* p) { return _mm256_loadu_ps(p); }
 static inline VF fma(VF a, VF b, VF c) { return _mm256_fmadd_ps(a, b, c); }
 static inline VF mul(VF a, VF b) { return _mm256_mul_ps(a, b); }
+static inline VF add(VF a, VF b) { return _mm256_add_ps(a, b); }
 static inline VF set1(float f) { return _mm256_set1_ps(f); }
 static inline void storeu(float* p, VF v) { _mm256_storeu_ps(p, v); }
 static inline float hsum(VF v) {
@@ -306,21 +390,27 @@ at::Tensor gemv_fp8(const at::Tensor& x_in, const at::Tensor& w_in) {
   return y;
 }
 
-at::Tensor fp8_to_float32(const at::Tensor& w_in) {
-  TORCH_CHECK(w_in.device().is_cpu() && w_in.dim() == 2, "fp8_to_float32: a 2-D CPU weight");
+static at::Tensor convert_weight(const at::Tensor& w_in, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(w_in.device().is_cpu() && w_in.dim() == 2, name, ": a 2-D CPU weight");
   const auto wt = w_in.scalar_type();
   TORCH_CHECK(wt == at::kFloat8_e4m3fn || wt == at::kFloat8_e5m2,
-              "fp8_to_float32: w must be float8_e4m3fn or float8_e5m2");
+              name, ": w must be float8_e4m3fn or float8_e5m2");
   const int level = g_level.load();
-  TORCH_CHECK(level >= 1, "fp8_to_float32: no vector ISA selected (fp8fx.kernels.gemv sets it)");
+  TORCH_CHECK(level >= 1, name, ": no vector ISA selected (fp8fx.kernels.gemv sets it)");
   const at::Tensor w = w_in.contiguous();
   const int64_t N = w.size(0), K = w.size(1);
-  at::Tensor out = at::empty({N, K}, w.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({N, K}, w.options().dtype(dtype));
   if (N == 0 || K == 0) return out;
   const int fmt = wt == at::kFloat8_e4m3fn ? 0 : 1;
   const auto* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
-  FP8FX_ISA(dequant(fmt, wp, N, K, out.data_ptr<float>()));
+  FP8FX_ISA(dequant(fmt, wp, N, K, out.data_ptr(), dtype == at::kBFloat16));
   return out;
+}
+
+at::Tensor fp8_to_float32(const at::Tensor& w) { return convert_weight(w, at::kFloat, "fp8_to_float32"); }
+
+at::Tensor fp8_to_bfloat16(const at::Tensor& w) {
+  return convert_weight(w, at::kBFloat16, "fp8_to_bfloat16");
 }
 
 // qgemv: the whole few-row FP8 Linear in one call (quantization of x, GEMV, epilogue).
@@ -451,12 +541,14 @@ TORCH_LIBRARY(fp8fx_cpp, m) {
         "int mode, float amax_floor) -> Tensor");
   m.def("gemv_fp8(Tensor x, Tensor w) -> Tensor");
   m.def("fp8_to_float32(Tensor w) -> Tensor");
+  m.def("fp8_to_bfloat16(Tensor w) -> Tensor");
   m.def("set_level(int level) -> ()");
 }
 TORCH_LIBRARY_IMPL(fp8fx_cpp, CPU, m) {
   m.impl("gemv_fp8", &gemv_fp8);
   m.impl("qgemv", &qgemv);
   m.impl("fp8_to_float32", &fp8_to_float32);
+  m.impl("fp8_to_bfloat16", &fp8_to_bfloat16);
   m.impl("fp8_codes", &fp8_codes);
 }
 TORCH_LIBRARY_IMPL(fp8fx_cpp, CatchAll, m) { m.impl("set_level", &set_level); }
@@ -524,6 +616,7 @@ def _build() -> tuple[Optional[object], str]:
         ns.set_level(level)
         torch.library.register_fake("fp8fx_cpp::gemv_fp8")(_gemv_fake)
         torch.library.register_fake("fp8fx_cpp::fp8_to_float32")(_dequant_fake)
+        torch.library.register_fake("fp8fx_cpp::fp8_to_bfloat16")(_dequant_bf16_fake)
         torch.library.register_fake("fp8fx_cpp::qgemv")(_qgemv_fake)
         torch.library.register_fake(attention_cpp.SCHEMA)(attention_cpp.fake)
         torch.library.register_fake(attention_cpp.SCHEMA_KV)(attention_cpp.fake_kv)
@@ -569,12 +662,22 @@ def _dequant_fake(w: Tensor) -> Tensor:
     return w.new_empty(w.shape, dtype=torch.float32)
 
 
-def cpp_dequant_op():
-    """``torch.ops.fp8fx_cpp.fp8_to_float32`` (``fp8_to_float32(Tensor w) -> Tensor``: a 2-D
-    FP8 weight to float32, exact, NaN codes NaN; the same conversion as the GEMV, written out),
-    or None where :func:`available` is False."""
+def _dequant_bf16_fake(w: Tensor) -> Tensor:
+    return w.new_empty(w.shape, dtype=torch.bfloat16)
+
+
+def cpp_dequant_op(dtype: torch.dtype = torch.float32):
+    """``torch.ops.fp8fx_cpp.fp8_to_float32`` or, for ``dtype`` bfloat16, ``fp8_to_bfloat16``
+    (``(Tensor w) -> Tensor``: a 2-D FP8 weight's values in that dtype, exact in both, NaN codes
+    NaN; the same conversion as the GEMV, written out), or None where :func:`available` is
+    False. The bfloat16 one writes the operand of a bfloat16 GEMM directly, at half the bytes
+    of float32 and without a cast kernel after it."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise QuantizationError(f"cpp_dequant_op: dtype must be float32 or bfloat16, got {dtype}")
     ns = _load()[0]
-    return None if ns is None else ns.fp8_to_float32
+    if ns is None:
+        return None
+    return ns.fp8_to_float32 if dtype == torch.float32 else ns.fp8_to_bfloat16
 
 
 def _codes_fake(x: Tensor, scale: Tensor, fp8_max: float, fmt: int) -> Tensor:
