@@ -284,6 +284,26 @@ def test_many_rows_convert_groups_by_the_cpp_op() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
 
 
+def test_many_bf16_rows_convert_groups_straight_to_bfloat16() -> None:
+    """bfloat16 x on a CPU with bfloat16 GEMMs: each group is written by the C++ op in bfloat16
+    (the GEMM's operand, exact), with no float32 group and no cast kernel; the eager kernel's
+    result (the same bfloat16 GEMM numerics) up to summation order."""
+    from fp8fx.kernels import gemv
+    from fp8fx.kernels.linear import cpu_has_bf16
+
+    if not gemv.available() or not cpu_has_bf16():
+        pytest.skip(f"needs the C++ kernels and bfloat16 GEMM instructions ({gemv.status()})")
+    inductor.register_lowering()
+    layer = fp8_linear(24, 40, E4M3, True, True, torch.bfloat16, seed=15).eval()
+    x = torch.randn(20, 24).bfloat16()
+    got, codes, want = _compile_afresh(layer, x, _GROUP_ELEMS=24 * 16)
+    lines = _code_lines(codes)
+    assert len([line for line in lines if "= torch.ops.fp8fx_cpp.fp8_to_bfloat16" in line]) == 3
+    assert not [line for line in lines if "fp8fx_cpp.fp8_to_float32" in line]
+    assert len([line for line in lines if "extern_kernels.mm(" in line]) == 3
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7 * float(want.abs().max()))
+
+
 def test_symbolic_rows_keep_the_generated_kernels() -> None:
     """A dynamic ``M`` (prefill) never takes the GEMV: it is chosen by a static size only, so
     no guard is added on the symbolic one."""

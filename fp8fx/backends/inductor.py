@@ -197,8 +197,8 @@ def _dequant_mm(qx: Tensor, weight: Tensor) -> Tensor:
 def _cpu_dequant_mm(qx: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
     """``q_x @ q_wᵀ`` in ``dtype`` (both operands exact in it) for ``M > 1`` on CPU.
 
-    The weight is converted by the C++ conversion op where it is built (``_cpp_dequant``),
-    else by ``_fp8_to_float32`` into a float32 buffer (``_materialized``:
+    The weight is converted by the C++ conversion op where it is built (``_cpp_dequant``,
+    straight into ``dtype``), else by ``_fp8_to_float32`` into a float32 buffer (``_materialized``:
     fused with the cast to bfloat16, the conversion runs at Inductor's 32-lane bfloat16 width
     and is much slower) in row groups of ``_GROUP_ELEMS`` elements, each multiplied as soon
     as it is converted: a weight-sized temporary comes from ``mmap`` and page-faults on every
@@ -210,22 +210,23 @@ def _cpu_dequant_mm(qx: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
     groups = max(1, -(-n * k // _GROUP_ELEMS)) if static else 1
     rows = -(-n // groups)
     parts = []
-    dequant = _cpp_dequant()
+    dequant = _cpp_dequant(dtype)
     for r0 in range(0, n, rows):
         group = weight[r0:r0 + rows]
-        b = dequant(group) if dequant is not None else _materialized(_fp8_to_float32(group))
-        parts.append(torch.mm(a, b.to(dtype).t()))
+        b = dequant(group) if dequant is not None else _materialized(_fp8_to_float32(group)).to(dtype)
+        parts.append(torch.mm(a, b.t()))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _cpp_dequant():
-    """The C++ FP8 -> float32 conversion op (:mod:`fp8fx.kernels.gemv`) where it is built, else
-    None. Inductor vectorizes ``_fp8_to_float32`` well on AVX512, but on an AVX2 CPU its
-    int8/int32 vector conversions become scalar loops; the extern op converts in registers on
-    both and writes the same exact float32 group."""
+def _cpp_dequant(dtype: torch.dtype):
+    """The C++ FP8 -> ``dtype`` (float32 or bfloat16) conversion op (:mod:`fp8fx.kernels.gemv`)
+    where it is built, else None. Inductor vectorizes ``_fp8_to_float32`` well on AVX512, but on
+    an AVX2 CPU its int8/int32 vector conversions become scalar loops; the extern op converts in
+    registers on both and writes the same exact values, in bfloat16 straight into the GEMM's
+    operand (no float32 group written, read back and cast)."""
     from fp8fx.kernels import gemv
 
-    return gemv.cpp_dequant_op()
+    return gemv.cpp_dequant_op(dtype)
 
 
 def _reduction_parts(k: int) -> int:
