@@ -30,8 +30,9 @@ so ``torch.compile`` on top of it would measure the eager kernels again.
 Prefill: one forward of ``[batch, prefill_len]`` tokens, ``use_cache=False``. Decode: the time
 per generated token of greedy ``generate`` after a ``prefill_len`` prompt, computed as
 (time of generate(prompt, N+1 new tokens) - time of generate(prompt, 1 new token)) / N, so the
-prompt's prefill cancels out. Compile time (the first
-call) is reported separately. Every figure is the median of the repeats. ``--rounds N`` runs
+prompt's prefill cancels out; the two are timed back to back in pairs (at least 2, ``--repeats``
+// 2) and the median pair taken. Compile time (the first call) is reported separately. Every
+figure is the median of the repeats. ``--rounds N`` runs
 the whole list of variants N times in turn (interleaved, so a change in the machine's load
 hits every variant); the table shows per variant the median over rounds of the times and of
 the per-round ratios to bf16 compiled, with the ratios' range. JSON rows go to stdout (one per
@@ -81,22 +82,23 @@ EXTRA_VARIANTS = ("raw_scaled_mm", "torchao_perrow", "torchao_perrow_compiled")
 _CLOCK = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
+def _once(fn: Callable[[], Any], device: str = "cpu", clock: str = "wall") -> float:
+    """Seconds of one call, waiting for the device before and after. ``clock="thread"``: the
+    calling thread's CPU time (one thread only), which other processes on a shared machine do
+    not inflate by descheduling it."""
+    now = _CLOCK[clock]
+    _sync(device)
+    t0 = now()
+    fn()
+    _sync(device)
+    return now() - t0
+
+
 def _timed(fn: Callable[[], Any], repeats: int, device: str = "cpu",
            clock: str = "wall") -> tuple[float, float]:
-    """(first call seconds, median of ``repeats`` later calls); waits for the device each time.
-    ``clock="thread"``: the calling thread's CPU time (one thread only), which other processes
-    on a shared machine do not inflate by descheduling it."""
-    now = _CLOCK[clock]
-
-    def once() -> float:
-        _sync(device)
-        t0 = now()
-        fn()
-        _sync(device)
-        return now() - t0
-
-    first = once()
-    return first, statistics.median(once() for _ in range(repeats))
+    """(first call seconds, median of ``repeats`` later calls), each timed by :func:`_once`."""
+    first = _once(fn, device, clock)
+    return first, statistics.median(_once(fn, device, clock) for _ in range(repeats))
 
 
 def _calibrate(model, windows, prefix: str, attention: bool) -> fp8fx.FP8Config:
@@ -293,10 +295,15 @@ def _measure(name: str, args: argparse.Namespace, base, qcfg, calib, prompt) -> 
                                           max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                           pad_token_id=0)
 
-        reps = max(1, args.repeats // 2)
-        gen_first, gen_long = _timed(gen(args.decode_tokens + 1), reps, args.device, args.clock)
-        _, gen_short = _timed(gen(1), reps, args.device, args.clock)
-    decode = (gen_long - gen_short) / args.decode_tokens  # prompt prefill cancels out
+        gen_first = _once(gen(args.decode_tokens + 1), args.device, args.clock)
+        _once(gen(1), args.device, args.clock)
+        # short and long generate in pairs, back to back, so that a change of the machine's
+        # load between them is as small as it can be; the median of the pairs' differences
+        diffs = []
+        for _ in range(max(2, args.repeats // 2)):
+            short = _once(gen(1), args.device, args.clock)
+            diffs.append(_once(gen(args.decode_tokens + 1), args.device, args.clock) - short)
+    decode = statistics.median(diffs) / args.decode_tokens  # prompt prefill cancels out
     return {"variant": name, "batch": args.batch, "prefill_len": args.prefill_len,
             "prefill_s": prefill, "decode_s_per_token": decode, "first_call_s": first,
             "first_generate_s": gen_first, "setup_s": setup}
