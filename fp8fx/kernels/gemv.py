@@ -76,7 +76,7 @@ _BODY = r"""
 // few-row product does too little work per byte for the hardware prefetcher alone to keep the
 // streams in flight (on a Zen 3 EPYC it lifted out-of-cache FP8 weights from about 4.3 to
 // 6.5 GB/s at SmolLM2's sizes; 1024 and 4096 bytes were no better); row1's address-order read
-// needs it less (12.5 vs 13.0 GB/s on an AVX512 EPYC)
+// is one stream the hardware prefetcher follows, and gains little from it
 constexpr int64_t PF = 2048;
 template <int FMT, int MRT, int NRT>
 static inline __attribute__((always_inline)) void chunk(
@@ -161,8 +161,8 @@ static void run_tiles(const float* x, int64_t M, int64_t K, const uint8_t* w, in
 
 // one activation row: each weight row read start to end (64 codes a step, four accumulator
 // sets), rows one after another, so that the weight streams through memory in address order;
-// on an AVX512 EPYC this read SmolLM2's out-of-cache FP8 weights at about 12.5 GB/s where 8
-// rows interleaved 16 codes at a time (the tiles above) reached 5.7
+// on an AVX512 EPYC qgemv read SmolLM2's out-of-cache FP8 weights at 8.9 GB/s this way where 8
+// rows interleaved 16 codes at a time reached 4.6 (benchmarks/decode_gemv.py)
 template <int FMT>
 static void row1(const float* __restrict x, int64_t K, const uint8_t* __restrict w,
                  float* __restrict y, float factor) {
